@@ -367,11 +367,15 @@ class ModulePlan:
         else:
             if not _is_int(g):
                 raise _fail(gp, f"an integer when bits is {self.bits}", g,
-                            "set a group size that divides the in-features and is a multiple of 8")
-            if g < 8 or g % 8 or k % g:
-                raise _fail(gp, f"a positive multiple of 8 that divides K = {k}", g,
-                            "choose a group size that divides the in-features and is a multiple "
-                            "of 8")
+                            "set a positive multiple of 8 as group size (e.g. 128)")
+            if g < 8 or g % 8:
+                raise _fail(gp, "a positive multiple of 8", g,
+                            "choose a group size that is a multiple of 8 (it need not divide the "
+                            "in-features: the last group of a row may be shorter)")
+            if k % 8:
+                raise _fail(_join(_join(p, "shape"), 1),
+                            f"a multiple of 8 when bits is {self.bits} (whole packed bytes per "
+                            "row)", k, "keep this module in float16 (bits 16, group_size null)")
         if self.kind == "embedding" and self.activation != "none":
             raise _fail(_join(p, "activation"), '"none" for an embedding (a table lookup)',
                         self.activation, 'set activation to "none"')

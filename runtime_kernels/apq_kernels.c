@@ -218,17 +218,27 @@ static int apq_check_layer(const uint8_t *qweight, const uint16_t *scales, int N
     if (!apq_bits_ok(bits)) {
         return APQ_ERR_BITS;
     }
-    if (N < 0 || K <= 0) {
+    if (N < 0 || K <= 0 || K % 8 != 0) {
         return APQ_ERR_SHAPE;
     }
-    if (group_size <= 0 || group_size % 8 != 0 || K % group_size != 0 ||
-        group_size > APQ_MAX_GROUP_SIZE) {
+    /* group_size need not divide K: the last group of a row then holds K - (G-1)*g weights. */
+    if (group_size <= 0 || group_size % 8 != 0 || group_size > APQ_MAX_GROUP_SIZE) {
         return APQ_ERR_GROUP;
     }
     if (N > 0 && (qweight == NULL || scales == NULL)) {
         return APQ_ERR_NULL;
     }
     return APQ_OK;
+}
+
+/* G = ceil(K / g) groups per row. */
+static size_t apq_n_groups(size_t K, size_t g) { return (K + g - 1u) / g; }
+
+/* Length of group grp: g, or K - (G-1)*g for a shorter last group. */
+static size_t apq_group_len(size_t K, size_t g, size_t grp)
+{
+    size_t start = grp * g;
+    return (K - start < g) ? K - start : g;
 }
 
 static int32_t apq_zero_point(const uint8_t *qzeros, size_t zrow_bytes, size_t n, size_t grp,
@@ -243,7 +253,7 @@ static int32_t apq_zero_point(const uint8_t *qzeros, size_t zrow_bytes, size_t n
 int apq_dequantize(const uint8_t *qweight, const uint16_t *scales_fp16_bits, const uint8_t *qzeros,
                    int N, int K, int bits, int group_size, float *w)
 {
-    size_t n, grp, j, G, row_bytes, zrow_bytes, g;
+    size_t n, grp, j, G, row_bytes, zrow_bytes, g, end;
     int rc = apq_check_layer(qweight, scales_fp16_bits, N, K, bits, group_size);
 
     if (rc != APQ_OK) {
@@ -256,7 +266,7 @@ int apq_dequantize(const uint8_t *qweight, const uint16_t *scales_fp16_bits, con
         return APQ_ERR_NULL;
     }
     g = (size_t)group_size;
-    G = (size_t)K / g;
+    G = apq_n_groups((size_t)K, g);
     row_bytes = (size_t)K * (size_t)bits / 8u;
     zrow_bytes = (G * (size_t)bits + 7u) / 8u;
     for (n = 0; n < (size_t)N; ++n) {
@@ -265,7 +275,8 @@ int apq_dequantize(const uint8_t *qweight, const uint16_t *scales_fp16_bits, con
         for (grp = 0; grp < G; ++grp) {
             int32_t z = apq_zero_point(qzeros, zrow_bytes, n, grp, bits);
             float s = apq_fp16_to_float(scales_fp16_bits[n * G + grp]);
-            for (j = grp * g; j < (grp + 1) * g; ++j) {
+            end = grp * g + apq_group_len((size_t)K, g, grp);
+            for (j = grp * g; j < end; ++j) {
                 int32_t d = (int32_t)apq_get_code(qrow, j, bits) - z;
                 wrow[j] = (float)d * s;
             }
@@ -274,8 +285,9 @@ int apq_dequantize(const uint8_t *qweight, const uint16_t *scales_fp16_bits, con
     return APQ_OK;
 }
 
-/* Exact int32 sum over one group of xq[k] * (q[k] - z), the group starting at a byte boundary
- * (g % 8 == 0): every 8 codes fill exactly `bits` bytes, decoded as one little-endian word. */
+/* Exact int32 sum over one group of xq[k] * (q[k] - z), g codes long (g % 8 == 0, also for a
+ * shorter last group since K % 8 == 0), the group starting at a byte boundary: every 8 codes fill
+ * exactly `bits` bytes, decoded as one little-endian word. */
 static int32_t apq_group_dot(const int8_t *xq, const uint8_t *qgrp, size_t g, int bits, int32_t z)
 {
     int32_t acc = 0;
@@ -314,7 +326,7 @@ int apq_matmul_int8_dynamic(const float *x, int T, int K, const uint8_t *qweight
                             int group_size, float clip, float *y)
 {
     int8_t xq[APQ_XQ_STACK];
-    size_t t, n, grp, j, G, g, row_bytes, grp_bytes, zrow_bytes;
+    size_t t, n, grp, j, G, g, glen, row_bytes, grp_bytes, zrow_bytes;
     int rc = apq_check_layer(qweight, scales_fp16_bits, N, K, bits, group_size);
 
     if (rc != APQ_OK) {
@@ -333,7 +345,7 @@ int apq_matmul_int8_dynamic(const float *x, int T, int K, const uint8_t *qweight
         return APQ_ERR_NULL;
     }
     g = (size_t)group_size;
-    G = (size_t)K / g;
+    G = apq_n_groups((size_t)K, g);
     row_bytes = (size_t)K * (size_t)bits / 8u;
     grp_bytes = g * (size_t)bits / 8u;
     zrow_bytes = (G * (size_t)bits + 7u) / 8u;
@@ -349,8 +361,9 @@ int apq_matmul_int8_dynamic(const float *x, int T, int K, const uint8_t *qweight
         /* Groups in order 0 .. G-1 for every output: y = y + scale * (float)acc, in float32. */
         for (grp = 0; grp < G; ++grp) {
             const float *xg = xrow + grp * g;
-            if (g <= APQ_XQ_STACK) {
-                for (j = 0; j < g; ++j) {
+            glen = apq_group_len((size_t)K, g, grp); /* g, or less for the last group */
+            if (glen <= APQ_XQ_STACK) {
+                for (j = 0; j < glen; ++j) {
                     xq[j] = apq_quant1(xg[j], s_tok);
                 }
             }
@@ -358,8 +371,9 @@ int apq_matmul_int8_dynamic(const float *x, int T, int K, const uint8_t *qweight
                 const uint8_t *qgrp = qweight + n * row_bytes + grp * grp_bytes;
                 int32_t z = apq_zero_point(qzeros, zrow_bytes, n, grp, bits);
                 float s_w = apq_fp16_to_float(scales_fp16_bits[n * G + grp]);
-                int32_t acc = (g <= APQ_XQ_STACK) ? apq_group_dot(xq, qgrp, g, bits, z)
-                                                  : apq_group_dot_fly(xg, s_tok, qgrp, g, bits, z);
+                int32_t acc = (glen <= APQ_XQ_STACK)
+                                  ? apq_group_dot(xq, qgrp, glen, bits, z)
+                                  : apq_group_dot_fly(xg, s_tok, qgrp, glen, bits, z);
                 float prod = s_w * (float)acc;
                 yrow[n] = yrow[n] + prod;
             }

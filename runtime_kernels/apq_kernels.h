@@ -8,7 +8,9 @@
  * Layout
  * ------
  * A linear layer W has shape [N, K] (out, in features), quantized in groups of g consecutive
- * weights along K (K % g == 0, g % 8 == 0, G = K / g groups per row), with b in {2, 3, 4, 8} bits:
+ * weights along K (g % 8 == 0, K % 8 == 0, G = ceil(K / g) groups per row; when g does not divide
+ * K the last group of each row is shorter, K - (G-1)*g weights, e.g. K = 576 with g = 128), with
+ * b in {2, 3, 4, 8} bits:
  *
  *   qweight  uint8   [N, K*b/8]          b-bit codes of each row, packed (below)
  *   scales   float16 [N, G]              one scale per group, passed as raw IEEE binary16 bits
@@ -20,13 +22,15 @@
  * takes ceil(n*b/8) bytes; unused trailing bits are zero.
  *
  * Dequantization: w[n,k] = (float)(q[n,k] - z[n,k/g]) * fp16_to_float(scales[n,k/g]).
+ * (k/g is the group index, integer division, also for the shorter last group.)
  *
  * Activations (per token t, float32, in this order):
  *   amax = max_k |x[t,k]|;  scale = (amax * clip) / 127.0f;  scale = 1.0f if scale == 0
  *   xq[t,k] = clamp(rintf(x[t,k] / scale), -127, 127)           (round half to even)
  *
  * Mixed-bit matmul:
- *   acc     = sum_{k in grp} (int32)xq[t,k] * (int32)(q[n,k] - z[n,grp])   (exact int32)
+ *   acc     = sum_{k in grp} (int32)xq[t,k] * (int32)(q[n,k] - z[n,grp])   (exact int32; the
+ *             last group sums its K - (G-1)*g weights)
  *   y[t,n]  = 0.0f; for grp = 0 .. G-1: y[t,n] = y[t,n] + scale_f32[n,grp] * (float)acc
  *   y[t,n]  = y[t,n] * scale[t]
  *
@@ -46,13 +50,13 @@
 extern "C" {
 #endif
 
-#define APQ_KERNELS_VERSION 1
+#define APQ_KERNELS_VERSION 2 /* 2: group_size need not divide K (shorter last group) */
 
 #define APQ_OK 0
 #define APQ_ERR_NULL (-1)       /* a required pointer is NULL */
 #define APQ_ERR_BITS (-2)       /* bits not in {2, 3, 4, 8} */
-#define APQ_ERR_SHAPE (-3)      /* negative size, K == 0, or n*bits not a multiple of 8 */
-#define APQ_ERR_GROUP (-4)      /* group_size <= 0, not a multiple of 8, not dividing K, > 65536 */
+#define APQ_ERR_SHAPE (-3)      /* negative size, K <= 0, or K % 8 != 0 (layer kernels) */
+#define APQ_ERR_GROUP (-4)      /* group_size <= 0, not a multiple of 8, or > 65536 */
 #define APQ_ERR_CLIP (-5)       /* clip not in (0, 1] */
 #define APQ_ERR_RANGE (-6)      /* a code >= 2^bits given to apq_pack_bits */
 

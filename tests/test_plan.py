@@ -228,9 +228,24 @@ CORRUPTIONS = {
         lambda d: d["modules"][UP].update(group_size=None),
         [f'modules["{UP}"].group_size: expected an integer when bits is 4, found null'],
     ),
-    "group does not divide K": (
-        lambda d: d["modules"][UP].update(group_size=48),
-        [f'modules["{UP}"].group_size: expected a positive multiple of 8 that divides K = 64'],
+    "group not a multiple of 8": (
+        lambda d: d["modules"][UP].update(group_size=12),
+        [f'modules["{UP}"].group_size: expected a positive multiple of 8, found 12',
+         "need not divide the in-features"],
+    ),
+    "group not positive": (
+        lambda d: d["modules"][UP].update(group_size=0),
+        [f'modules["{UP}"].group_size: expected a number >= 8, found 0'],
+    ),
+    "K not a multiple of 8": (
+        lambda d: d["modules"][UP].update(shape=[128, 60]),
+        [f'modules["{UP}"].shape[1]: expected a multiple of 8 when bits is 4', "found 60",
+         "bits 16"],
+    ),
+    "ragged group with bytes of the divisible layout": (
+        lambda d: d["modules"][UP].update(group_size=24),  # G = ceil(64 / 24) = 3, not 2
+        [f'modules["{UP}"].bytes: expected {stored_bytes(128, 64, 4, 24, False)}',
+         f"found {stored_bytes(128, 64, 4, 32, False)}", "4 bits, group 24"],
     ),
     "totals bytes": (
         lambda d: d["totals"].update(bytes=d["totals"]["bytes"] + 8),
@@ -284,6 +299,27 @@ def test_corruption_names_the_field(tmp_path, name):
     # the same error without a file
     with pytest.raises(PlanError):
         Plan.from_json(json.dumps(doc))
+
+
+@pytest.mark.parametrize("k, group", [(64, 48), (576, 128), (200, 64), (40, 64)])
+def test_group_size_need_not_divide_k(tmp_path, k, group):
+    """A ragged last group (hidden size 576 with g = 128, ...) is a valid plan; G = ceil(K / g)."""
+    doc = plan_doc()
+    n_groups = -(-k // group)
+    want = 128 * k * 4 // 8 + 128 * n_groups * 2 + 128 * ((n_groups * 4 + 7) // 8)
+    doc["modules"][UP].update(shape=[128, k], group_size=group, bytes=want)
+    retotal(doc)
+    plan = load_plan(write(tmp_path, doc))
+    assert plan.modules[UP].group_size == group and plan.modules[UP].bytes == want
+    assert Plan.from_json(plan.to_json()) == plan
+    from jsonschema import Draft202012Validator
+
+    Draft202012Validator(json.loads(schema_path().read_text())).validate(doc)
+
+
+def test_ragged_module_bytes_hand_computed():
+    m = _module("linear", (576, 576), 4, 128)
+    assert m.bytes == 576 * 288 + 576 * 5 * 2 + 576 * 3 == 173_376
 
 
 def test_error_path_attribute():

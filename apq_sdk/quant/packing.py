@@ -7,7 +7,9 @@ the same contract and ``tests/runtime_kernels/`` checks that the two agree bit f
   ``[j*b, (j+1)*b)`` and stream bit ``i`` is bit ``i % 8`` (least significant first) of byte
   ``i // 8``. For b = 2, 4, 8 this is ONNX Runtime's ``MatMulNBits`` layout; for b = 3 eight codes
   fill three bytes.
-* Weights ``W[N, K]`` are quantized in groups of ``g`` consecutive weights along ``K``:
+* Weights ``W[N, K]`` are quantized in groups of ``g`` consecutive weights along ``K``
+  (``g % 8 == 0``, ``K % 8 == 0``, ``G = ceil(K / g)``; when ``g`` does not divide ``K`` the last
+  group of each row is shorter, ``K - (G-1)*g`` weights, e.g. K = 576 with g = 128):
   ``qweight`` uint8 ``[N, K*b/8]``, ``scales`` float16 ``[N, G]``, ``qzeros`` uint8
   ``[N, ceil(G*b/8)]`` (asymmetric only; symmetric layers use the zero point ``2**(b-1)``).
 * Activations are quantized per token to int8 with a dynamic float32 scale, and the mixed-bit
@@ -57,16 +59,27 @@ def _check_bits(bits: int) -> int:
 
 
 def _check_group(group_size: int, n_in: int) -> int:
+    """Validate ``group_size`` and the input features ``n_in`` (K); return ``g``.
+
+    ``g`` need not divide ``K``: the last group of a row is then shorter (``K - (G-1)*g``).
+    """
     if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
         raise ValueError(f"group_size must be an integer, found {group_size!r}")
     g = int(group_size)
     if g <= 0 or g % 8 != 0:
         raise ValueError(f"group_size must be a positive multiple of 8, found {g}")
-    if n_in <= 0 or n_in % g != 0:
+    n_in = int(n_in)
+    if n_in <= 0 or n_in % 8 != 0:
         raise ValueError(
-            f"group_size must divide the input features: expected n_in % {g} == 0, found n_in={n_in}"
+            f"the input features K must be a positive multiple of 8 (whole packed bytes per row), "
+            f"found K={n_in}"
         )
     return g
+
+
+def _n_groups(n_in: int, g: int) -> int:
+    """``G = ceil(K / g)``: the number of groups per row, the last one possibly shorter."""
+    return -(-int(n_in) // int(g))
 
 
 def _as_2d_uint8(arr: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
@@ -168,7 +181,8 @@ def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
 def stored_bytes(n_out: int, n_in: int, bits: int, group_size: int, symmetric: bool) -> int:
     """Bytes a quantized ``[n_out, n_in]`` layer occupies, per "Bytes as stored" in formats.md.
 
-    ``N*K*b/8 + N*G*2 + (0 if symmetric else N*ceil(G*b/8))`` with ``G = K / group_size``;
+    ``N*K*b/8 + N*G*2 + (0 if symmetric else N*ceil(G*b/8))`` with ``G = ceil(K / group_size)``
+    (the last group is shorter when ``group_size`` does not divide ``K``);
     ``N*K*2`` for ``bits == 16`` (float16, group_size ignored).
     """
     n_out, n_in = int(n_out), int(n_in)
@@ -178,7 +192,7 @@ def stored_bytes(n_out: int, n_in: int, bits: int, group_size: int, symmetric: b
         return n_out * n_in * 2
     b = _check_bits(bits)
     g = _check_group(group_size, n_in)
-    n_groups = n_in // g
+    n_groups = _n_groups(n_in, g)
     total = n_out * n_in * b // 8 + n_out * n_groups * 2
     if not symmetric:
         total += n_out * ((n_groups * b + 7) // 8)
@@ -203,13 +217,16 @@ def _weight_codes_minus_zero(
     group_size: int,
     n_in: int,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Validate a packed layer; return ``(q - z)`` int32 ``[N, K]``, scales float32 ``[N, G]``, G."""
+    """Validate a packed layer; return ``(q - z)`` int32 ``[N, K]``, scales float32 ``[N, G]``, G.
+
+    ``G = ceil(K / g)``; column ``k`` belongs to group ``k // g`` (the last group may be shorter).
+    """
     b = _check_bits(bits)
     n_in = int(n_in)
     g = _check_group(group_size, n_in)
     if g > MAX_GROUP_SIZE:
         raise ValueError(f"group_size must be <= {MAX_GROUP_SIZE} (int32 accumulation), found {g}")
-    n_groups = n_in // g
+    n_groups = _n_groups(n_in, g)
     qweight = np.asarray(qweight)
     if qweight.dtype != np.uint8 or qweight.ndim != 2:
         raise ValueError(f"qweight must be a 2-D uint8 array, found {qweight.ndim}-D {qweight.dtype}")
@@ -235,8 +252,13 @@ def _weight_codes_minus_zero(
                 f"found {qzeros.dtype} {list(qzeros.shape)}"
             )
         z = unpack_bits(qzeros, b, n_groups).astype(np.int32)
-    qmz = q - np.repeat(z, g, axis=1)
+    qmz = q - _expand_groups(z, g, n_in)
     return qmz, scales.astype(np.float32), n_groups
+
+
+def _expand_groups(per_group: np.ndarray, g: int, n_in: int) -> np.ndarray:
+    """``[N, G]`` per-group values -> ``[N, K]`` per-column values (``out[:, k] = v[:, k // g]``)."""
+    return np.repeat(per_group, g, axis=1)[:, :n_in]
 
 
 def dequantize(
@@ -253,7 +275,7 @@ def dequantize(
     """
     qmz, s32, _ = _weight_codes_minus_zero(qweight, scales, qzeros, bits, group_size, n_in)
     g = int(group_size)
-    return qmz.astype(np.float32) * np.repeat(s32, g, axis=1)
+    return qmz.astype(np.float32) * _expand_groups(s32, g, int(n_in))
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +329,8 @@ def matmul_int8_dynamic(
 ) -> np.ndarray:
     """Reference mixed-bit matmul with per-token dynamic int8 activations, float32 ``[T, N]``.
 
-    ``acc[t, n, grp]`` is the exact integer sum of ``xq * (q - z)`` over the group; ``y`` starts at
+    ``acc[t, n, grp]`` is the exact integer sum of ``xq * (q - z)`` over the group (the last group
+    holds ``K - (G-1)*g`` columns when ``g`` does not divide ``K``); ``y`` starts at
     0.0f and adds ``float32(scales[n, grp]) * float32(acc)`` for grp = 0 .. G-1 in order (float32),
     then is multiplied by the token scale. Bit-identical to ``apq_matmul_int8_dynamic`` in C.
     """
@@ -318,9 +341,15 @@ def matmul_int8_dynamic(
     xq, tok_scale = quantize_activations_per_token(x, clip)
     t_count, n_out = x.shape[0], qmz.shape[0]
     # Exact integer group sums. Every partial sum is an integer of magnitude < 2**31 (g <= 65536),
-    # so float64 BLAS computes them exactly regardless of its internal summation order.
-    xg = xq.astype(np.float64).reshape(t_count, n_groups, g).transpose(1, 0, 2)  # [G, T, g]
-    wg = qmz.astype(np.float64).reshape(n_out, n_groups, g).transpose(1, 2, 0)  # [G, g, N]
+    # so float64 BLAS computes them exactly regardless of its internal summation order. A shorter
+    # last group (g not dividing K) is zero-padded to g columns: the padding adds exact zeros.
+    k_pad = n_groups * g
+    xf = np.zeros((t_count, k_pad), np.float64)
+    xf[:, :n_in] = xq
+    wf = np.zeros((n_out, k_pad), np.float64)
+    wf[:, :n_in] = qmz
+    xg = xf.reshape(t_count, n_groups, g).transpose(1, 0, 2)  # [G, T, g]
+    wg = wf.reshape(n_out, n_groups, g).transpose(1, 2, 0)  # [G, g, N]
     acc = np.matmul(xg, wg)  # [G, T, N], exact integers
     acc32 = acc.astype(np.float32)  # single rounding of an exact integer, as float(int32) in C
     y = np.zeros((t_count, n_out), dtype=np.float32)

@@ -33,7 +33,7 @@ def _bitstream_pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _random_layer(rng, n_out, n_in, bits, group_size, symmetric):
-    n_groups = n_in // group_size
+    n_groups = -(-n_in // group_size)  # G = ceil(K / g): the last group may be shorter
     codes = rng.integers(0, 1 << bits, size=(n_out, n_in), dtype=np.uint8)
     qweight = pack_bits(codes, bits)
     scales = (rng.standard_normal((n_out, n_groups)) * 0.02).astype(np.float16)
@@ -158,20 +158,33 @@ def test_unpack_errors():
         # 1x32, 8-bit, g=32: 32 + 2 + 1
         ((1, 32, 8, 32, False), 35),
         ((3, 5, 16, 0, True), 30),
+        # ragged last group (g does not divide K): G = ceil(K / g)
+        # 576x576, 4-bit, g=128 -> G=5 (4 x 128 + 64): 576*288 + 576*5*2 + 576*ceil(20/8)=576*3
+        ((576, 576, 4, 128, False), 165_888 + 5_760 + 1_728),
+        ((576, 576, 4, 128, True), 165_888 + 5_760),
+        # 2x200, 3-bit, g=64 -> G=4 (3 x 64 + 8): 2*75 + 2*4*2 + 2*ceil(12/8)=4
+        ((2, 200, 3, 64, False), 170),
+        # 1x64, 2-bit, g=128 > K -> G=1 (one group of 64): 16 + 2 + 1
+        ((1, 64, 2, 128, False), 19),
     ],
 )
 def test_stored_bytes_hand_computed(args, expected):
     assert stored_bytes(*args) == expected
 
 
+def test_stored_bytes_hand_computed_576():
+    assert stored_bytes(576, 576, 4, 128, False) == 173_376
+
+
 def test_stored_bytes_matches_real_arrays():
     rng = np.random.default_rng(3)
     for bits in BITS:
-        for g in (32, 64, 128):
+        for n_in, g in [(384, 32), (384, 64), (384, 128), (576, 128), (200, 64), (72, 32), (40, 64)]:
             for sym in (True, False):
-                _, _, qw, sc, qz = _random_layer(rng, 5, 384, bits, g, sym)
+                _, _, qw, sc, qz = _random_layer(rng, 5, n_in, bits, g, sym)
+                assert sc.shape == (5, -(-n_in // g))
                 actual = qw.nbytes + sc.nbytes + (0 if qz is None else qz.nbytes)
-                assert stored_bytes(5, 384, bits, g, sym) == actual
+                assert stored_bytes(5, n_in, bits, g, sym) == actual
 
 
 def test_effective_bits():
@@ -182,8 +195,11 @@ def test_effective_bits():
 @pytest.mark.parametrize(
     "args, match",
     [
-        ((4, 100, 4, 32, True), r"n_in % 32 == 0, found n_in=100"),
-        ((4, 96, 4, 12, True), r"multiple of 8, found 12"),
+        ((4, 100, 4, 32, True), r"K must be a positive multiple of 8.*found K=100"),
+        ((4, 100, 4, 128, True), r"K must be a positive multiple of 8.*found K=100"),
+        ((4, 96, 4, 12, True), r"group_size must be a positive multiple of 8, found 12"),
+        ((4, 96, 4, 0, True), r"group_size must be a positive multiple of 8, found 0"),
+        ((4, 96, 4, -32, True), r"group_size must be a positive multiple of 8, found -32"),
         ((4, 96, 5, 32, True), r"found 5"),
         ((0, 96, 4, 32, True), r"positive"),
     ],
@@ -193,22 +209,36 @@ def test_stored_bytes_errors(args, match):
         stored_bytes(*args)
 
 
+@pytest.mark.parametrize("n_in, group_size", [(96, 64), (576, 128), (200, 64), (8, 16), (40, 48)])
+def test_stored_bytes_accepts_group_not_dividing_k(n_in, group_size):
+    n_groups = -(-n_in // group_size)
+    assert n_in % group_size != 0
+    assert stored_bytes(3, n_in, 4, group_size, False) == 3 * n_in // 2 + 3 * n_groups * 2 + 3 * (
+        (n_groups * 4 + 7) // 8
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # dequantization
 # ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize(
+    "n_in, group_size",
+    # ragged: 576 = 4 x 128 + 64, 200 = 3 x 64 + 8, 72 = 2 x 32 + 8, 40 < 64 (one short group)
+    [(256, 32), (256, 64), (256, 128), (576, 128), (200, 64), (72, 32), (40, 64)],
+)
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_dequantize_matches_definition(bits, group_size, symmetric):
-    rng = np.random.default_rng(bits * 1000 + group_size + symmetric)
-    n_out, n_in = 6, 256
+def test_dequantize_matches_definition(bits, n_in, group_size, symmetric):
+    rng = np.random.default_rng(bits * 1000 + group_size + symmetric + n_in)
+    n_out = 6
     codes, zeros, qw, sc, qz = _random_layer(rng, n_out, n_in, bits, group_size, symmetric)
     w = dequantize(qw, sc, qz, bits, group_size, n_in)
     assert w.dtype == np.float32 and w.shape == (n_out, n_in)
+    last_start = (sc.shape[1] - 1) * group_size
     for n in range(n_out):
-        for k in range(0, n_in, 13):
+        for k in sorted(set(range(0, n_in, 13)) | set(range(last_start, n_in))):
             grp = k // group_size
             z = (1 << (bits - 1)) if symmetric else int(zeros[n, grp])
             expect = np.float32(int(codes[n, k]) - z) * np.float32(sc[n, grp])
@@ -227,6 +257,16 @@ def test_dequantize_hand_example():
     assert w.tolist() == [[-6.0, 10.0, 12.0, 24.0, -4.0, -2.0, 0.0, 2.0]]
 
 
+def test_dequantize_ragged_hand_example():
+    # 4-bit, one row, K=24, g=16 -> G=2: columns 0..15 in group 0, 16..23 in the short group 1
+    codes = np.array([[9] * 16 + [0, 1, 2, 3, 4, 5, 6, 7]], np.uint8)
+    qz = pack_bits(np.array([[8, 2]], np.uint8), 4, pad=True)
+    assert qz.tolist() == [[0x28]]
+    sc = np.array([[0.25, 4.0]], np.float16)
+    w = dequantize(pack_bits(codes, 4), sc, qz, 4, 16, 24)
+    assert w.tolist() == [[0.25] * 16 + [-8.0, -4.0, 0.0, 4.0, 8.0, 12.0, 16.0, 20.0]]
+
+
 def test_dequantize_errors():
     qw = np.zeros((2, 32), np.uint8)
     sc = np.ones((2, 1), np.float16)
@@ -238,6 +278,11 @@ def test_dequantize_errors():
         dequantize(qw, sc, None, 4, 32, 64)
     with pytest.raises(ValueError, match=r"qzeros must be uint8 .* \[2, 1\]"):
         dequantize(qw, sc, np.zeros((2, 2), np.uint8), 4, 64, 64)
+    # ragged: g=48 does not divide K=64, so G = 2 scales per row are needed
+    with pytest.raises(ValueError, match=r"\[N, G\] = \[2, 2\]"):
+        dequantize(qw, sc, None, 4, 48, 64)
+    with pytest.raises(ValueError, match=r"K must be a positive multiple of 8.*found K=60"):
+        dequantize(np.zeros((2, 30), np.uint8), sc, None, 4, 64, 60)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,7 +387,7 @@ def _direct_matmul(x, codes, zeros, scales, bits, group_size, clip):
     for t in range(t_count):
         for n in range(n_out):
             acc_y = np.float32(0.0)
-            for grp in range(n_in // group_size):
+            for grp in range(-(-n_in // group_size)):  # G = ceil(K / g), last group may be shorter
                 z = (1 << (bits - 1)) if zeros is None else int(zeros[n, grp])
                 sl = slice(grp * group_size, (grp + 1) * group_size)
                 acc = int(np.dot(xq[t, sl].astype(np.int64), codes[n, sl].astype(np.int64) - z))
@@ -352,11 +397,11 @@ def _direct_matmul(x, codes, zeros, scales, bits, group_size, clip):
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("n_in, group_size", [(128, 32), (128, 64), (200, 64), (576, 128), (40, 64)])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_matmul_matches_direct_loops(bits, group_size, symmetric):
-    rng = np.random.default_rng(bits + group_size * 3 + symmetric)
-    n_out, n_in, t_count = 3, 128, 2
+def test_matmul_matches_direct_loops(bits, n_in, group_size, symmetric):
+    rng = np.random.default_rng(bits + group_size * 3 + symmetric + n_in)
+    n_out, t_count = 3, 2
     codes, zeros, qw, sc, qz = _random_layer(rng, n_out, n_in, bits, group_size, symmetric)
     x = rng.standard_normal((t_count, n_in)).astype(np.float32)
     y = matmul_int8_dynamic(x, qw, sc, qz, bits, group_size, clip=0.9)
@@ -366,12 +411,13 @@ def test_matmul_matches_direct_loops(bits, group_size, symmetric):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_matmul_close_to_float_matmul(bits):
+@pytest.mark.parametrize("n_in, group_size", [(256, 64), (576, 128)])
+def test_matmul_close_to_float_matmul(bits, n_in, group_size):
     rng = np.random.default_rng(11)
-    _, _, qw, sc, qz = _random_layer(rng, 16, 256, bits, 64, False)
-    x = rng.standard_normal((5, 256)).astype(np.float32)
-    y = matmul_int8_dynamic(x, qw, sc, qz, bits, 64)
-    ref = x @ dequantize(qw, sc, qz, bits, 64, 256).T
+    _, _, qw, sc, qz = _random_layer(rng, 16, n_in, bits, group_size, False)
+    x = rng.standard_normal((5, n_in)).astype(np.float32)
+    y = matmul_int8_dynamic(x, qw, sc, qz, bits, group_size)
+    ref = x @ dequantize(qw, sc, qz, bits, group_size, n_in).T
     err = np.abs(y - ref).max() / np.abs(ref).max()
     assert err < 0.03
 
@@ -390,3 +436,9 @@ def test_matmul_errors():
         matmul_int8_dynamic(np.zeros((2, 128), np.float32), qw, sc, qz, 4, 32)
     with pytest.raises(ValueError, match=r"clip"):
         matmul_int8_dynamic(np.zeros((2, 64), np.float32), qw, sc, qz, 4, 32, clip=2.0)
+    with pytest.raises(ValueError, match=r"group_size must be a positive multiple of 8, found 20"):
+        matmul_int8_dynamic(np.zeros((2, 64), np.float32), qw, sc, qz, 4, 20)
+    # g=48 does not divide K=64: accepted, G = ceil(64/48) = 2 like the layer's g=32
+    assert matmul_int8_dynamic(np.ones((2, 64), np.float32), qw, sc, qz, 4, 48).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"K must be a positive multiple of 8.*found K=60"):
+        matmul_int8_dynamic(np.zeros((2, 60), np.float32), qw[:, :30], sc, qz, 4, 32)

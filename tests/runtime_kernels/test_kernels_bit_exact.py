@@ -71,7 +71,7 @@ def _bits_equal(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def _random_layer(rng, n_out, n_in, bits, group_size, symmetric):
-    n_groups = n_in // group_size
+    n_groups = -(-n_in // group_size)  # G = ceil(K / g): the last group may be shorter
     codes = rng.integers(0, 1 << bits, size=(n_out, n_in), dtype=np.uint8)
     qweight = pack_bits(codes, bits)
     mag = rng.choice([1e-2, 1e-4, 3e-7], size=(n_out, n_groups))  # 3e-7 is an fp16 subnormal
@@ -279,11 +279,17 @@ def test_quantize_activations_rejects_bad_input(kern):
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize(
+    "n_in, group_size",
+    # 384: G = 12, 6, 3, so G*bits is not always a multiple of 8 (padded qzeros).
+    # Ragged (g does not divide K, shorter last group): 576 = 4 x 128 + 64, 200 = 3 x 64 + 8,
+    # 72 = 2 x 32 + 8, and 40 < g = 64 (a single short group).
+    [(384, 32), (384, 64), (384, 128), (576, 128), (200, 64), (72, 32), (40, 64)],
+)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_dequantize_bit_identical(kern, bits, group_size, symmetric):
-    rng = np.random.default_rng(bits * 31 + group_size + symmetric)
-    n_out, n_in = 24, 384  # G = 12, 6, 3: G*bits is not always a multiple of 8 (padded qzeros)
+def test_dequantize_bit_identical(kern, bits, n_in, group_size, symmetric):
+    rng = np.random.default_rng(bits * 31 + group_size + symmetric + n_in)
+    n_out = 24
     qw, sc, qz = _random_layer(rng, n_out, n_in, bits, group_size, symmetric)
     _bits_equal(_c_dequantize(kern, qw, sc, qz, n_in, bits, group_size), dequantize(qw, sc, qz, bits, group_size, n_in))
 
@@ -297,6 +303,14 @@ _MATMUL_CASES = [
     for sym in (True, False)
     for t in (1, 7)
     for n in (8, 24)
+] + [
+    # ragged last group: g does not divide K (hidden size 576 with g = 128, ...)
+    (bits, g, sym, t, n, k)
+    for bits in BITS
+    for k, g in ((576, 128), (200, 64), (72, 32), (40, 64), (96, 64))
+    for sym in (True, False)
+    for t in (1, 7)
+    for n in (8,)
 ]
 
 
@@ -320,6 +334,19 @@ def test_matmul_clip_values_bit_identical(kern, clip, bits):
     qw, sc, qz = _random_layer(rng, 16, 128, bits, 32, False)
     x = _activations(rng, 5, 128)
     _bits_equal(_c_matmul(kern, x, qw, sc, qz, bits, 32, clip), matmul_int8_dynamic(x, qw, sc, qz, bits, 32, clip))
+
+
+@pytest.mark.parametrize("bits, group_size, n_in", [(3, 1024, 1536), (4, 1024, 1560), (8, 768, 776)])
+def test_matmul_long_ragged_groups_bit_identical(kern, bits, group_size, n_in):
+    """Ragged layers with groups longer than the C stack buffer: last group of 512 (stack path
+    after on-the-fly full groups), 536 (on-the-fly too) and 8 (stack)."""
+    rng = np.random.default_rng(bits + group_size + n_in)
+    qw, sc, qz = _random_layer(rng, 8, n_in, bits, group_size, False)
+    x = _activations(rng, 3, n_in)
+    _bits_equal(_c_matmul(kern, x, qw, sc, qz, bits, group_size, 0.9),
+                matmul_int8_dynamic(x, qw, sc, qz, bits, group_size, 0.9))
+    _bits_equal(_c_dequantize(kern, qw, sc, qz, n_in, bits, group_size),
+                dequantize(qw, sc, qz, bits, group_size, n_in))
 
 
 @pytest.mark.parametrize("bits, group_size", [(2, 1024), (8, 2048)])
@@ -360,12 +387,21 @@ def test_matmul_rejects_bad_input(kern):
         return f(xp, t, k, _p(qw, P_U8), _p(scb, P_U16), _p(qz, P_U8), n, bits, g, clip, _p(y, P_F32))
 
     assert call() == APQ_OK
-    assert call(g=48) == APQ_ERR_GROUP  # does not divide K
+    assert call(g=48) == APQ_OK  # need not divide K: G = ceil(64 / 48) = 2, last group of 16
     assert call(g=12) == APQ_ERR_GROUP  # not a multiple of 8
+    assert call(g=0) == APQ_ERR_GROUP
+    assert call(g=65536 + 8) == APQ_ERR_GROUP  # int32 group sums could overflow
+    assert call(k=60) == APQ_ERR_SHAPE  # K not a multiple of 8
+    assert call(k=0) == APQ_ERR_SHAPE
     assert call(bits=5) == APQ_ERR_BITS
     assert call(clip=0.0) == APQ_ERR_CLIP
     assert call(t=-1) == APQ_ERR_SHAPE
     assert call(xp=None) == APQ_ERR_NULL
     w = np.empty((4, 64), np.float32)
     assert kern.apq_dequantize(_p(qw, P_U8), None, None, 4, 64, 4, 32, _p(w, P_F32)) == APQ_ERR_NULL
+    deq = kern.apq_dequantize
+    assert deq(_p(qw, P_U8), _p(scb, P_U16), _p(qz, P_U8), 4, 60, 4, 32, _p(w, P_F32)) == APQ_ERR_SHAPE
+    assert deq(_p(qw, P_U8), _p(scb, P_U16), _p(qz, P_U8), 4, 64, 4, 20, _p(w, P_F32)) == APQ_ERR_GROUP
+    assert deq(_p(qw, P_U8), _p(scb, P_U16), _p(qz, P_U8), 4, 64, 4, 48, _p(w, P_F32)) == APQ_OK
+    _bits_equal(w, dequantize(qw, sc, qz, 4, 48, 64))
 
