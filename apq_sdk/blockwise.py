@@ -1,0 +1,143 @@
+"""Running a causal LM one decoder block at a time over calibration data.
+
+Only one block's activations live beside the weights: the inputs of block 0 are captured once, then
+each block maps its inputs to the next block's inputs. Hooks on the block's linear layers accumulate
+each layer's Hessian H = 2/n * sum_t x_t x_t^T (the Hessian of the layer's squared output error), once
+per distinct input tensor, so q/k/v (and gate/up) share one accumulation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .model_io import ModelInfo
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockBatch:
+    """Inputs of the current block for one calibration batch."""
+
+    hidden: torch.Tensor
+    kwargs: dict = field(default_factory=dict)
+
+
+def _move(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
+                         batch_size: int, device: str) -> list[BlockBatch]:
+    """Run the embedding stage and record what decoder block 0 receives, batch by batch."""
+    layers = model.get_submodule(info.layers_path)
+    first = layers[0]
+    captured: list[BlockBatch] = []
+
+    class Catcher(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.attention_type = getattr(inner, "attention_type", None)
+
+        def forward(self, hidden_states, *args, **kwargs):
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("past_key_value", None)
+            kwargs["use_cache"] = False
+            if args:
+                raise RuntimeError("decoder block called with unexpected positional arguments")
+            captured.append(BlockBatch(hidden_states.detach(), kwargs))
+            raise _StopForward
+
+    layers[0] = Catcher(first)
+    try:
+        for start in range(0, samples.shape[0], batch_size):
+            batch = samples[start:start + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        layers[0] = first
+    return captured
+
+
+def block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, batches: list[BlockBatch]) -> list[torch.Tensor]:
+    return [block_output(block(b.hidden, **b.kwargs)) for b in batches]
+
+
+class HessianCollector:
+    """Accumulates H = 2/n X^T X for the named linear layers of one block during forwards."""
+
+    def __init__(self, named_linears: dict[str, nn.Module], dtype=torch.float32,
+                 keep_rows: int = 0):
+        self.keep_rows = keep_rows
+        self.kept: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.amax: dict[str, list[torch.Tensor]] = {}
+        self._shared: dict[str, str] = {}  # name -> name owning the accumulation of the same input
+        self._last: tuple[torch.Tensor, str] | None = None  # held, so its memory is not reused
+        self._handles = []
+        self.dtype = dtype
+        for name, module in named_linears.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(_module, inputs, _output):
+            x = inputs[0]
+            if self._last is not None and self._last[0] is x and self._last[1] != name:
+                self._shared[name] = self._last[1]
+                return
+            self._last = (x, name)
+            x2 = x.reshape(-1, x.shape[-1]).to(self.dtype)
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=self.dtype,
+                                              device=x2.device)
+                self.counts[name] = 0
+                self.amax[name] = []
+            if name not in self.kept and self.keep_rows:
+                self.kept[name] = x2[: self.keep_rows].clone()
+            self.sums[name].addmm_(x2.T, x2)
+            self.counts[name] += x2.shape[0]
+            self.amax[name].append(x2.abs().amax(-1).float().cpu())
+        return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        owner = self._shared.get(name, name)
+        return self.sums[owner] * (2.0 / self.counts[owner])
+
+    def kept_rows(self, name: str) -> torch.Tensor:
+        """The first `keep_rows` input rows seen by this layer (for activation-clip search)."""
+        return self.kept[self._shared.get(name, name)]
+
+    def token_amax(self, name: str) -> torch.Tensor:
+        return torch.cat(self.amax[self._shared.get(name, name)])
+
+    def remove(self) -> None:
+        self._last = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def block_linears(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    from .quant.modules import Float16Linear, QuantLinear
+
+    kinds = (nn.Linear, QuantLinear, Float16Linear)
+    return {f"{prefix}.{sub}": mod for sub, mod in block.named_modules() if isinstance(mod, kinds)}

