@@ -8,6 +8,7 @@ per distinct input tensor, so q/k/v (and gate/up) share one accumulation.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -36,10 +37,43 @@ def _move(value, device):
     return value
 
 
+def _cast_floats(value, dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast_floats(v, dtype) for v in value)
+    return value
+
+
+def cast_batches(batches: list["BlockBatch"], dtype: torch.dtype) -> list["BlockBatch"]:
+    return [BlockBatch(b.hidden.to(dtype), {k: _cast_floats(v, dtype) for k, v in b.kwargs.items()})
+            for b in batches]
+
+
+@contextlib.contextmanager
+def compute_dtype(block: nn.Module, dtype: torch.dtype):
+    """Run `block` in `dtype` (e.g. bfloat16 for 2x faster CPU matmuls), restoring its exact
+    float32 parameters and buffers afterwards."""
+    tensors = {**dict(block.named_parameters()), **dict(block.named_buffers())}
+    saved = {name: t.data for name, t in tensors.items() if t.is_floating_point() and t.dtype != dtype}
+    try:
+        for name, t in tensors.items():
+            if name in saved:
+                t.data = t.data.to(dtype)
+        yield block
+    finally:
+        for name, t in tensors.items():
+            if name in saved:
+                t.data = saved[name]
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
-                         batch_size: int, device: str) -> list[BlockBatch]:
-    """Run the embedding stage and record what decoder block 0 receives, batch by batch."""
+                         batch_size: int, device: str, dtype: torch.dtype | None = None) -> list[BlockBatch]:
+    """Run the embedding stage and record what decoder block 0 receives, batch by batch.
+
+    With `dtype`, hidden states and float keyword tensors are stored in that dtype.
+    """
     layers = model.get_submodule(info.layers_path)
     first = layers[0]
     captured: list[BlockBatch] = []
@@ -56,6 +90,9 @@ def capture_block_inputs(model: nn.Module, info: ModelInfo, samples: torch.Tenso
             kwargs["use_cache"] = False
             if args:
                 raise RuntimeError("decoder block called with unexpected positional arguments")
+            if dtype is not None:
+                hidden_states = hidden_states.to(dtype)
+                kwargs = {k: _cast_floats(v, dtype) for k, v in kwargs.items()}
             captured.append(BlockBatch(hidden_states.detach(), kwargs))
             raise _StopForward
 
@@ -70,6 +107,20 @@ def capture_block_inputs(model: nn.Module, info: ModelInfo, samples: torch.Tenso
     finally:
         layers[0] = first
     return captured
+
+
+def slice_batch(batch: BlockBatch, count: int) -> BlockBatch:
+    """The first `count` sequences of a batch (tensors whose first dim is the batch are sliced)."""
+    size = batch.hidden.shape[0]
+
+    def cut(value):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            return value[:count]
+        if isinstance(value, tuple):
+            return tuple(cut(v) for v in value)
+        return value
+
+    return BlockBatch(batch.hidden[:count], {k: cut(v) for k, v in batch.kwargs.items()})
 
 
 def block_output(out) -> torch.Tensor:

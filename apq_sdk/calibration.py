@@ -108,25 +108,30 @@ def read_text_file(path: Path) -> str:
 
 def builtin_text() -> str:
     """Docstrings of a fixed list of standard-library modules, in a fixed order."""
+    import warnings
+
     parts = []
-    for module_name in BUILTIN_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        doc = inspect.getdoc(module)
-        if doc:
-            parts.append(doc)
-        for attr in sorted(vars(module)):
-            if attr.startswith("_"):
-                continue
-            obj = getattr(module, attr)
-            if getattr(obj, "__module__", None) != module.__name__:
-                continue
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 40:
-                parts.append(f"{attr}: {doc}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # typing.io and friends warn when touched
+        for module_name in BUILTIN_MODULES:
+            parts.extend(_module_docstrings(module_name))
     return "\n\n".join(parts)
+
+
+def _module_docstrings(module_name: str) -> list[str]:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return []
+    parts = [inspect.getdoc(module) or ""]
+    for attr in sorted(vars(module)):
+        obj = getattr(module, attr)
+        if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        doc = inspect.getdoc(obj)
+        if doc and len(doc) > 40:
+            parts.append(f"{attr}: {doc}")
+    return [p for p in parts if p]
 
 
 def resolve_calibration_text(calib: str | os.PathLike | None) -> tuple[str, str, str]:

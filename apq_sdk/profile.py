@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blockwise import HessianCollector, block_linears, capture_block_inputs, run_block
+from .blockwise import (HessianCollector, block_linears, capture_block_inputs, cast_batches,
+                        compute_dtype, run_block, slice_batch)
 from .calibration import CalibrationInfo
 from .model_io import ModelInfo
 from .progress import progress_bar
@@ -73,12 +74,13 @@ class ProfileSettings:
     fit_samples: int = 8
     head_bits: tuple[int, ...] = HEAD_BITS
     seed: int = 0
+    compute_dtype: str = "bfloat16"  # dtype of the calibration forwards; Hessians stay float32
 
     def to_dict(self) -> dict:
         return {"bits": list(self.bits), "group_sizes": list(self.group_sizes),
                 "symmetric": self.symmetric, "act_order": self.act_order,
                 "gain_samples": self.gain_samples, "fit_samples": self.fit_samples,
-                "head_bits": list(self.head_bits)}
+                "head_bits": list(self.head_bits), "compute_dtype": self.compute_dtype}
 
 
 @dataclass
@@ -184,8 +186,8 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
     sens = SensitivityMap(info.to_plan_model(), calib.to_dict(), settings.to_dict())
     layers = model.get_submodule(info.layers_path)
     roles = {li.name: li for li in info.linears}
-    batches = capture_block_inputs(model, info, samples, settings.batch_size, device)
-    gain_count = max(1, min(len(batches), math.ceil(settings.gain_samples / settings.batch_size)))
+    cdt = getattr(torch, settings.compute_dtype)
+    batches = capture_block_inputs(model, info, samples, settings.batch_size, device, dtype=cdt)
     bits_all = torch.tensor(settings.bits)
     ref_key = candidate_key(REFERENCE_BITS if REFERENCE_BITS in settings.bits else settings.bits[0],
                             max(settings.group_sizes))
@@ -195,7 +197,8 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
             prefix = f"{info.layers_path}.{index}"
             linears = block_linears(block, prefix)
             collector = HessianCollector(linears, keep_rows=256)
-            outputs = run_block(block, batches)
+            with compute_dtype(block, cdt):
+                outputs = run_block(block, batches)
             collector.remove()
             deltas_ref, errs_ref = {}, {}
             for name, module in linears.items():
@@ -231,8 +234,10 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
                 entry["act_clip"] = clip
                 entry["act_error"] = act_err  # same unit as errors: mean squared output error/token
                 sens.modules[name] = entry
-            gains = _block_gains(block, linears, batches[:gain_count],
-                                 outputs[:gain_count], deltas_ref, errs_ref)
+            gain_batches = cast_batches([slice_batch(batches[0], settings.gain_samples)],
+                                        torch.float32)
+            gains = _block_gains(block, linears, gain_batches, run_block(block, gain_batches),
+                                 deltas_ref, errs_ref)
             for name, gain in gains.items():
                 sens.modules[name]["gain"] = gain
             batches = [type(b)(o, b.kwargs) for b, o in zip(batches, outputs)]

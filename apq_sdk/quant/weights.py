@@ -94,7 +94,7 @@ class QuantizedWeight:
         out = {"qweight": pack_bits(self.codes.cpu().numpy(), self.bits),
                "scales": self.scales.cpu().numpy().astype(np.float16)}
         if self.zeros is not None:
-            out["qzeros"] = pack_bits(_pad_to_bytes(self.zeros.cpu().numpy(), self.bits), self.bits)
+            out["qzeros"] = pack_bits(self.zeros.cpu().numpy(), self.bits, pad=True)
         return out
 
     @classmethod
@@ -107,25 +107,8 @@ class QuantizedWeight:
         scales = torch.from_numpy(np.ascontiguousarray(arrays["scales"]).astype(np.float16))
         zeros = None
         if "qzeros" in arrays:
-            groups = num_groups(k, group_size)
-            padded = _padded_count(groups, bits)
-            zeros = torch.from_numpy(unpack_bits(arrays["qzeros"], bits, padded)[:, :groups]
-                                     .astype(np.uint8))
+            zeros = torch.from_numpy(unpack_bits(arrays["qzeros"], bits, num_groups(k, group_size)))
         return cls(codes, scales, zeros, bits, group_size)
-
-
-def _padded_count(count: int, bits: int) -> int:
-    """Smallest count' >= count with count' * bits a whole number of bytes."""
-    while (count * bits) % 8:
-        count += 1
-    return count
-
-
-def _pad_to_bytes(values: np.ndarray, bits: int) -> np.ndarray:
-    padded = _padded_count(values.shape[1], bits)
-    if padded == values.shape[1]:
-        return values
-    return np.pad(values, ((0, 0), (0, padded - values.shape[1])))
 
 
 def check_group_size(in_features: int, group_size: int) -> None:

@@ -1,0 +1,355 @@
+"""The `apq-sdk` command line: a thin layer over the pipeline modules.
+
+Exit codes: 0 ok, 1 failure (bad input file, impossible budget, failed check), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import ApqError, UsageError
+
+log = logging.getLogger("apq_sdk")
+
+
+def _setup() -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.basicConfig(level=logging.WARNING, format="apq-sdk: %(levelname)s: %(message)s")
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine (torch "
+                         f"{torch.__version__}); use --device cpu")
+    return device
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+model_option = click.option("--model", "-m", default="demo", show_default=True,
+                            help="'demo' (SmolLM2-135M-Instruct), a .gguf file, or a Hugging Face "
+                                 "directory with config.json and safetensors.")
+device_option = click.option("--device", default="cpu", show_default=True,
+                             help="Where to compute: cpu, cuda or cuda:N.")
+calib_options = [
+    click.option("--calib", type=click.Path(dir_okay=False), default=None,
+                 help="Calibration text (.txt, or .jsonl with 'text'). Default: wikitext2-valid "
+                      "from $APQ_DATA or ../shared/data, else built-in stdlib docstrings."),
+    click.option("--samples", "-n", type=click.IntRange(1), default=128, show_default=True,
+                 help="Number of calibration sequences."),
+    click.option("--seq-len", "-L", type=click.IntRange(2), default=512, show_default=True,
+                 help="Tokens per calibration sequence."),
+    click.option("--seed", type=int, default=0, show_default=True,
+                 help="Seed of the calibration sampling (same seed, same samples, same plan)."),
+]
+budget_options = [
+    click.option("--bits-per-weight", type=float, default=None,
+                 help="Memory budget: average bits per weight of the decoder linear layers "
+                      "(scales and zero points included), e.g. 4.0."),
+    click.option("--memory-reduction", type=float, default=None,
+                 help="Memory budget: fraction saved against float16 for all planned tensors, "
+                      "e.g. 0.6."),
+    click.option("--max-loss", type=str, default=None,
+                 help="Accuracy budget: relative perplexity increase, e.g. '0.5%'. Minimizes memory."),
+    click.option("--activations", type=click.Choice(["int8-per-token-dynamic", "none"]),
+                 default="int8-per-token-dynamic", show_default=True,
+                 help="Activation mode of the linear layers: per-token dynamic int8 scaling, or "
+                      "float activations (weight-only)."),
+    click.option("--head-bits", type=click.Choice(["auto", "4", "8", "16"]), default="8",
+                 show_default=True,
+                 help="Bits of the output head (and a tied embedding); 'auto' lets the optimizer "
+                      "choose within the budget."),
+]
+
+
+def _apply(options):
+    def decorator(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorator
+
+
+class ApqGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            click.echo(f"apq-sdk: error: {exc}", err=True)
+            sys.exit(2)
+        except ApqError as exc:
+            click.echo(f"apq-sdk: error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=ApqGroup)
+@click.version_option(__version__, prog_name="apq-sdk")
+def main() -> None:
+    """Adaptive Precision Quantization: profile -> plan -> quantize -> eval (-> build)."""
+    _setup()
+
+
+def _load(model: str, device: str):
+    from .model_io import load_model
+
+    return load_model(model, device=_device(device))
+
+
+def _profile(model, tok, info, calib, samples, seq_len, seed, device, fit_samples=8):
+    from .calibration import load_calibration
+    from .profile import ProfileSettings, profile_model
+
+    ids, calib_info = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
+    fit, _ = load_calibration(tok, calib, num_samples=fit_samples, seq_len=seq_len, seed=seed + 1)
+    return profile_model(model, info, ids, calib_info, ProfileSettings(seed=seed), device,
+                         fit_samples=fit), ids
+
+
+@main.command()
+@model_option
+@_apply(calib_options)
+@device_option
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default="sensitivity.json",
+              show_default=True, help="Sensitivity map (JSON); a heatmap PNG is written beside it.")
+def profile(model, calib, samples, seq_len, seed, device, output):
+    """Stage 1: measure each layer's (and head's) sensitivity to every candidate bit-width."""
+    from .report import sensitivity_heatmap
+
+    m, tok, info = _load(model, device)
+    start = time.time()
+    sens, _ = _profile(m, tok, info, calib, samples, seq_len, seed, device)
+    out = Path(output)
+    _write_json_atomic(out, sens.to_dict())
+    png = sensitivity_heatmap(sens, out.with_suffix(".png"))
+    click.echo(f"wrote {out} and {png} ({time.time() - start:.0f} s)")
+
+
+def _budget(bits_per_weight, memory_reduction, max_loss):
+    from .planning import Budget, parse_relative
+
+    return Budget(bits_per_weight=bits_per_weight, memory_reduction=memory_reduction,
+                  max_loss=parse_relative(max_loss) if max_loss is not None else None)
+
+
+def _load_sensitivity(path: str):
+    from .profile import SensitivityMap
+
+    try:
+        return SensitivityMap.from_dict(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise ApqError(f"sensitivity map {path} does not exist; run apq-sdk profile first") from None
+    except (json.JSONDecodeError, KeyError, ValueError) as exc:
+        raise ApqError(f"{path} is not a valid sensitivity map ({exc}); run apq-sdk profile again") from exc
+
+
+@main.group(invoke_without_command=True, cls=ApqGroup)
+@click.option("--sensitivity", "-s", type=click.Path(dir_okay=False), default="sensitivity.json",
+              show_default=True, help="Sensitivity map from apq-sdk profile.")
+@_apply(budget_options)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default="plan.json",
+              show_default=True, help="Plan file to write.")
+@click.pass_context
+def plan(ctx, sensitivity, bits_per_weight, memory_reduction, max_loss, activations, head_bits,
+         output):
+    """Stage 2: choose bits per layer (exact DP) under a memory or accuracy budget.
+
+    `apq-sdk plan show PLAN` prints a plan as a table.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from .plan import save_plan
+    from .planning import make_plan
+
+    budget = _budget(bits_per_weight, memory_reduction, max_loss)
+    sens = _load_sensitivity(sensitivity)
+    start = time.time()
+    result = make_plan(sens, budget, activation=activations, head_bits=head_bits)
+    save_plan(result, Path(output))
+    t = result.totals
+    click.echo(f"wrote {output}: linear layers {t.linear_bits_per_weight:.3f} bits/weight, "
+               f"all planned {t.bytes / 1e6:.2f} MB ({t.bits_per_weight:.3f} bits/weight), "
+               f"predicted KL {t.predicted_loss:.4f} (solved in {time.time() - start:.2f} s)")
+
+
+@plan.command("show")
+@click.argument("plan_file", type=click.Path(dir_okay=False))
+def plan_show(plan_file):
+    """Print a plan file as a table."""
+    from rich.console import Console
+
+    from .plan import PlanError, load_plan, render_plan_table
+
+    try:
+        loaded = load_plan(Path(plan_file))
+    except PlanError as exc:
+        raise ApqError(str(exc)) from exc
+    Console().print(render_plan_table(loaded))
+
+
+@main.command()
+@model_option
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False), required=True,
+              help="Plan file from apq-sdk plan.")
+@_apply(calib_options)
+@device_option
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+              help="GPTQ error compensation, or round-to-nearest (a baseline).")
+@click.option("--output", "-o", type=click.Path(file_okay=False), default="quantized",
+              show_default=True, help="Directory of the quantized model (written atomically).")
+def quantize(model, plan_file, calib, samples, seq_len, seed, device, method, output):
+    """Stage 3: apply a plan (GPTQ at the planned bits) and write packed low-bit weights."""
+    from .calibration import load_calibration
+    from .plan import PlanError, load_plan
+    from .quantize import quantize_model, save_quantized
+
+    try:
+        loaded = load_plan(Path(plan_file))
+    except PlanError as exc:
+        raise ApqError(str(exc)) from exc
+    m, tok, info = _load(model, device)
+    ids, _ = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
+    quantize_model(m, info, loaded, ids, device, method=method)
+    out = save_quantized(m, tok, loaded, Path(output))
+    click.echo(f"wrote {out}")
+
+
+@main.command("eval")
+@click.option("--quantized", "-q", type=click.Path(file_okay=False), required=True,
+              help="Quantized model directory from apq-sdk quantize.")
+@model_option
+@click.option("--text", type=click.Path(dir_okay=False), default=None,
+              help="Evaluation text. Default: wikitext2-test from $APQ_DATA or ../shared/data.")
+@click.option("--windows", type=click.IntRange(1), default=None,
+              help="Evaluate only the first N windows (default: all).")
+@click.option("--window-len", type=click.IntRange(2), default=512, show_default=True)
+@device_option
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Write the result as JSON here.")
+def eval_cmd(quantized, model, text, windows, window_len, device, output):
+    """Perplexity, KL divergence and top-1 agreement against the unquantized model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .calibration import eval_text_path, eval_windows
+    from .evaluate import evaluate
+    from .quantize import load_quantized
+
+    ref, tok, _ = _load(model, device)
+    qmodel = load_quantized(quantized, device)
+    ids = eval_windows(tok, Path(text) if text else eval_text_path(), window_len, windows)
+    result = evaluate(qmodel, ids, reference=ref, device=device)
+    totals = qmodel.apq_plan.totals
+    data = {**result.to_dict(), "weight_bytes": totals.bytes,
+            "bits_per_weight": totals.bits_per_weight,
+            "linear_bits_per_weight": totals.linear_bits_per_weight}
+    table = Table(title=f"eval of {quantized}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in data.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if output:
+        _write_json_atomic(Path(output), data)
+
+
+@main.command()
+def targets():
+    """List every target with its capabilities and whether its tools are present here."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .targets.base import load_builtin_targets
+
+    table = Table(title="apq-sdk targets")
+    for column in ("target", "description", "weight bits", "groups", "activations", "fused",
+                   "head bits", "max ctx", "tools"):
+        table.add_column(column)
+    for name, cls in sorted(load_builtin_targets().items()):
+        caps = cls.capabilities
+        tools = ", ".join(f"{t.name} {'ok' if t.present() else 'MISSING: ' + t.how_to_get}"
+                          for t in cls.tools) or "-"
+        table.add_row(name, cls.description, ",".join(map(str, caps.weight_bits)),
+                      ",".join(map(str, caps.group_sizes)), ", ".join(caps.activation_modes),
+                      ", ".join(caps.fused), ",".join(map(str, caps.head_bits)),
+                      str(caps.max_context), tools)
+        if caps.notes:
+            table.add_row("", f"[dim]{caps.notes}[/dim]", *[""] * 7)
+    Console(width=200).print(table)
+
+
+@main.command("build")
+@click.option("--target", "-t", required=True,
+              help="Target name (see apq-sdk targets), or 'all' for every target whose tools are present.")
+@model_option
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False), default=None,
+              help="Use this plan instead of profiling and planning (checked against the target).")
+@_apply(budget_options)
+@click.option("--replan", is_flag=True,
+              help="If the plan asks for what the target cannot run, re-plan for it under the same budget.")
+@click.option("--output", "-o", type=click.Path(file_okay=False), default="apq-out", show_default=True,
+              help="Packages are written to OUTPUT/<model>-<target>/.")
+@click.option("--no-verify", is_flag=True, help="Skip running the package against the torch reference.")
+@click.option("--verify-windows", type=click.IntRange(1), default=8, show_default=True,
+              help="wikitext2-test windows used by verification for perplexity.")
+@_apply(calib_options)
+@device_option
+def build_cmd(target, model, plan_file, bits_per_weight, memory_reduction, max_loss, activations,
+              head_bits, replan, output, no_verify, verify_windows, calib, samples, seq_len, seed,
+              device):
+    """Build a device package: profile (cached), plan for the target, quantize, lower, verify.
+
+    Without a budget or plan the default is --bits-per-weight 4.0.
+    """
+    from .build import BuildRequest, build
+    from .targets.base import load_builtin_targets
+
+    names = [target]
+    if target == "all":
+        names = []
+        for name, cls in sorted(load_builtin_targets().items()):
+            missing = cls.missing_tools("build")
+            if missing:
+                click.echo(f"skipping {name}: missing " + "; ".join(
+                    f"{t.name} ({t.how_to_get})" for t in missing))
+            else:
+                names.append(name)
+    for name in names:
+        req = BuildRequest(target=name, model=model, plan_path=Path(plan_file) if plan_file else None,
+                           bits_per_weight=bits_per_weight, memory_reduction=memory_reduction,
+                           max_loss=max_loss, activations=activations, head_bits=head_bits,
+                           output=Path(output), replan=replan, verify=not no_verify,
+                           calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+                           device=_device(device), verify_windows=verify_windows)
+        build(req, log=lambda msg: click.echo(msg, err=True))
+
+
+@main.command("verify")
+@click.argument("package", type=click.Path(file_okay=False, exists=True))
+@click.option("--reference", type=click.Path(file_okay=False), default=None,
+              help="Quantized model directory of the same plan (default: the build cache).")
+@click.option("--windows", type=click.IntRange(1), default=8, show_default=True)
+def verify_cmd(package, reference, windows):
+    """Check every hash in the manifest, run the package here, compare with the torch reference."""
+    from .build import verify_package
+
+    result = verify_package(Path(package), Path(reference) if reference else None, windows)
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+def run() -> None:
+    main()

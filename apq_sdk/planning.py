@@ -1,0 +1,233 @@
+"""Stage 2: from a sensitivity map and a budget to a plan file.
+
+Each linear layer becomes a decision unit whose options are the profiled candidates (bits, group
+size) plus float16; layers a runtime fuses (q/k/v, gate/up) are merged into one unit so they share
+bits and group size. The output head (tied to the embedding or not) has its own options: fixed by
+`head_bits`, or left to the optimizer with `head_bits="auto"`.
+
+Budgets:
+* `bits_per_weight`: bytes of the decoder linears <= X/8 * their parameters (the head, when fixed,
+  is stated apart, as llama.cpp and GPTQ reports do); with a head left to the optimizer, the budget
+  covers the head too.
+* `memory_reduction`: bytes of all planned tensors <= (1 - R) * their float16 bytes.
+* `max_loss`: relative perplexity increase, turned into a KL budget by the profiled loss model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+
+from . import planner
+from .errors import UsageError
+from .loss_model import kl_for_relative_ppl
+from .plan import (CalibrationInfo, Capabilities, LossModel, ModelInfo, ModulePlan, Objective,
+                   Plan, compute_totals)
+from .profile import SensitivityMap, candidate_key, parse_candidate_key
+from .quant.modules import ACT_INT8, ACT_NONE, ACTIVATION_MODES
+from .quant.packing import stored_bytes
+
+FUSED_SUFFIXES = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What a plan may use: the generic core set, or a target's table (targets narrow it)."""
+
+    name: str = "generic"
+    bits: tuple[int, ...] = (2, 3, 4, 8, 16)
+    group_sizes: tuple[int, ...] = (64, 128)
+    activations: tuple[str, ...] = ACTIVATION_MODES
+    symmetric_only: bool = False
+    fuse_qkv: bool = True
+    fuse_gate_up: bool = True
+
+    def sha256(self) -> str:
+        data = {"name": self.name, "bits": list(self.bits), "group_sizes": list(self.group_sizes),
+                "activations": list(self.activations), "symmetric_only": self.symmetric_only,
+                "fuse_qkv": self.fuse_qkv, "fuse_gate_up": self.fuse_gate_up}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+GENERIC = Capability()
+
+
+@dataclass(frozen=True)
+class Budget:
+    bits_per_weight: float | None = None
+    memory_reduction: float | None = None
+    max_loss: float | None = None  # relative perplexity increase, 0.005 = +0.5 %
+
+    def __post_init__(self):
+        given = [v for v in (self.bits_per_weight, self.memory_reduction, self.max_loss) if v is not None]
+        if len(given) != 1:
+            raise UsageError("give exactly one budget: --bits-per-weight X, --memory-reduction R "
+                             f"or --max-loss L (found {len(given)})")
+        if self.bits_per_weight is not None and not 1.0 < self.bits_per_weight <= 16.0:
+            raise UsageError(f"--bits-per-weight: expected a number in (1, 16], found {self.bits_per_weight}")
+        if self.memory_reduction is not None and not 0.0 < self.memory_reduction < 1.0:
+            raise UsageError(f"--memory-reduction: expected a fraction in (0, 1), found {self.memory_reduction}")
+        if self.max_loss is not None and not 0.0 < self.max_loss < 10.0:
+            raise UsageError(f"--max-loss: expected a relative increase like 0.005 (or '0.5%'), "
+                             f"found {self.max_loss}")
+
+
+def parse_relative(text: str) -> float:
+    """'0.5%' -> 0.005, '0.005' -> 0.005."""
+    text = text.strip()
+    try:
+        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        raise UsageError(f"expected a number or a percentage like '0.5%', found {text!r}") from None
+
+
+def _module_options(entry: dict, cap: Capability, activation: str, alpha: float,
+                    symmetric: bool) -> list[tuple[str, int, float]]:
+    """(candidate key, bytes, predicted KL) for one module, filtered by the capability."""
+    n, k = entry["shape"]
+    act_loss = alpha * entry["gain"] * entry.get("act_error", 0.0) \
+        if activation == ACT_INT8 and entry["kind"] == "linear" else 0.0
+    options = []
+    for key, err in sorted(entry["errors"].items()):
+        bits, group = parse_candidate_key(key)
+        if bits not in cap.bits or group not in cap.group_sizes:
+            continue
+        loss = alpha * entry["gain"] * err if entry["kind"] == "linear" else err
+        options.append((key, stored_bytes(n, k, bits, group, symmetric), loss + act_loss))
+    if 16 in cap.bits:
+        options.append(("fp16", n * k * 2, act_loss))
+    return options
+
+
+def _unit_name(name: str, entry: dict, cap: Capability) -> str:
+    group = FUSED_SUFFIXES.get(entry["role"])
+    if group == "qkv" and cap.fuse_qkv or group == "gate_up" and cap.fuse_gate_up:
+        return f"{name.rsplit('.', 2)[0]}.{group}"
+    return name
+
+
+def build_units(sens: SensitivityMap, cap: Capability, activation: str, symmetric: bool,
+                head_bits: str) -> tuple[list[planner.Unit], dict[str, list[str]], dict]:
+    """Planner units, their member modules, and per-module option tables."""
+    alpha = sens.loss_model["alpha"]
+    members: dict[str, list[str]] = {}
+    tables: dict[str, dict[str, tuple[int, float]]] = {}
+    for name, entry in sens.modules.items():
+        if entry["kind"] != "linear" and head_bits != "auto":
+            continue
+        options = _module_options(entry, cap, activation, alpha, symmetric)
+        if not options:
+            raise UsageError(f"{name}: no candidate fits the capability set {cap.name!r} "
+                             f"(bits {cap.bits}, groups {cap.group_sizes}); profile with those "
+                             f"group sizes or widen the capability set")
+        tables[name] = {key: (b, loss) for key, b, loss in options}
+        unit = _unit_name(name, entry, cap) if entry["kind"] == "linear" else name
+        members.setdefault(unit, []).append(name)
+    units = []
+    for unit, names in members.items():
+        shared = sorted(set.intersection(*(set(tables[n]) for n in names)))
+        options = tuple(planner.Option(key, sum(tables[n][key][0] for n in names),
+                                       sum(tables[n][key][1] for n in names)) for key in shared)
+        units.append(planner.Unit(unit, options))
+    return units, members, tables
+
+
+def make_plan(sens: SensitivityMap, budget: Budget, *, cap: Capability = GENERIC,
+              activation: str = ACT_INT8, symmetric: bool = False, head_bits: str = "8",
+              head_group: int = 64) -> Plan:
+    if activation not in cap.activations:
+        raise UsageError(f"activation {activation!r} is not supported by {cap.name!r}; "
+                         f"choose one of {cap.activations}")
+    if not sens.loss_model:
+        raise UsageError("the sensitivity map has no loss model (profiled without fit samples); "
+                         "profile again with apq-sdk profile")
+    units, members, tables = build_units(sens, cap, activation, symmetric, head_bits)
+    linear_params = sum(n * k for e in sens.modules.values() if e["kind"] == "linear"
+                        for n, k in [e["shape"]])
+    planned_params = sum(e["shape"][0] * e["shape"][1] for name, e in sens.modules.items()
+                         if name in tables)
+    if budget.bits_per_weight is not None:
+        params = planned_params if head_bits == "auto" else linear_params
+        max_bytes = int(budget.bits_per_weight * params / 8)
+    elif budget.memory_reduction is not None:
+        fixed_head = 0 if head_bits == "auto" else _fixed_head_bytes(sens, head_bits, head_group, symmetric)
+        all_params = sum(e["shape"][0] * e["shape"][1] for e in sens.modules.values())
+        max_bytes = int((1 - budget.memory_reduction) * 2 * all_params) - fixed_head
+    else:
+        max_bytes = None
+    try:
+        if max_bytes is not None:
+            assignment = planner.minimize_loss(units, max_bytes)
+        else:
+            kl_budget = kl_for_relative_ppl(budget.max_loss, sens.loss_model)
+            assignment = planner.minimize_bytes(units, kl_budget)
+    except planner.InfeasibleBudget as exc:
+        raise UsageError(str(exc)) from exc
+    modules: dict[str, ModulePlan] = {}
+    for unit, names in members.items():
+        key = assignment.choices[unit]
+        bits, group = parse_candidate_key(key)
+        for name in names:
+            modules[name] = _module_plan(sens.modules[name], bits, group, symmetric, activation,
+                                         tables[name][key][1],
+                                         unit if len(names) > 1 else None)
+    if head_bits != "auto":
+        bits = int(head_bits)
+        group = None if bits == 16 else head_group
+        entry = sens.modules["lm_head"]
+        key = candidate_key(bits, group)
+        loss = entry["errors"].get(key, 0.0) if bits != 16 else 0.0
+        modules["lm_head"] = _module_plan(entry, bits, group, symmetric, ACT_NONE, loss, None)
+    objective = Objective(
+        mode="memory" if max_bytes is not None else "loss",
+        bits_per_weight=budget.bits_per_weight, memory_reduction=budget.memory_reduction,
+        max_loss=budget.max_loss, budget_bytes=max_bytes)
+    loss_model = LossModel(kind=sens.loss_model["kind"], coefficients={
+        "alpha": sens.loss_model["alpha"], "kappa": sens.loss_model["kappa"]})
+    return Plan(model=ModelInfo(**sens.model),
+                calibration=CalibrationInfo(**sens.calibration),
+                objective=objective,
+                capabilities=Capabilities(name=cap.name, sha256=cap.sha256()),
+                loss_model=loss_model, modules=dict(sorted(modules.items())),
+                totals=compute_totals(modules))
+
+
+def _fixed_head_bytes(sens, head_bits: str, head_group: int, symmetric: bool) -> int:
+    n, k = sens.modules["lm_head"]["shape"]
+    bits = int(head_bits)
+    return stored_bytes(n, k, bits, head_group if bits != 16 else None, symmetric)
+
+
+def _module_plan(entry: dict, bits: int, group: int | None, symmetric: bool, activation: str,
+                 loss: float, tie_group: str | None) -> ModulePlan:
+    n, k = entry["shape"]
+    kind = "linear" if entry["kind"] == "linear" else "lm_head"
+    return ModulePlan(kind=kind, shape=(n, k), bits=bits, group_size=group, symmetric=symmetric,
+                      activation=activation if kind == "linear" else ACT_NONE,
+                      act_clip=float(entry.get("act_clip", 1.0)) if activation == ACT_INT8 else 1.0,
+                      tie_group=tie_group, bytes=stored_bytes(n, k, bits, group, symmetric),
+                      predicted_loss=float(loss))
+
+
+def uniform_plan(sens: SensitivityMap, bits: int, group: int, *, activation: str = ACT_NONE,
+                 symmetric: bool = False, head_bits: int = 16, head_group: int = 64) -> Plan:
+    """Every decoder linear at one (bits, group): the single-bit-width baselines."""
+    alpha = sens.loss_model["alpha"]
+    modules = {}
+    key = candidate_key(bits, group)
+    for name, entry in sens.modules.items():
+        if entry["kind"] == "linear":
+            loss = alpha * entry["gain"] * entry["errors"].get(key, 0.0)
+            modules[name] = _module_plan(entry, bits, group, symmetric, activation, loss, None)
+    hg = None if head_bits == 16 else head_group
+    modules["lm_head"] = _module_plan(sens.modules["lm_head"], head_bits, hg, symmetric, ACT_NONE,
+                                      0.0, None)
+    return Plan(model=ModelInfo(**sens.model), calibration=CalibrationInfo(**sens.calibration),
+                objective=Objective(mode="memory", bits_per_weight=None, budget_bytes=sum(
+                    m.bytes for m in modules.values())),
+                capabilities=Capabilities(name=f"uniform-b{bits}g{group}", sha256=GENERIC.sha256()),
+                loss_model=LossModel(kind=sens.loss_model["kind"], coefficients={
+                    "alpha": alpha, "kappa": sens.loss_model["kappa"]}),
+                modules=dict(sorted(modules.items())), totals=compute_totals(modules))

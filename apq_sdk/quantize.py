@@ -1,0 +1,236 @@
+"""Stage 3: apply a plan. GPTQ at the planned bits, block by block, then packed storage.
+
+Block i is calibrated on the outputs of the already-quantized blocks before it, so each block's
+error compensation sees the errors it must absorb. The output head is quantized last, from the
+final hidden states; a tied embedding shares the quantized head weights.
+
+A quantized model directory holds `model.safetensors` (packed codes, float16 scales, packed zero
+points; every other tensor as it was), `config.json`, the tokenizer files and `plan.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from torch import nn
+
+from .blockwise import (HessianCollector, block_linears, capture_block_inputs, compute_dtype,
+                        run_block)
+from .errors import ApqError, ModelLoadError
+from .model_io import ModelInfo, set_module
+from .plan import Plan, load_plan, save_plan
+from .progress import progress_bar
+from .quant.modules import Float16Linear, QuantLinear
+from .quant.weights import QuantizedWeight, gptq_quantize, quantize_rtn
+
+MODEL_FILE = "model.safetensors"
+PLAN_FILE = "plan.json"
+
+
+def _check_plan_matches(plan: Plan, info: ModelInfo) -> None:
+    if plan.model.config_sha256 != info.config_sha256:
+        raise ApqError(f"plan was made for a model with config sha256 {plan.model.config_sha256[:12]}…, "
+                       f"this model has {info.config_sha256[:12]}…; make a plan for this model")
+    if plan.model.weights_sha256 != info.weights_sha256:
+        raise ApqError(f"plan was made for weights {plan.model.weights_sha256[:12]}…, this model has "
+                       f"{info.weights_sha256[:12]}…; make a plan for these weights")
+    names = {li.name for li in info.linears}
+    missing = sorted(names - set(plan.modules))
+    if missing:
+        raise ApqError(f"plan has no entry for {len(missing)} linear layers, e.g. {missing[0]}; "
+                       f"make a plan for this model")
+
+
+def _quantized_module(module: nn.Module, entry, hessian: torch.Tensor | None, method: str,
+                      act_order: bool) -> nn.Module:
+    weight = module.weight.data.float()
+    bias = getattr(module, "bias", None)
+    if entry.bits == 16:
+        return Float16Linear(weight, bias, entry.activation, entry.act_clip)
+    if method == "gptq" and hessian is not None:
+        qweight = gptq_quantize(weight, hessian, entry.bits, entry.group_size, entry.symmetric,
+                                act_order=act_order)
+    else:
+        qweight = quantize_rtn(weight, entry.bits, entry.group_size, entry.symmetric,
+                               None if hessian is None else torch.diag(hessian))
+    return QuantLinear(qweight, bias, entry.activation, entry.act_clip)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, info: ModelInfo, plan: Plan, samples: torch.Tensor,
+                   device: str = "cpu", method: str = "gptq", act_order: bool = True,
+                   batch_size: int = 8, forward_dtype: str = "bfloat16") -> nn.Module:
+    """Replace every planned module of `model` in place; returns the model.
+
+    Calibration forwards run in `forward_dtype` (bfloat16 halves their time on CPU, as GPTQ's
+    reference runs them in float16); Hessians and GPTQ itself are float32.
+    """
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"method: expected 'gptq' or 'rtn', found {method!r}")
+    _check_plan_matches(plan, info)
+    layers = model.get_submodule(info.layers_path)
+    cdt = getattr(torch, forward_dtype)
+    batches = (capture_block_inputs(model, info, samples, batch_size, device, dtype=cdt)
+               if method == "gptq" else [])
+    with progress_bar() as bar:
+        task = bar.add_task(f"quantizing ({method})", total=len(layers) + 1)
+        for index, block in enumerate(layers):
+            prefix = f"{info.layers_path}.{index}"
+            linears = block_linears(block, prefix)
+            hessians = {}
+            if method == "gptq":
+                collector = HessianCollector(linears)
+                with compute_dtype(block, cdt):
+                    run_block(block, batches)
+                collector.remove()
+                hessians = {name: collector.hessian(name) for name in linears}
+            for name, module in linears.items():
+                replacement = _quantized_module(module, plan.modules[name], hessians.get(name),
+                                                method, act_order)
+                set_module(model, name, replacement.to(device))
+            if method == "gptq":
+                with compute_dtype(block, cdt):
+                    outputs = run_block(block, batches)
+                batches = [type(b)(o, b.kwargs) for b, o in zip(batches, outputs)]
+            bar.advance(task)
+        _quantize_head(model, info, plan, batches, method, act_order, device)
+        bar.advance(task)
+    return model
+
+
+def _quantize_head(model, info: ModelInfo, plan: Plan, batches, method, act_order, device) -> None:
+    entry = plan.modules.get("lm_head")
+    if entry is None:
+        return
+    head = model.get_output_embeddings()
+    hessian = None
+    if method == "gptq" and batches:
+        norm = model.get_submodule(info.layers_path.rsplit(".", 1)[0] + ".norm")
+        k = head.weight.shape[1]
+        hessian = torch.zeros(k, k, device=device)
+        count = 0
+        for b in batches:
+            x = norm(b.hidden).reshape(-1, k).float()
+            hessian.addmm_(x.T, x)
+            count += x.shape[0]
+        hessian *= 2.0 / count
+    replacement = _quantized_module(head, entry, hessian, method, act_order).to(device)
+    model.set_output_embeddings(replacement)
+    if info.tie_word_embeddings:
+        embed = model.get_input_embeddings()
+        embed.weight = nn.Parameter(replacement.weight, requires_grad=False)
+
+
+def _collect_tensors(model: nn.Module, plan: Plan) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = {}
+    planned = set(plan.modules)
+    for name, module in model.named_modules():
+        if name in planned:
+            if isinstance(module, QuantLinear):
+                for key, array in module.quantized.to_packed().items():
+                    tensors[f"{name}.{key}"] = np.ascontiguousarray(array)
+            elif isinstance(module, Float16Linear):
+                tensors[f"{name}.weight"] = module.weight.half().cpu().numpy()
+            if getattr(module, "bias", None) is not None:
+                tensors[f"{name}.bias"] = module.bias.detach().float().cpu().numpy()
+    skip_prefixes = tuple(f"{p}." for p in planned)
+    tied = model.config.tie_word_embeddings and "lm_head" in planned
+    embed_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    for name, param in model.state_dict().items():
+        if name.startswith(skip_prefixes) or name in tensors:
+            continue
+        if tied and name == f"{embed_name}.weight":
+            continue
+        tensors[name] = param.detach().float().cpu().numpy()
+    return tensors
+
+
+def _write_atomic_dir(final: Path, write) -> Path:
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        if final.exists():
+            backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(backup)
+            tmp.rename(final)
+            shutil.rmtree(backup)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def save_quantized(model: nn.Module, tokenizer, plan: Plan, out_dir) -> Path:
+    """Write the quantized model directory atomically (temp dir + rename)."""
+    tensors = _collect_tensors(model, plan)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "apq-quantized",
+                                                             "plan_version": str(plan.version)})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config.pop("transformers_version", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_plan(plan, tmp / PLAN_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    return _write_atomic_dir(Path(out_dir), write)
+
+
+def load_quantized(path, device: str = "cpu") -> nn.Module:
+    """A torch module (transformers model) with the quantized layers of `path`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    for required in (MODEL_FILE, PLAN_FILE, "config.json"):
+        if not (path / required).is_file():
+            raise ModelLoadError(f"{path} is not a quantized model directory: {required} is missing "
+                                 f"(expected the output of apq-sdk quantize)")
+    plan = load_plan(path / PLAN_FILE)
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    try:
+        tensors = load_file(str(path / MODEL_FILE))
+    except Exception as exc:
+        raise ModelLoadError(f"could not read {path / MODEL_FILE}: {exc}; the file may be "
+                             f"truncated or corrupt") from exc
+    for name, entry in plan.modules.items():
+        original = model.get_output_embeddings() if name == "lm_head" else model.get_submodule(name)
+        bias = tensors.get(f"{name}.bias")
+        bias_t = None if bias is None else torch.from_numpy(bias)
+        if entry.bits == 16:
+            replacement = Float16Linear(torch.from_numpy(tensors[f"{name}.weight"]).float(), bias_t,
+                                        entry.activation, entry.act_clip)
+        else:
+            arrays = {k: tensors[f"{name}.{k}"] for k in ("qweight", "scales", "qzeros")
+                      if f"{name}.{k}" in tensors}
+            if "qweight" not in arrays:
+                raise ModelLoadError(f"{path / MODEL_FILE} lacks {name}.qweight required by the plan")
+            qweight = QuantizedWeight.from_packed(arrays, entry.bits, entry.group_size, entry.shape)
+            replacement = QuantLinear(qweight, bias_t, entry.activation, entry.act_clip)
+        del original
+        if name == "lm_head":
+            model.set_output_embeddings(replacement)
+        else:
+            set_module(model, name, replacement)
+    rest = {k: torch.from_numpy(v) for k, v in tensors.items()
+            if not any(k.startswith(f"{n}.") for n in plan.modules)}
+    missing, _unexpected = model.load_state_dict(rest, strict=False)
+    if config.tie_word_embeddings and "lm_head" in plan.modules:
+        model.get_input_embeddings().weight = nn.Parameter(model.get_output_embeddings().weight,
+                                                           requires_grad=False)
+    model.apq_plan = plan
+    return model.to(device)

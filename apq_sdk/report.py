@@ -1,0 +1,161 @@
+"""Pictures of a sensitivity map and a plan (matplotlib, written as PNG)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def sensitivity_heatmap(sens, path) -> Path:
+    """Left: log10 predicted KL per linear layer (rows) and candidate (columns).
+    Right: per-head salience of q/k/v/o at the reference candidate, per decoder layer."""
+    plt = _plt()
+    names = [n for n, e in sens.modules.items() if e["kind"] == "linear"]
+    keys = sorted({k for n in names for k in sens.modules[n]["errors"]},
+                  key=lambda k: (int(k[1:].split("g")[0]), int(k.split("g")[1])))
+    grid = np.array([[math.log10(max(sens.predicted(n, k), 1e-12)) for k in keys] for n in names])
+    heads = sens.heads
+    fig, axes = plt.subplots(1, 2 if heads else 1, figsize=(13 if heads else 7, max(6, len(names) * 0.06)),
+                             gridspec_kw={"width_ratios": [1, 1.4]} if heads else None,
+                             squeeze=False)
+    ax = axes[0][0]
+    image = ax.imshow(grid, aspect="auto", cmap="magma_r", interpolation="nearest")
+    ax.set_xticks(range(len(keys)), keys, rotation=45)
+    step = max(1, len(names) // 40)
+    ax.set_yticks(range(0, len(names), step),
+                  [n.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+                   for n in names[::step]], fontsize=6)
+    ax.set_title("predicted KL increase (log10), per layer and candidate")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    if heads:
+        ax = axes[0][1]
+        layers = sorted(heads, key=int)
+        roles = [r for r in ("q", "k", "v", "o") if r in heads[layers[0]]]
+        width = max(len(heads[layers[0]][r]) for r in roles)
+        rows = []
+        for layer in layers:
+            row = []
+            for role in roles:
+                vals = heads[layer][role]
+                total = sum(vals) or 1.0
+                row += [v / total for v in vals] + [np.nan] * (width - len(vals)) + [np.nan]
+            rows.append(row)
+        image = ax.imshow(np.array(rows), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xticks([i * (width + 1) + width / 2 - 0.5 for i in range(len(roles))], roles)
+        ax.set_ylabel("decoder layer")
+        ax.set_title("per-head share of each projection's error (3-bit reference)")
+        fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plan_bits_chart(plan, path) -> Path:
+    """Bits per linear layer, one row per decoder layer and one column per projection."""
+    plt = _plt()
+    layers: dict[int, dict[str, int]] = {}
+    for name, entry in plan.modules.items():
+        if entry.kind != "linear":
+            continue
+        parts = name.split(".")
+        index = next(int(p) for p in parts if p.isdigit())
+        layers.setdefault(index, {})[parts[-1]] = entry.bits
+    roles = sorted({r for d in layers.values() for r in d})
+    grid = np.array([[layers[i].get(r, np.nan) for r in roles] for i in sorted(layers)], dtype=float)
+    fig, ax = plt.subplots(figsize=(1 + 0.9 * len(roles), max(3, 0.22 * len(layers))))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=2, vmax=16, interpolation="nearest")
+    for (i, j), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(j, i, int(value), ha="center", va="center", fontsize=7, color="white")
+    ax.set_xticks(range(len(roles)), roles, rotation=30)
+    ax.set_ylabel("decoder layer")
+    ax.set_title(f"bits per layer ({plan.totals.linear_bits_per_weight:.2f} bpw linear)")
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _png_data_uri(render, *args) -> str:
+    import base64
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = render(*args, Path(tmp) / "figure.png")
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def write_package_report(package_dir, plan, manifest: dict, verify: dict | None, sens=None) -> Path:
+    """report.html: plan table, sensitivity heatmap, bits per layer, size and accuracy vs FP16.
+
+    Self-contained (images inline, no scripts, no network), so it renders offline. Everything but
+    the timings section is a function of the inputs, so rebuilds reproduce it.
+    """
+    from html import escape
+
+    t = plan.totals
+    fp16_mb = t.fp16_bytes / 1e6
+    rows = "".join(
+        f"<tr><td>{escape(name)}</td><td>{escape(e.kind)}</td><td>{e.shape[0]}x{e.shape[1]}</td>"
+        f"<td>{e.bits}</td><td>{e.group_size or '-'}</td><td>{escape(e.activation)}</td>"
+        f"<td>{e.bytes:,}</td><td>{e.predicted_loss:.2e}</td></tr>"
+        for name, e in plan.modules.items())
+    measured = verify or {}
+    accuracy = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(_fmt(v))}</td></tr>"
+                       for k, v in sorted(measured.items()) if k != "timings")
+    timings = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(_fmt(v))}</td></tr>"
+                      for k, v in sorted((measured.get("timings") or {}).items()))
+    heatmap = (f'<img alt="sensitivity heatmap" src="{_png_data_uri(sensitivity_heatmap, sens)}">'
+               if sens is not None else "<p>No sensitivity map: the build was given a plan.</p>")
+    bits = f'<img alt="bits per layer" src="{_png_data_uri(plan_bits_chart, plan)}">'
+    name = escape(manifest["model"]["name"])
+    target = escape(manifest["target"]["name"])
+    html = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{name} for {target}: apq-sdk report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left}}img{{max-width:100%}}</style>
+</head><body>
+<h1>{name} for {target}</h1>
+<h2>Size</h2>
+<table><tr><th>planned tensors, float16</th><td>{fp16_mb:.2f} MB</td></tr>
+<tr><th>planned tensors, as stored</th><td>{t.bytes / 1e6:.2f} MB ({100 * (1 - t.bytes / t.fp16_bytes):.1f}% smaller)</td></tr>
+<tr><th>bits per weight (all planned / decoder linears)</th><td>{t.bits_per_weight:.3f} / {t.linear_bits_per_weight:.3f}</td></tr>
+<tr><th>predicted KL divergence</th><td>{t.predicted_loss:.4f}</td></tr></table>
+<h2>Accuracy measured at build time (package vs torch reference of the same plan)</h2>
+<table>{accuracy or "<tr><td>not verified (--no-verify)</td></tr>"}</table>
+<h2>Bits per layer</h2>{bits}
+<h2>Sensitivity</h2>{heatmap}
+<h2>Plan</h2>
+<table><tr><th>module</th><th>kind</th><th>shape</th><th>bits</th><th>group</th><th>activation</th><th>bytes</th><th>predicted KL</th></tr>{rows}</table>
+<h2>Timings (vary from run to run)</h2><table>{timings or "<tr><td>none</td></tr>"}</table>
+</body></html>
+"""
+    path = Path(package_dir) / "report.html"
+    path.write_text(html)
+    return path
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)

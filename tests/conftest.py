@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random-init models of every supported family, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("APQ_NO_PROGRESS", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    from apq_sdk.testing import make_tiny_model
+
+    cache = {}
+
+    def build(family: str = "llama"):
+        if family not in cache:
+            cache[family] = make_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}") / "model", family)
+        return cache[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory):
+    return tiny_model_factory("llama")

@@ -1,0 +1,110 @@
+"""Group quantization, GPTQ, the torch reference modules and their agreement with the numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from apq_sdk.quant import packing
+from apq_sdk.quant.modules import ACT_INT8, QuantLinear, quantize_activations_per_token
+from apq_sdk.quant.weights import (WEIGHT_FORMATS, QuantizedWeight, gptq_quantize, output_error,
+                                   quantize_rtn, weight_format)
+
+
+def _correlated_inputs(n_tokens: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5
+    scale = torch.exp(torch.randn(k, generator=g))  # uneven channel magnitudes, like real activations
+    return (torch.randn(n_tokens, k, generator=g) @ mix) * scale
+
+
+def test_formats_registered_by_bits():
+    assert sorted(WEIGHT_FORMATS) == [2, 3, 4, 8]
+    assert weight_format(3).maxq() == 7 and weight_format(4).symmetric_zero() == 8
+    with pytest.raises(ValueError, match="expected one of"):
+        weight_format(5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_codes_in_range_and_pack_round_trip(bits, group, symmetric):
+    w = torch.randn(24, 192, generator=torch.Generator().manual_seed(bits * group))
+    q = quantize_rtn(w, bits, group, symmetric)
+    assert int(q.codes.max()) <= (1 << bits) - 1
+    assert q.scales.dtype == torch.float16 and q.scales.shape == (24, -(-192 // group))
+    packed = q.to_packed()
+    again = QuantizedWeight.from_packed(packed, bits, group, (24, 192))
+    assert torch.equal(again.codes, q.codes) and torch.equal(again.scales, q.scales)
+    assert (again.zeros is None) == symmetric
+    np.testing.assert_array_equal(
+        packing.dequantize(packed["qweight"], packed["scales"], packed.get("qzeros"), bits, group, 192),
+        q.dequantize().numpy())
+    stored = sum(a.nbytes for a in packed.values())
+    assert stored == packing.stored_bytes(24, 192, bits, group, symmetric)
+
+
+def test_rtn_error_shrinks_with_bits():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    errors = [float(((quantize_rtn(w, b, 64).dequantize() - w) ** 2).mean()) for b in (2, 3, 4, 8)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3 * errors[0]
+
+
+def test_rtn_reproduces_a_representable_grid_exactly():
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (8, 64), generator=g).float()
+    codes[:, 0], codes[:, 1] = 0, 15  # every group spans the full range
+    scale = torch.tensor(0.03125)
+    w = (codes - 8) * scale
+    q = quantize_rtn(w, 4, 64)
+    torch.testing.assert_close(q.dequantize(), w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_rtn_on_output_error(bits):
+    x = _correlated_inputs(2048, 128)
+    hessian = 2 * x.T @ x / x.shape[0]
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(bits))
+    rtn = quantize_rtn(w, bits, 64).dequantize() - w
+    gptq = gptq_quantize(w, hessian, bits, 64).dequantize() - w
+    assert float(output_error(gptq, hessian).sum()) < 0.9 * float(output_error(rtn, hessian).sum())
+
+
+def test_output_error_matches_direct_computation():
+    x = _correlated_inputs(512, 64)
+    hessian = 2 * x.T @ x / x.shape[0]
+    delta = torch.randn(8, 64, generator=torch.Generator().manual_seed(3)) * 0.01
+    direct = ((x @ delta.T) ** 2).sum(-1).mean()
+    torch.testing.assert_close(output_error(delta, hessian).sum(), direct, rtol=1e-4, atol=0)
+
+
+def test_ragged_last_group():
+    w = torch.randn(16, 576, generator=torch.Generator().manual_seed(4))
+    q = quantize_rtn(w, 4, 128)
+    assert q.scales.shape == (16, 5)
+    assert float(((q.dequantize() - w) ** 2).mean()) < 0.01
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.8])
+def test_per_token_scaling_matches_numpy_reference_bit_for_bit(clip):
+    x = torch.randn(9, 96, generator=torch.Generator().manual_seed(5)) * 3
+    x[3] = 0  # an all-zero token gets scale 1
+    xq, scale = quantize_activations_per_token(x, clip)
+    ref_q, ref_scale = packing.quantize_activations_per_token(x.numpy(), clip)
+    np.testing.assert_array_equal(xq.numpy().astype(np.int8), ref_q)
+    np.testing.assert_array_equal(scale.view(-1).numpy().view(np.uint32), ref_scale.view(np.uint32))
+    amax = x.abs().amax(-1)
+    expected = torch.where(amax == 0, torch.ones_like(amax), amax * clip / 127)
+    torch.testing.assert_close(scale.view(-1), expected)
+
+
+def test_quant_linear_int8_matches_kernel_reference():
+    w = torch.randn(24, 128, generator=torch.Generator().manual_seed(6))
+    q = quantize_rtn(w, 4, 64)
+    layer = QuantLinear(q, None, ACT_INT8, 0.9)
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(7))
+    packed = q.to_packed()
+    ref = packing.matmul_int8_dynamic(x.numpy(), packed["qweight"], packed["scales"],
+                                      packed["qzeros"], 4, 64, clip=0.9)
+    np.testing.assert_allclose(layer(x).numpy(), ref, rtol=1e-5, atol=1e-5)

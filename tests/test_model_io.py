@@ -1,0 +1,79 @@
+"""Model resolution, loading errors and structure discovery."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from apq_sdk.errors import ModelLoadError
+from apq_sdk.model_io import load_model, resolve_model
+from apq_sdk.testing import FAMILIES
+
+
+def test_missing_path_names_accepted_forms(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found: expected 'demo', a .gguf file"):
+        resolve_model(tmp_path / "nope")
+
+
+def test_non_gguf_file_is_refused(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\0" * 16)
+    with pytest.raises(ModelLoadError, match="is not a .gguf file"):
+        resolve_model(path)
+
+
+def test_corrupt_gguf_magic(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"NOPE" + b"\0" * 64)
+    with pytest.raises(ModelLoadError, match="expected magic b'GGUF', found b'NOPE'"):
+        resolve_model(path)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        resolve_model(tmp_path)
+
+
+def test_pickle_weights_are_not_loaded(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="unpickling is unsafe"):
+        resolve_model(tmp_path)
+
+
+def test_unknown_architecture_is_refused(tmp_path, tiny_llama):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_llama, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="not supported"):
+        load_model(copy)
+
+
+def test_truncated_weights_give_a_clear_error(tmp_path, tiny_llama):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_llama, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="could not load the weights"):
+        load_model(copy)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_structure_is_discovered(family, tiny_model_factory):
+    model, _tok, info = load_model(tiny_model_factory(family))
+    assert info.model_type == family
+    assert info.num_layers == 2 and info.num_attention_heads == 4 and info.num_key_value_heads == 2
+    roles = {li.role for li in info.linears}
+    if family == "phi3":
+        assert roles == {"qkv", "o", "gate_up", "down"}
+    else:
+        assert roles == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert len(info.linears) == len([li for li in info.linears if li.layer in (0, 1)])
+    assert len(info.weights_sha256) == 64 and len(info.config_sha256) == 64

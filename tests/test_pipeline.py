@@ -1,0 +1,121 @@
+"""End to end on tiny models of every family: profile -> plan -> quantize -> save -> load -> eval."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from apq_sdk.calibration import load_calibration
+from apq_sdk.evaluate import evaluate
+from apq_sdk.model_io import load_model
+from apq_sdk.planning import Budget, make_plan, uniform_plan
+from apq_sdk.plan import load_plan
+from apq_sdk.profile import ProfileSettings, profile_model
+from apq_sdk.quantize import load_quantized, quantize_model, save_quantized
+from apq_sdk.testing import FAMILIES
+
+
+def _profile(path):
+    model, tok, info = load_model(path)
+    ids, calib = load_calibration(tok, num_samples=8, seq_len=48, seed=0)
+    fit, _ = load_calibration(tok, num_samples=2, seq_len=48, seed=1)
+    sens = profile_model(model, info, ids, calib, ProfileSettings(batch_size=4), fit_samples=fit)
+    return model, tok, info, ids, sens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_end_to_end(family, tiny_model_factory, tmp_path):
+    path = tiny_model_factory(family)
+    model, tok, info, ids, sens = _profile(path)
+    assert {e["kind"] for e in sens.modules.values()} == {"linear", "lm_head"}
+    assert all(e["gain"] > 0 and e["errors"]["b2g64"] > e["errors"]["b8g64"]
+               for e in sens.modules.values() if e["kind"] == "linear")
+    plan = make_plan(sens, Budget(bits_per_weight=4.0))
+    assert plan.totals.linear_bits_per_weight <= 4.0
+    qkv = [m for n, m in plan.modules.items() if n.endswith(("q_proj", "k_proj", "v_proj"))]
+    assert len({(m.bits, m.group_size) for m in qkv if m.tie_group and ".0." in m.tie_group}) <= 1
+    reference, _, _ = load_model(path)
+    quantize_model(model, info, plan, ids)
+    out = save_quantized(model, tok, plan, tmp_path / "q")
+    loaded = load_quantized(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids[:2]).logits, model(input_ids=ids[:2]).logits,
+                                   rtol=0, atol=0)
+    result = evaluate(loaded, ids[:2], reference=reference)
+    assert 0 < result.kl_divergence < 1.0 and 0 < result.top1_agreement <= 1
+    generated = loaded.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 7)
+    assert load_plan(out / "plan.json") == plan
+
+
+def test_budget_modes_and_infeasible_budget(tiny_llama):
+    from apq_sdk.errors import UsageError
+
+    *_, sens = _profile(tiny_llama)
+    tight = make_plan(sens, Budget(bits_per_weight=3.0))
+    loose = make_plan(sens, Budget(bits_per_weight=6.0))
+    assert tight.totals.linear_bytes < loose.totals.linear_bytes
+    assert tight.totals.predicted_loss > loose.totals.predicted_loss
+    reduction = make_plan(sens, Budget(memory_reduction=0.6))
+    assert reduction.totals.bytes <= 0.4 * 2 * sum(e["shape"][0] * e["shape"][1]
+                                                   for e in sens.modules.values())
+    by_loss = make_plan(sens, Budget(max_loss=0.01))
+    assert by_loss.objective.mode == "loss"
+    with pytest.raises(UsageError, match="smallest"):
+        make_plan(sens, Budget(bits_per_weight=1.5))
+
+
+def test_plan_and_artifacts_are_byte_identical_across_runs(tiny_llama, tmp_path):
+    digests = []
+    for run in range(2):
+        model, tok, info, ids, sens = _profile(tiny_llama)
+        plan = make_plan(sens, Budget(bits_per_weight=4.0))
+        quantize_model(model, info, plan, ids)
+        out = save_quantized(model, tok, plan, tmp_path / f"run{run}")
+        digests.append({name: hashlib.sha256((out / name).read_bytes()).hexdigest()
+                        for name in ("plan.json", "model.safetensors", "config.json")})
+    assert digests[0] == digests[1]
+
+
+def test_mixed_plan_beats_uniform_rtn_on_tiny(tiny_llama):
+    model, tok, info, ids, sens = _profile(tiny_llama)
+    uniform = uniform_plan(sens, 3, 64)
+    mixed = make_plan(sens, Budget(bits_per_weight=uniform.totals.linear_bits_per_weight),
+                      activation="none", head_bits="16")
+    assert mixed.totals.linear_bytes <= uniform.totals.linear_bytes
+    reference, _, _ = load_model(tiny_llama)
+    rtn_model, _, _ = load_model(tiny_llama)
+    quantize_model(rtn_model, info, uniform, ids, method="rtn")
+    quantize_model(model, info, mixed, ids)
+    kl_mixed = evaluate(model, ids, reference=reference).kl_divergence
+    kl_rtn = evaluate(rtn_model, ids, reference=reference).kl_divergence
+    assert kl_mixed < kl_rtn
+
+
+def test_failed_save_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
+    from apq_sdk import quantize as quantize_mod
+
+    model, tok, info, ids, sens = _profile(tiny_llama)
+    plan = make_plan(sens, Budget(bits_per_weight=4.0))
+    quantize_model(model, info, plan, ids, method="rtn")
+
+    def broken_save_plan(plan, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(quantize_mod, "save_plan", broken_save_plan)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(model, tok, plan, tmp_path / "q")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_for_other_weights_is_refused(tiny_model_factory):
+    from apq_sdk.errors import ApqError
+
+    *_, sens = _profile(tiny_model_factory("llama"))
+    plan = make_plan(sens, Budget(bits_per_weight=4.0))
+    model, tok, info = load_model(tiny_model_factory("qwen2"))
+    ids, _ = load_calibration(tok, num_samples=2, seq_len=16, seed=0)
+    with pytest.raises(ApqError, match="plan was made for"):
+        quantize_model(model, info, plan, ids)
