@@ -23,6 +23,7 @@ escaping filters, chosen by the language of the spot they land in:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import keyword
 import re
@@ -38,7 +39,16 @@ __all__ = ["render_templates", "template_sets", "template_variables", "make_envi
            "TOKENIZER_FILES", "c_string", "c_identifier", "c_comment", "cmake_string",
            "shell_single", "markdown_text", "c_int"]
 
-TEMPLATES_ROOT = Path(__file__).resolve().parent.parent / "templates"
+def _templates_root() -> Path:
+    """`apq_sdk.templates` (the repository's templates/ in a source checkout or editable install,
+    apq_sdk/templates/ in an installed wheel)."""
+    spec = importlib.util.find_spec("apq_sdk.templates")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+TEMPLATES_ROOT = _templates_root()
 TOKENIZER_DIR = "tokenizer"  # where a package keeps the exported tokenizer files (runtime contract)
 TOKENIZER_FILES = ("tokenizer.txt", "vocab.txt", "merges.txt", "added_tokens.txt", "unicode.txt")
 
