@@ -20,7 +20,15 @@ from .errors import ApqError, UsageError
 log = logging.getLogger("apq_sdk")
 
 
+def _terminate(signum, _frame):
+    # SystemExit unwinds like an exception, so temporary outputs are removed before exiting
+    sys.exit(128 + signum)
+
+
 def _setup() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.WARNING, format="apq-sdk: %(levelname)s: %(message)s")
 
@@ -198,7 +206,10 @@ def plan_show(plan_file):
         loaded = load_plan(Path(plan_file))
     except PlanError as exc:
         raise ApqError(str(exc)) from exc
-    Console().print(render_plan_table(loaded))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(render_plan_table(loaded))
 
 
 @main.command()
@@ -352,4 +363,8 @@ def verify_cmd(package, reference, windows):
 
 
 def run() -> None:
+    main()
+
+
+if __name__ == "__main__":
     main()
