@@ -1,0 +1,345 @@
+"""`apq-sdk build` and `apq-sdk verify`: from a model and a budget (or a plan) to a device package.
+
+A build checks the plan against the target's capabilities before any work starts, profiles only when
+no cached profile of the same model, calibration and settings exists (the cache key is a content
+hash), quantizes once per plan (cached too, as the reference that `verify` compares against), lets
+the target lower the quantized model, and writes `DIR/<model>-<target>/` through a temporary
+directory renamed into place, so an interrupted build leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import ApqError, UsageError
+
+PACKAGE_FORMAT = "apq-package"
+PACKAGE_VERSION = 1
+MANIFEST = "manifest.json"
+VERIFY_FILE = "verify.json"
+REPORT_FILE = "report.html"
+AFTER_MANIFEST = (VERIFY_FILE, REPORT_FILE)
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("APQ_CACHE_DIR", Path.home() / ".cache" / "apq-sdk"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _json_sha(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def safe_name(text: str) -> str:
+    """A directory-name-safe form of a model or target name."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model"
+    return cleaned[:80]
+
+
+@dataclass
+class BuildRequest:
+    target: str
+    model: str = "demo"
+    plan_path: Path | None = None
+    bits_per_weight: float | None = None
+    memory_reduction: float | None = None
+    max_loss: str | None = None
+    activations: str = "int8-per-token-dynamic"
+    head_bits: str = "8"
+    output: Path = Path("apq-out")
+    replan: bool = False
+    verify: bool = True
+    calib: str | None = None
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    device: str = "cpu"
+    verify_windows: int = 8
+
+
+def _profile_cached(model, tok, info, req: BuildRequest, log):
+    """The sensitivity map for (model, calibration, settings), from the cache when present."""
+    from .calibration import load_calibration
+    from .profile import ProfileSettings, SensitivityMap, profile_model
+
+    ids, calib = load_calibration(tok, req.calib, num_samples=req.samples, seq_len=req.seq_len,
+                                  seed=req.seed)
+    settings = ProfileSettings(seed=req.seed)
+    key = _json_sha({"sdk": __version__, "weights": info.weights_sha256, "config": info.config_sha256,
+                     "calibration": calib.to_dict(), "settings": settings.to_dict()})
+    path = cache_dir() / "profiles" / f"{key}.json"
+    if path.is_file():
+        log(f"profile: cached ({path.name[:12]}…)")
+        return SensitivityMap.from_dict(json.loads(path.read_text())), ids
+    fit, _ = load_calibration(tok, req.calib, num_samples=8, seq_len=req.seq_len, seed=req.seed + 1)
+    sens = profile_model(model, info, ids, calib, settings, req.device, fit_samples=fit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(sens.to_dict(), sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return sens, ids
+
+
+def _refusal(target_cls, violations) -> str:
+    shown = "\n".join(f"  - {v}" for v in violations[:12])
+    more = f"\n  … and {len(violations) - 12} more" if len(violations) > 12 else ""
+    return (f"the plan asks for what target {target_cls.name!r} cannot run "
+            f"({len(violations)} modules):\n{shown}{more}\n"
+            f"Fix: pass --replan to re-plan for {target_cls.name!r} under the same budget, or make "
+            f"a plan for it (apq-sdk build without --plan plans for the target's capabilities).")
+
+
+def resolve_plan(req: BuildRequest, target_cls, model, tok, info, log):
+    """(plan, calibration ids): the given plan (checked, or re-planned) or a new one."""
+    from .plan import PlanError, load_plan
+    from .planning import Budget, make_plan, parse_relative
+
+    cap = target_cls.capabilities.as_planning(target_cls.name)
+    budget_given = any(v is not None for v in (req.bits_per_weight, req.memory_reduction, req.max_loss))
+    if req.plan_path is not None:
+        try:
+            plan = load_plan(Path(req.plan_path))
+        except PlanError as exc:
+            raise ApqError(str(exc)) from exc
+        if plan.model.weights_sha256 != info.weights_sha256:
+            raise ApqError(f"plan {req.plan_path} was made for other weights "
+                           f"({plan.model.weights_sha256[:12]}…, this model has "
+                           f"{info.weights_sha256[:12]}…); make a plan for this model")
+        violations = target_cls.check_plan(plan)
+        if not violations:
+            from .calibration import load_calibration
+
+            ids, _ = load_calibration(tok, req.calib, num_samples=req.samples,
+                                      seq_len=req.seq_len, seed=req.seed)
+            return plan, ids, None
+        if not req.replan:
+            raise ApqError(_refusal(target_cls, violations))
+        objective = plan.objective
+        budget = Budget(bits_per_weight=objective.bits_per_weight,
+                        memory_reduction=objective.memory_reduction, max_loss=objective.max_loss)
+        if budget_given:
+            raise UsageError("--replan keeps the plan's own budget; do not pass another one")
+        activation = next((m.activation for m in plan.modules.values() if m.kind == "linear"),
+                          req.activations)
+        head = plan.modules.get("lm_head")
+        head_bits = str(head.bits) if head is not None else req.head_bits
+        log(f"re-planning for {target_cls.name} under the plan's budget "
+            f"({len(violations)} modules were not runnable)")
+    else:
+        budget = Budget(
+            bits_per_weight=req.bits_per_weight if budget_given else 4.0,
+            memory_reduction=req.memory_reduction,
+            max_loss=parse_relative(req.max_loss) if req.max_loss is not None else None)
+        activation, head_bits = req.activations, req.head_bits
+    if head_bits != "auto" and int(head_bits) not in target_cls.capabilities.head_bits:
+        raise UsageError(f"--head-bits {head_bits}: target {target_cls.name!r} runs head bits "
+                         f"{target_cls.capabilities.head_bits}")
+    sens, ids = _profile_cached(model, tok, info, req, log)
+    plan = make_plan(sens, budget, cap=cap, activation=activation, head_bits=head_bits)
+    left = target_cls.check_plan(plan)
+    if left:
+        raise ApqError(_refusal(target_cls, left))
+    return plan, ids, sens
+
+
+def _quantized_cached(model, tok, info, plan, ids, req, log) -> Path:
+    """The quantized model directory of `plan` (cached by plan hash and calibration)."""
+    from .plan import plan_sha256
+    from .quantize import quantize_model, save_quantized
+
+    key = _json_sha({"plan": plan_sha256(plan), "calib": [req.calib, req.samples, req.seq_len, req.seed],
+                     "sdk": __version__})
+    path = cache_dir() / "quantized" / key
+    if (path / "model.safetensors").is_file():
+        log(f"quantize: cached ({key[:12]}…)")
+        return path
+    quantize_model(model, info, plan, ids, req.device)
+    return save_quantized(model, tok, plan, path)
+
+
+def write_manifest(package_dir: Path, data: dict) -> dict:
+    files = []
+    for path in sorted(p for p in package_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(package_dir).as_posix()
+        if rel in (MANIFEST, *AFTER_MANIFEST):
+            continue
+        files.append({"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size})
+    manifest = {**data, "files": files, "written_after_manifest": list(AFTER_MANIFEST)}
+    (package_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def check_manifest(package_dir: Path) -> list[str]:
+    """Problems with the package's files against its manifest (empty when all match)."""
+    path = package_dir / MANIFEST
+    if not path.is_file():
+        return [f"{path} is missing: not an apq-sdk package"]
+    manifest = json.loads(path.read_text())
+    problems = []
+    listed = set()
+    for entry in manifest["files"]:
+        listed.add(entry["path"])
+        file = package_dir / entry["path"]
+        if not file.is_file():
+            problems.append(f"{entry['path']}: missing")
+        elif file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+            problems.append(f"{entry['path']}: sha256 differs from the manifest")
+    for file in package_dir.rglob("*"):
+        rel = file.relative_to(package_dir).as_posix()
+        if file.is_file() and rel not in listed and rel not in (MANIFEST, *AFTER_MANIFEST):
+            problems.append(f"{rel}: not listed in the manifest")
+    return problems
+
+
+def runtime_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _atomic_package(final: Path, fill) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+    try:
+        fill(tmp)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def build(req: BuildRequest, log=print) -> Path:
+    """Build one target; returns the package directory."""
+    from .model_io import load_model
+    from .plan import plan_sha256, save_plan
+    from .targets.base import BuildContext, get_target
+
+    try:
+        target_cls = get_target(req.target)
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+    missing = target_cls.missing_tools("build")
+    if missing:
+        raise ApqError(f"target {target_cls.name!r} needs " + "; ".join(
+            f"{t.name} ({t.how_to_get})" for t in missing))
+    started = time.time()
+    model, tok, info = load_model(req.model, device=req.device)
+    plan, ids, sens = resolve_plan(req, target_cls, model, tok, info, log)
+    quantized_dir = _quantized_cached(model, tok, info, plan, ids, req, log)
+    del model
+    package_name = f"{safe_name(info.name)}-{target_cls.name}"
+    final = Path(req.output) / package_name
+
+    def fill(tmp: Path) -> None:
+        target = target_cls()
+        target.lower(BuildContext(package_dir=tmp, quantized_dir=quantized_dir, plan=plan,
+                                  model_name=info.name, package_name=package_name))
+        save_plan(plan, tmp / "plan.json")
+        measured = None
+        result = None
+        if req.verify:
+            result = _run_verify(target, tmp, quantized_dir, req.verify_windows)
+            measured = {k: v for k, v in result.items() if k != "timings"}
+        manifest = write_manifest(tmp, {
+            "format": PACKAGE_FORMAT, "version": PACKAGE_VERSION, "sdk_version": __version__,
+            "target": {"name": target_cls.name, "capabilities": target_cls.capabilities.to_dict()},
+            "model": _plan_model(plan),
+            "plan": {"file": "plan.json", "sha256": plan_sha256(plan)},
+            "reference": {"quantized_cache_key": quantized_dir.name},
+            "runtimes": runtime_versions(),
+            "size": {"planned_bytes": plan.totals.bytes,
+                     "linear_bits_per_weight": plan.totals.linear_bits_per_weight,
+                     "bits_per_weight": plan.totals.bits_per_weight},
+            "measured_at_build": measured,
+        })
+        if result is not None:
+            _write_verify(tmp, result, problems=[])
+        from .report import write_package_report
+
+        write_package_report(tmp, plan, manifest, result, sens)
+        if result is not None and not result.get("passed", False):
+            raise ApqError(f"verification failed for {target_cls.name}: "
+                           f"{json.dumps(measured, sort_keys=True)[:600]}")
+
+    out = _atomic_package(final, fill)
+    log(f"built {out} in {time.time() - started:.0f} s")
+    return out
+
+
+def _plan_model(plan) -> dict:
+    return json.loads(plan.to_json())["model"]
+
+
+def _run_verify(target, package_dir: Path, reference_dir: Path, windows: int) -> dict:
+    from .calibration import eval_text_path
+
+    try:
+        text = eval_text_path()
+    except ApqError:
+        text = None
+    return target.verify(package_dir, reference_dir=reference_dir, text_path=text, windows=windows)
+
+
+def _write_verify(package_dir: Path, result: dict, problems: list[str]) -> None:
+    data = {**result, "manifest_problems": problems}
+    tmp = package_dir / f".{VERIFY_FILE}.tmp"
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, package_dir / VERIFY_FILE)
+
+
+def verify_package(package_dir: Path, reference: Path | None = None, windows: int = 8) -> dict:
+    """Check every hash, run the package here, compare with the torch reference; write verify.json."""
+    from .targets.base import get_target
+
+    package_dir = Path(package_dir)
+    problems = check_manifest(package_dir)
+    if problems and problems[0].endswith("not an apq-sdk package"):
+        raise ApqError(problems[0])
+    manifest = json.loads((package_dir / MANIFEST).read_text())
+    target_cls = get_target(manifest["target"]["name"])
+    reference = Path(reference) if reference else \
+        cache_dir() / "quantized" / manifest["reference"]["quantized_cache_key"]
+    if not (reference / "model.safetensors").is_file():
+        raise ApqError(f"the torch reference of this package is not in the cache ({reference}); "
+                       f"pass --reference QUANTIZED_DIR (from apq-sdk quantize with the same plan)")
+    result = {"passed": False}
+    if not problems:
+        result = _run_verify(target_cls(), package_dir, reference, windows)
+    _write_verify(package_dir, result, problems)
+    if problems:
+        raise ApqError("manifest check failed:\n  " + "\n  ".join(problems))
+    if not result.get("passed", False):
+        raise ApqError(f"package output does not match the torch reference: "
+                       f"{json.dumps({k: v for k, v in result.items() if k != 'timings'})[:600]}")
+    return result
