@@ -75,6 +75,20 @@ class BuildRequest:
     verify_windows: int = 8
 
 
+def profile_cache_path(info, calib, settings) -> Path:
+    """Where the sensitivity map of (model, calibration, settings) is cached: a content hash."""
+    key = _json_sha({"sdk": __version__, "weights": info.weights_sha256, "config": info.config_sha256,
+                     "calibration": calib.to_dict(), "settings": settings.to_dict()})
+    return cache_dir() / "profiles" / f"{key}.json"
+
+
+def store_profile(sens, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(sens.to_dict(), sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
 def _profile_cached(model, tok, info, req: BuildRequest, log):
     """The sensitivity map for (model, calibration, settings), from the cache when present."""
     from .calibration import load_calibration
@@ -83,18 +97,13 @@ def _profile_cached(model, tok, info, req: BuildRequest, log):
     ids, calib = load_calibration(tok, req.calib, num_samples=req.samples, seq_len=req.seq_len,
                                   seed=req.seed)
     settings = ProfileSettings(seed=req.seed)
-    key = _json_sha({"sdk": __version__, "weights": info.weights_sha256, "config": info.config_sha256,
-                     "calibration": calib.to_dict(), "settings": settings.to_dict()})
-    path = cache_dir() / "profiles" / f"{key}.json"
+    path = profile_cache_path(info, calib, settings)
     if path.is_file():
         log(f"profile: cached ({path.name[:12]}…)")
         return SensitivityMap.from_dict(json.loads(path.read_text())), ids
     fit, _ = load_calibration(tok, req.calib, num_samples=8, seq_len=req.seq_len, seed=req.seed + 1)
     sens = profile_model(model, info, ids, calib, settings, req.device, fit_samples=fit)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(sens.to_dict(), sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    store_profile(sens, path)
     return sens, ids
 
 

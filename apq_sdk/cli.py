@@ -122,10 +122,14 @@ def _profile(model, tok, info, calib, samples, seq_len, seed, device, fit_sample
     from .calibration import load_calibration
     from .profile import ProfileSettings, profile_model
 
+    from .build import profile_cache_path, store_profile
+
     ids, calib_info = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
     fit, _ = load_calibration(tok, calib, num_samples=fit_samples, seq_len=seq_len, seed=seed + 1)
-    return profile_model(model, info, ids, calib_info, ProfileSettings(seed=seed), device,
-                         fit_samples=fit), ids
+    settings = ProfileSettings(seed=seed)
+    sens = profile_model(model, info, ids, calib_info, settings, device, fit_samples=fit)
+    store_profile(sens, profile_cache_path(info, calib_info, settings))  # apq-sdk build reuses it
+    return sens, ids
 
 
 @main.command()
