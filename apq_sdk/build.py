@@ -13,14 +13,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .errors import ApqError, UsageError
+from .fsutil import atomic_directory, atomic_write_text
 
 PACKAGE_FORMAT = "apq-package"
 PACKAGE_VERSION = 1
@@ -83,10 +82,7 @@ def profile_cache_path(info, calib, settings) -> Path:
 
 
 def store_profile(sens, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(sens.to_dict(), sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(sens.to_dict(), sort_keys=True) + "\n")
 
 
 def _profile_cached(model, tok, info, req: BuildRequest, log):
@@ -230,24 +226,6 @@ def runtime_versions() -> dict:
     return out
 
 
-def _atomic_package(final: Path, fill) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
-    try:
-        fill(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def build(req: BuildRequest, log=print) -> Path:
     """Build one target; returns the package directory."""
     from .model_io import load_model
@@ -301,7 +279,7 @@ def build(req: BuildRequest, log=print) -> Path:
             raise ApqError(f"verification failed for {target_cls.name}: "
                            f"{json.dumps(measured, sort_keys=True)[:600]}")
 
-    out = _atomic_package(final, fill)
+    out = atomic_directory(final, fill)
     log(f"built {out} in {time.time() - started:.0f} s")
     return out
 
@@ -322,9 +300,7 @@ def _run_verify(target, package_dir: Path, reference_dir: Path, windows: int) ->
 
 def _write_verify(package_dir: Path, result: dict, problems: list[str]) -> None:
     data = {**result, "manifest_problems": problems}
-    tmp = package_dir / f".{VERIFY_FILE}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, package_dir / VERIFY_FILE)
+    atomic_write_text(package_dir / VERIFY_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def verify_package(package_dir: Path, reference: Path | None = None, windows: int = 8) -> dict:

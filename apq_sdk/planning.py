@@ -16,7 +16,6 @@ Budgets:
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from dataclasses import dataclass
 

@@ -11,9 +11,6 @@ points; every other tensor as it was), `config.json`, the tokenizer files and `p
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ from torch import nn
 from .blockwise import (HessianCollector, block_linears, capture_block_inputs, compute_dtype,
                         run_block)
 from .errors import ApqError, ModelLoadError
+from .fsutil import atomic_directory
 from .model_io import ModelInfo, set_module
 from .plan import Plan, load_plan, save_plan
 from .progress import progress_bar
@@ -152,25 +150,6 @@ def _collect_tensors(model: nn.Module, plan: Plan) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _write_atomic_dir(final: Path, write) -> Path:
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        if final.exists():
-            backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(backup)
-            tmp.rename(final)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def save_quantized(model: nn.Module, tokenizer, plan: Plan, out_dir) -> Path:
     """Write the quantized model directory atomically (temp dir + rename)."""
     tensors = _collect_tensors(model, plan)
@@ -186,7 +165,7 @@ def save_quantized(model: nn.Module, tokenizer, plan: Plan, out_dir) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
-    return _write_atomic_dir(Path(out_dir), write)
+    return atomic_directory(Path(out_dir), write, tag="tmp")
 
 
 def load_quantized(path, device: str = "cpu") -> nn.Module:

@@ -18,6 +18,18 @@ def _plt():
     return plt
 
 
+def _save(fig, path) -> Path:
+    """Write a figure as PNG atomically, without a timestamp or version in its metadata."""
+    plt = _plt()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def sensitivity_heatmap(sens, path) -> Path:
     """Left: log10 predicted KL per linear layer (rows) and candidate (columns).
     Right: per-head salience of q/k/v/o at the reference candidate, per decoder layer."""
@@ -57,13 +69,7 @@ def sensitivity_heatmap(sens, path) -> Path:
         ax.set_ylabel("decoder layer")
         ax.set_title("per-head share of each projection's error (3-bit reference)")
         fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def plan_bits_chart(plan, path) -> Path:
@@ -87,13 +93,7 @@ def plan_bits_chart(plan, path) -> Path:
     ax.set_ylabel("decoder layer")
     ax.set_title(f"bits per layer ({plan.totals.linear_bits_per_weight:.2f} bpw linear)")
     fig.colorbar(image, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def _png_data_uri(render, *args) -> str:
