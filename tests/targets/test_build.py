@@ -137,3 +137,27 @@ def test_interrupted_build_leaves_nothing(tiny_llama, tmp_path, sig):
     proc.wait(timeout=120)
     assert proc.returncode != 0
     assert list(out.iterdir()) == []
+
+
+def test_report_is_self_contained_and_renders_headless(built_package, tmp_path):
+    import re
+    import shutil
+
+    html = (built_package / "report.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", html), "report must work offline"
+    assert "<script" not in html and html.count("data:image/png;base64,") >= 2
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless Chromium not installed (apt-get install chromium)")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+                    "--window-size=1200,2000", f"--screenshot={shot}",
+                    (built_package / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    image = Image.open(shot).convert("L")
+    assert image.size == (1200, 2000)
+    assert len(set(image.getdata())) > 16, "screenshot is blank"
