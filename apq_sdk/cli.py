@@ -172,11 +172,13 @@ def _load_sensitivity(path: str):
 @click.option("--sensitivity", "-s", type=click.Path(dir_okay=False), default="sensitivity.json",
               show_default=True, help="Sensitivity map from apq-sdk profile.")
 @_apply(budget_options)
+@click.option("--share-fused/--no-share-fused", default=True, show_default=True,
+              help="Force layers that runtimes fuse (q/k/v, gate/up) to share bits and group size.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="plan.json",
               show_default=True, help="Plan file to write.")
 @click.pass_context
 def plan(ctx, sensitivity, bits_per_weight, memory_reduction, max_loss, activations, head_bits,
-         output):
+         share_fused, output):
     """Stage 2: choose bits per layer (exact DP) under a memory or accuracy budget.
 
     `apq-sdk plan show PLAN` prints a plan as a table.
@@ -189,7 +191,13 @@ def plan(ctx, sensitivity, bits_per_weight, memory_reduction, max_loss, activati
     budget = _budget(bits_per_weight, memory_reduction, max_loss)
     sens = _load_sensitivity(sensitivity)
     start = time.time()
-    result = make_plan(sens, budget, activation=activations, head_bits=head_bits)
+    from dataclasses import replace
+
+    from .planning import GENERIC
+
+    cap = GENERIC if share_fused else replace(GENERIC, name="generic-unfused", fuse_qkv=False,
+                                              fuse_gate_up=False)
+    result = make_plan(sens, budget, cap=cap, activation=activations, head_bits=head_bits)
     save_plan(result, Path(output))
     t = result.totals
     click.echo(f"wrote {output}: linear layers {t.linear_bits_per_weight:.3f} bits/weight, "

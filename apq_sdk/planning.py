@@ -103,7 +103,7 @@ def _module_options(entry: dict, cap: Capability, activation: str, alpha: float,
 def _unit_name(name: str, entry: dict, cap: Capability) -> str:
     group = FUSED_SUFFIXES.get(entry["role"])
     if group == "qkv" and cap.fuse_qkv or group == "gate_up" and cap.fuse_gate_up:
-        return f"{name.rsplit('.', 2)[0]}.{group}"
+        return f"{name.rsplit('.', 1)[0]}.{group}"
     return name
 
 

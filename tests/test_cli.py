@@ -54,3 +54,19 @@ def test_corrupt_plan_names_the_field(tmp_path):
     plan.write_text('{"format": "apq-plan", "version": 1}')
     result = _run(["plan", "show", str(plan)])
     assert result.exit_code == 1 and "error" in result.output
+
+
+def test_unfused_plan_lets_qkv_differ(tiny_llama, tmp_path):
+    sens = tmp_path / "s.json"
+    assert _run(["profile", "-m", str(tiny_llama), "-n", "8", "-L", "48", "-o", str(sens)]).exit_code == 0
+    fused, unfused = tmp_path / "f.json", tmp_path / "u.json"
+    for flag, out in (("--share-fused", fused), ("--no-share-fused", unfused)):
+        result = _run(["plan", "-s", str(sens), "--bits-per-weight", "3.5", flag, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+    f = json.loads(fused.read_text())["modules"]
+    u = json.loads(unfused.read_text())["modules"]
+    assert f["model.layers.0.self_attn.q_proj"]["tie_group"] == "model.layers.0.self_attn.qkv"
+    assert all(m["tie_group"] is None for m in u.values())
+    # the unconstrained optimum can only be at least as good as the constrained one
+    assert json.loads(unfused.read_text())["totals"]["predicted_loss"] <= \
+        json.loads(fused.read_text())["totals"]["predicted_loss"] + 1e-12
