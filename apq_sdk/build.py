@@ -61,7 +61,7 @@ class BuildRequest:
     bits_per_weight: float | None = None
     memory_reduction: float | None = None
     max_loss: str | None = None
-    activations: str = "int8-per-token-dynamic"
+    activations: str = "none"
     head_bits: str = "8"
     output: Path = Path("apq-out")
     replan: bool = False

@@ -73,10 +73,11 @@ budget_options = [
                       "e.g. 0.6."),
     click.option("--max-loss", type=str, default=None,
                  help="Accuracy budget: relative perplexity increase, e.g. '0.5%'. Minimizes memory."),
-    click.option("--activations", type=click.Choice(["int8-per-token-dynamic", "none"]),
-                 default="int8-per-token-dynamic", show_default=True,
-                 help="Activation mode of the linear layers: per-token dynamic int8 scaling, or "
-                      "float activations (weight-only)."),
+    click.option("--activations", type=click.Choice(["none", "int8-per-token-dynamic"]),
+                 default="none", show_default=True,
+                 help="Activation mode of the linear layers: float activations (weight-only), or "
+                      "per-token dynamic int8 scaling (experimental: on the demo model it costs far "
+                      "more accuracy than the weights, see docs/results.md)."),
     click.option("--head-bits", type=click.Choice(["auto", "4", "8", "16"]), default="8",
                  show_default=True,
                  help="Bits of the output head (and a tied embedding); 'auto' lets the optimizer "

@@ -134,7 +134,7 @@ def build_units(sens: SensitivityMap, cap: Capability, activation: str, symmetri
 
 
 def make_plan(sens: SensitivityMap, budget: Budget, *, cap: Capability = GENERIC,
-              activation: str = ACT_INT8, symmetric: bool = False, head_bits: str = "8",
+              activation: str = ACT_NONE, symmetric: bool = False, head_bits: str = "8",
               head_group: int = 64) -> Plan:
     if activation not in cap.activations:
         raise UsageError(f"activation {activation!r} is not supported by {cap.name!r}; "

@@ -67,7 +67,16 @@ def main() -> None:
     parser.add_argument("--sensitivity", default=str(RESULTS / "demo-sensitivity.json"),
                         help="reused when it exists (same model and calibration), else written")
     parser.add_argument("--out", default=str(RESULTS / "quality"))
+    parser.add_argument("--from-log", default=None,
+                        help="rebuild the JSON/markdown from the per-row lines a run printed "
+                             "(for a run stopped before its last configuration)")
+    parser.add_argument("--reference-ppl", type=float, default=None,
+                        help="with --from-log, when the log has no reference row: the FP32 "
+                             "perplexity of the same windows, measured separately")
     args = parser.parse_args()
+    if args.from_log:
+        rebuild_from_log(Path(args.from_log), Path(args.out), args.reference_ppl)
+        return
     started = time.time()
     model, tok, info = load_model("demo", device=args.device)
     ids, calib = load_calibration(tok, num_samples=args.samples, seq_len=args.seq_len, seed=0)
@@ -95,6 +104,7 @@ def main() -> None:
     reference_ppl = math.exp(reference_ce / tokens)
     rows = [{"config": "fp32-reference", "linear_bpw": 32.0, "ppl": reference_ppl, "kl": 0.0,
              "top1": 1.0, "predicted_kl": 0.0}]
+    print(json.dumps(rows[0]), flush=True)
     del model
     gc.collect()
     for name in args.configs.split(","):
@@ -145,6 +155,21 @@ def _histogram(plan) -> dict:
             key = "fp16" if entry.bits == 16 else f"b{entry.bits}g{entry.group_size}"
             hist[key] = hist.get(key, 0) + 1
     return dict(sorted(hist.items()))
+
+
+def rebuild_from_log(log: Path, out: Path, reference_ppl: float | None) -> None:
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"config"')]
+    if not rows or rows[0]["config"] != "fp32-reference":
+        if reference_ppl is None:
+            raise SystemExit(f"{log} has no reference row: pass --reference-ppl")
+        rows.insert(0, {"config": "fp32-reference", "linear_bpw": 32.0, "ppl": reference_ppl,
+                        "kl": 0.0, "top1": 1.0, "predicted_kl": 0.0})
+    result = {"command": f"python bench/bench_quality.py (stopped after {len(rows) - 1} configurations; "
+                         f"table rebuilt with --from-log)",
+              "model": "SmolLM2-135M-Instruct", "calibration": {"num_samples": 128, "seq_len": 512},
+              "windows": 40, "predicted_tokens": 40 * 511, "device": "cpu", "torch": torch.__version__,
+              "total_seconds": sum(r.get("quantize_seconds", 0) for r in rows), "rows": rows}
+    write_outputs(result, out)
 
 
 def write_outputs(result: dict, out: Path) -> None:
