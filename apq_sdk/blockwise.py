@@ -29,14 +29,6 @@ class BlockBatch:
     kwargs: dict = field(default_factory=dict)
 
 
-def _move(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_move(v, device) for v in value)
-    return value
-
-
 def _cast_floats(value, dtype):
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.to(dtype)
@@ -141,7 +133,6 @@ class HessianCollector:
         self.kept: dict[str, torch.Tensor] = {}
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self.amax: dict[str, list[torch.Tensor]] = {}
         self._shared: dict[str, str] = {}  # name -> name owning the accumulation of the same input
         self._last: tuple[torch.Tensor, str] | None = None  # held, so its memory is not reused
         self._handles = []
@@ -161,12 +152,10 @@ class HessianCollector:
                 self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=self.dtype,
                                               device=x2.device)
                 self.counts[name] = 0
-                self.amax[name] = []
             if name not in self.kept and self.keep_rows:
                 self.kept[name] = x2[: self.keep_rows].clone()
             self.sums[name].addmm_(x2.T, x2)
             self.counts[name] += x2.shape[0]
-            self.amax[name].append(x2.abs().amax(-1).float().cpu())
         return hook
 
     def hessian(self, name: str) -> torch.Tensor:
@@ -176,9 +165,6 @@ class HessianCollector:
     def kept_rows(self, name: str) -> torch.Tensor:
         """The first `keep_rows` input rows seen by this layer (for activation-clip search)."""
         return self.kept[self._shared.get(name, name)]
-
-    def token_amax(self, name: str) -> torch.Tensor:
-        return torch.cat(self.amax[self._shared.get(name, name)])
 
     def remove(self) -> None:
         self._last = None

@@ -19,10 +19,6 @@ from .quant.weights import quantize_rtn
 FIT_CANDIDATES = ("b3g128", "b4g128", "b4g64")
 
 
-def relative_ppl_increase(kl: float, loss_model: dict) -> float:
-    return math.expm1(loss_model["kappa"] * kl)
-
-
 def kl_for_relative_ppl(rel: float, loss_model: dict) -> float:
     return math.log1p(rel) / loss_model["kappa"]
 

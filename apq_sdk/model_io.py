@@ -31,7 +31,6 @@ ROLE_BY_SUFFIX = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "qkv_proj": "qkv",
     "gate_proj": "gate", "up_proj": "up", "gate_up_proj": "gate_up", "down_proj": "down",
 }
-FUSE_GROUPS = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
 
 
 @dataclass(frozen=True)
@@ -55,11 +54,6 @@ class LinearInfo:
     role: str  # q, k, v, o, qkv, gate, up, gate_up, down, other
     out_features: int
     in_features: int
-
-    @property
-    def fuse_group(self) -> str | None:
-        group = FUSE_GROUPS.get(self.role)
-        return f"model.layers.{self.layer}.{group}" if group else None
 
 
 @dataclass
@@ -241,10 +235,6 @@ def describe_model(model: nn.Module, source: ModelSource | None = None) -> Model
         layers_path=layers_path,
         linears=describe_linears(layers, layers_path),
     )
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

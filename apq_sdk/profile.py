@@ -252,10 +252,6 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
     return sens
 
 
-def output_head_module_name(info: ModelInfo) -> str:
-    return "lm_head"
-
-
 @torch.no_grad()
 def _profile_output_head(model, info: ModelInfo, sens: SensitivityMap, batches, settings):
     """The lm_head (tied or not): exact second-order KL of its quantization on calibration tokens."""
