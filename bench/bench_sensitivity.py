@@ -1,11 +1,18 @@
 """Does the sensitivity map predict reality? Spearman rank correlation on the demo model.
 
-For layers spread over depth and types, quantize one layer at a time to 3 bits (GPTQ, group 128,
-exactly the candidate the profile predicted), keep all others unquantized, and measure the end-to-end
-KL divergence and cross-entropy increase on wikitext2-test windows. Compare the ranks with the
-profile's predictions.
+For layers spread over depth and types, quantize one layer at a time to 3 bits with group 128,
+keep all others unquantized, and measure the end-to-end KL divergence and cross-entropy increase on
+wikitext2-test windows. Compare the ranks with the profile's predictions, alpha * gain * e, for the
+same weight change:
+
+* `--delta gptq` (default) profiles here and uses the GPTQ change the profile predicted;
+* `--delta rtn --sensitivity MAP` reuses a saved map (e.g. the 128 x 512 demo profile) and uses the
+  round-to-nearest 3-bit change, whose local Hessian error every map records (it feeds the
+  loss-model fit); no profiling needed.
 
     python bench/bench_sensitivity.py --samples 128 --eval-windows 40 --layers 42
+    python bench/bench_sensitivity.py --delta rtn --sensitivity bench/results/demo-sensitivity.json \
+        --eval-windows 10 --layers 42
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apq_sdk.calibration import eval_text_path, eval_windows, load_calibration  # noqa: E402
 from apq_sdk.evaluate import compare_to_cached, reference_log_probs  # noqa: E402
 from apq_sdk.model_io import load_model  # noqa: E402
-from apq_sdk.profile import ProfileSettings, profile_model  # noqa: E402
+from apq_sdk.profile import ProfileSettings, SensitivityMap, profile_model  # noqa: E402
+from apq_sdk.quant.weights import quantize_rtn  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,17 +59,33 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--layers", type=int, default=42)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--delta", choices=("gptq", "rtn"), default="gptq")
+    parser.add_argument("--sensitivity", default=None, help="saved map (with --delta rtn)")
     parser.add_argument("--out", default=str(RESULTS / "sensitivity"))
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.time()
     model, tok, info = load_model(args.model, device=args.device)
-    samples, calib = load_calibration(tok, num_samples=args.samples, seq_len=args.seq_len, seed=0)
-    fit, _ = load_calibration(tok, num_samples=8, seq_len=args.seq_len, seed=1)
     chosen = pick_layers(info, args.layers)
     deltas = {name: None for name in chosen}
-    sens = profile_model(model, info, samples, calib, ProfileSettings(), args.device,
-                         fit_samples=fit, keep_deltas=deltas)
+    if args.delta == "rtn":
+        if not args.sensitivity:
+            raise SystemExit("--delta rtn needs --sensitivity MAP")
+        sens = SensitivityMap.from_dict(json.loads(Path(args.sensitivity).read_text()))
+        if sens.model["weights_sha256"] != info.weights_sha256:
+            raise SystemExit(f"{args.sensitivity} was profiled on other weights")
+        calib_dict = sens.calibration
+        for name in chosen:
+            weight = model.get_submodule(name).weight.data.float()
+            deltas[name] = quantize_rtn(weight, 3, 128).dequantize() - weight
+        errors_key = "rtn_errors"
+    else:
+        samples, calib = load_calibration(tok, num_samples=args.samples, seq_len=args.seq_len, seed=0)
+        fit, _ = load_calibration(tok, num_samples=8, seq_len=args.seq_len, seed=1)
+        sens = profile_model(model, info, samples, calib, ProfileSettings(), args.device,
+                             fit_samples=fit, keep_deltas=deltas)
+        calib_dict = calib.to_dict()
+        errors_key = "errors"
     windows = eval_windows(tok, eval_text_path(), args.seq_len, args.eval_windows)
     cached = reference_log_probs(model, windows, args.device)
     rows = []
@@ -71,17 +95,19 @@ def main() -> None:
         module.weight.data += deltas[name].to(original)
         kl, dce = compare_to_cached(model, windows, cached, args.device)
         module.weight.data = original
-        rows.append({"module": name, "predicted": sens.predicted(name, "b3g128"),
+        entry = sens.modules[name]
+        predicted = sens.loss_model["alpha"] * entry["gain"] * entry[errors_key]["b3g128"]
+        rows.append({"module": name, "predicted": predicted,
                      "measured_kl": kl, "measured_delta_ce": dce})
         print(f"{name:45s} pred={rows[-1]['predicted']:.5f} kl={kl:.5f} dce={dce:.5f}", flush=True)
     pred = [r["predicted"] for r in rows]
     rho_kl = spearmanr(pred, [r["measured_kl"] for r in rows]).statistic
     rho_ce = spearmanr(pred, [r["measured_delta_ce"] for r in rows]).statistic
-    local = [sens.modules[r["module"]]["errors"]["b3g128"] for r in rows]
+    local = [sens.modules[r["module"]][errors_key]["b3g128"] for r in rows]
     rho_local = spearmanr(local, [r["measured_kl"] for r in rows]).statistic
     result = {"command": "python bench/bench_sensitivity.py " + " ".join(sys.argv[1:]),
-              "model": info.name, "calibration": calib.to_dict(), "eval_windows": args.eval_windows,
-              "candidate": "b3g128 (GPTQ)", "layers": len(rows),
+              "model": info.name, "calibration": calib_dict, "eval_windows": args.eval_windows,
+              "candidate": f"b3g128 ({args.delta.upper()})", "layers": len(rows),
               "spearman_predicted_vs_kl": rho_kl, "spearman_predicted_vs_delta_ce": rho_ce,
               "spearman_local_error_only_vs_kl": rho_local, "loss_model": sens.loss_model,
               "seconds": time.time() - start, "device": args.device, "rows": rows}
@@ -90,7 +116,8 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Sensitivity map vs measured loss ({info.name})", "",
              f"Command: `{result['command']}`", "",
-             f"One layer at a time quantized to 3 bits (GPTQ g128), all others FP32; measured on "
+             f"One layer at a time quantized to 3 bits ({result['candidate']}), all others FP32; "
+             f"map from {calib_dict['num_samples']} x {calib_dict['seq_len']} calibration tokens; measured on "
              f"{args.eval_windows} windows x {args.seq_len} tokens of wikitext2-test.", "",
              "| statistic | value |", "| --- | --- |",
              f"| layers | {len(rows)} |",
