@@ -164,11 +164,15 @@ def rebuild_from_log(log: Path, out: Path, reference_ppl: float | None) -> None:
             raise SystemExit(f"{log} has no reference row: pass --reference-ppl")
         rows.insert(0, {"config": "fp32-reference", "linear_bpw": 32.0, "ppl": reference_ppl,
                         "kl": 0.0, "top1": 1.0, "predicted_kl": 0.0})
-    result = {"command": f"python bench/bench_quality.py (stopped after {len(rows) - 1} configurations; "
-                         f"table rebuilt with --from-log)",
+    configs = ",".join(r["config"] for r in rows[1:])
+    source = "" if reference_ppl is None else \
+        f"; FP32 perplexity {reference_ppl:.4f} from `python bench/reference_ppl.py --windows 40`"
+    result = {"command": f"python bench/bench_quality.py --configs {configs}",
+              "note": f"One process, stopped after these configurations; table rebuilt with "
+                      f"--from-log{source}.",
               "model": "SmolLM2-135M-Instruct", "calibration": {"num_samples": 128, "seq_len": 512},
               "windows": 40, "predicted_tokens": 40 * 511, "device": "cpu", "torch": torch.__version__,
-              "total_seconds": sum(r.get("quantize_seconds", 0) for r in rows), "rows": rows}
+              "total_seconds": None, "rows": rows}
     write_outputs(result, out)
 
 
@@ -177,8 +181,10 @@ def write_outputs(result: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     ref = result["rows"][0]["ppl"]
     lines = [f"# Quality against size: {result['model']}", "",
-             f"Command: `{result['command']}` ({result['device']}, torch {result['torch']}, "
-             f"{result['total_seconds'] / 60:.0f} min)", "",
+             f"Command: `{result['command']}` ({result['device']}, torch {result['torch']}"
+             + (f", {result['total_seconds'] / 60:.0f} min" if result.get("total_seconds") else "")
+             + ")", "",
+             *([result["note"], ""] if result.get("note") else []),
              f"Evaluation: first {result['windows']} windows x 512 tokens of wikitext2-test "
              f"({result['predicted_tokens']} predicted tokens). Calibration: "
              f"{result['calibration']['num_samples']} x {result['calibration']['seq_len']} tokens "
