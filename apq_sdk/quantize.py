@@ -155,8 +155,8 @@ def save_quantized(model: nn.Module, tokenizer, plan: Plan, out_dir) -> Path:
     tensors = _collect_tensors(model, plan)
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "apq-quantized",
-                                                             "plan_version": str(plan.version)})
+        save_file(dict(sorted(tensors.items())), str(tmp / MODEL_FILE),
+                  metadata={"format": "apq-quantized", "plan_version": str(plan.version)})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config.pop("transformers_version", None)
@@ -208,6 +208,14 @@ def load_quantized(path, device: str = "cpu") -> nn.Module:
     rest = {k: torch.from_numpy(v) for k, v in tensors.items()
             if not any(k.startswith(f"{n}.") for n in plan.modules)}
     missing, _unexpected = model.load_state_dict(rest, strict=False)
+    tied_embedding = next((f"{n}.weight" for n, m in model.named_modules()
+                           if m is model.get_input_embeddings()), None)
+    planned_prefixes = tuple(f"{n}." for n in plan.modules)  # rebuilt from their packed arrays
+    missing = [k for k in missing if not k.startswith(planned_prefixes)
+               and not (config.tie_word_embeddings and k == tied_embedding)]
+    if missing:
+        raise ModelLoadError(f"{path / MODEL_FILE} lacks {len(missing)} tensors the model needs, "
+                             f"e.g. {missing[0]}; the file is incomplete: quantize again")
     if config.tie_word_embeddings and "lm_head" in plan.modules:
         model.get_input_embeddings().weight = nn.Parameter(model.get_output_embeddings().weight,
                                                            requires_grad=False)

@@ -119,3 +119,20 @@ def test_plan_for_other_weights_is_refused(tiny_model_factory):
     ids, _ = load_calibration(tok, num_samples=2, seq_len=16, seed=0)
     with pytest.raises(ApqError, match="plan was made for"):
         quantize_model(model, info, plan, ids)
+
+
+def test_incomplete_quantized_file_is_refused(tiny_llama, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from apq_sdk.errors import ModelLoadError
+
+    model, tok, info, ids, sens = _profile(tiny_llama)
+    plan = make_plan(sens, Budget(bits_per_weight=4.0))
+    quantize_model(model, info, plan, ids, method="rtn")
+    out = save_quantized(model, tok, plan, tmp_path / "q")
+    tensors = load_file(str(out / "model.safetensors"))
+    dropped = next(k for k in tensors if k.endswith("norm.weight"))
+    del tensors[dropped]
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="lacks 1 tensors the model needs"):
+        load_quantized(out)
