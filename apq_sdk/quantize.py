@@ -26,7 +26,7 @@ from .model_io import ModelInfo, set_module
 from .plan import Plan, load_plan, save_plan
 from .progress import progress_bar
 from .quant.modules import Float16Linear, QuantLinear
-from .quant.weights import QuantizedWeight, gptq_quantize, quantize_rtn
+from .quant.weights import GptqTask, QuantizedWeight, gptq_quantize, gptq_quantize_many, quantize_rtn
 
 MODEL_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
@@ -61,6 +61,28 @@ def _quantized_module(module: nn.Module, entry, hessian: torch.Tensor | None, me
     return QuantLinear(qweight, bias, entry.activation, entry.act_clip)
 
 
+def _gptq_group(modules: dict[str, nn.Module], plan: Plan, hessian: torch.Tensor,
+                act_order: bool) -> dict[str, nn.Module]:
+    """Quantized replacements of layers that read one input, in one shared GPTQ sweep per
+    symmetry mode."""
+    out: dict[str, nn.Module] = {}
+    by_symmetry: dict[bool, list[str]] = {}
+    for name, module in modules.items():
+        entry = plan.modules[name]
+        if entry.bits == 16:
+            out[name] = _quantized_module(module, entry, hessian, "gptq", act_order)
+        else:
+            by_symmetry.setdefault(entry.symmetric, []).append(name)
+    for symmetric, names in by_symmetry.items():
+        tasks = [GptqTask(modules[n].weight.data.float(), plan.modules[n].bits,
+                          plan.modules[n].group_size) for n in names]
+        for name, qweight in zip(names, gptq_quantize_many(tasks, hessian, symmetric, act_order)):
+            entry = plan.modules[name]
+            out[name] = QuantLinear(qweight, getattr(modules[name], "bias", None), entry.activation,
+                                    entry.act_clip)
+    return {name: out[name] for name in modules}
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, info: ModelInfo, plan: Plan, samples: torch.Tensor,
                    device: str = "cpu", method: str = "gptq", act_order: bool = True,
@@ -82,17 +104,23 @@ def quantize_model(model: nn.Module, info: ModelInfo, plan: Plan, samples: torch
         for index, block in enumerate(layers):
             prefix = f"{info.layers_path}.{index}"
             linears = block_linears(block, prefix)
-            hessians = {}
             if method == "gptq":
                 collector = HessianCollector(linears)
                 with compute_dtype(block, cdt):
                     run_block(block, batches)
                 collector.remove()
-                hessians = {name: collector.hessian(name) for name in linears}
-            for name, module in linears.items():
-                replacement = _quantized_module(module, plan.modules[name], hessians.get(name),
-                                                method, act_order)
-                set_module(model, name, replacement.to(device))
+                groups = collector.input_groups(linears)
+                replacements = {}
+                for owner, members in groups.items():
+                    replacements.update(_gptq_group(
+                        {name: linears[name] for name in members}, plan,
+                        collector.hessian(owner), act_order))
+            else:
+                replacements = {name: _quantized_module(module, plan.modules[name], None, method,
+                                                        act_order)
+                                for name, module in linears.items()}
+            for name in linears:
+                set_module(model, name, replacements[name].to(device))
             if method == "gptq":
                 with compute_dtype(block, cdt):
                     outputs = run_block(block, batches)

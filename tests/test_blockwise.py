@@ -31,3 +31,19 @@ def test_blockwise_outputs_match_full_forward_and_hessians_are_exact(tiny_llama)
         torch.testing.assert_close(collector.hessian(name), direct, rtol=1e-4, atol=1e-5)
     q, k = f"{info.layers_path}.0.self_attn.q_proj", f"{info.layers_path}.0.self_attn.k_proj"
     assert collector.hessian(q).data_ptr() != 0 and torch.equal(collector.hessian(q), collector.hessian(k))
+
+
+def test_half_precision_inputs_accumulate_close_to_a_float64_hessian():
+    layer = torch.nn.Linear(48, 8)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(64, 48, generator=g) * torch.linspace(0.1, 8, 48)).bfloat16()
+               for _ in range(4)]
+    collector = HessianCollector({"l": layer.bfloat16()})
+    for x in batches:
+        layer(x)
+    collector.remove()
+    x = torch.cat(batches).double()
+    direct = 2 * x.T @ x / x.shape[0]
+    got = collector.hessian("l")
+    assert got.dtype == torch.float32
+    assert float((got.double() - direct).norm() / direct.norm()) < 2e-3

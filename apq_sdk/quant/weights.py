@@ -172,9 +172,10 @@ def group_params(w: torch.Tensor, maxq: torch.Tensor, symmetric: bool,
             scale = torch.where(scale == 0, torch.ones_like(scale), scale)
             scale = scale.half().float().clamp(min=torch.finfo(torch.float16).tiny)
             zero = torch.clamp(torch.round(-lo / scale), torch.zeros_like(maxq), maxq)
-        q = torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1),
-                        torch.zeros_like(maxq).unsqueeze(-1), maxq.unsqueeze(-1))
-        err = (((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - w) ** 2 * weights).sum(-1)
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        d = torch.div(w, s).round_().add_(z).clamp_(min=0)  # in place: this loop dominates RTN
+        torch.minimum(d, maxq.unsqueeze(-1), out=d)
+        err = d.sub_(z).mul_(s).sub_(w).square_().mul_(weights).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -225,60 +226,118 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
                        "calibration activations of this layer are degenerate")
 
 
-def gptq_quantize_rows(weight: torch.Tensor, hessian: torch.Tensor, bits_per_row: torch.Tensor,
-                       group_size: int, symmetric: bool = False, act_order: bool = True,
-                       damp: float = 0.01, block_size: int = 128):
-    """GPTQ for rows with their own bit-widths (rows are independent given H).
+@dataclass(frozen=True)
+class GptqTask:
+    """One weight [N, K] to quantize at (bits, group_size) in a GPTQ sweep shared with others."""
 
-    Returns (codes [N, K] float, scales [N, G], zeros [N, G]) in the original column order.
-    Stacking one weight at several bit-widths along rows quantizes all candidates in one sweep.
+    weight: torch.Tensor
+    bits: int
+    group_size: int
+
+
+MAX_SWEEP_ELEMENTS = 1 << 25  # rows x columns swept at once (~128 MiB per float32 buffer)
+
+
+def gptq_quantize_many(tasks: list[GptqTask], hessian: torch.Tensor, symmetric: bool = False,
+                       act_order: bool = True, damp: float = 0.01,
+                       block_size: int = 128) -> list[QuantizedWeight]:
+    """GPTQ for several weights that see the same inputs (one Hessian), in shared sweeps.
+
+    Rows are independent given H, so the layers that read one input (q/k/v, gate/up) and every
+    candidate (bits, group size) of them go through one column sweep: one inverse Hessian and one
+    Python loop over the K columns instead of one per weight and candidate. Each row carries its own
+    bit-width and group parameters, expanded to one scale and zero point per column.
     """
-    w = weight.float().clone()
-    n, k = w.shape
-    check_group_size(k, group_size)
+    if not tasks:
+        return []
+    k = tasks[0].weight.shape[1]
+    for task in tasks:
+        weight_format(task.bits)
+        check_group_size(k, task.group_size)
+        if task.weight.shape[1] != k:
+            raise ValueError(f"weight: expected {k} input columns like the first task, found "
+                             f"{task.weight.shape[1]}")
     h = hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
-    scales, zeros = _grouped_params(w, bits_per_row, group_size, symmetric, torch.diag(h))
-    maxq = (2.0 ** bits_per_row.float() - 1).to(w.device)
-    if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-    else:
-        perm = torch.arange(k, device=w.device)
-    w = w[:, perm]
-    h = h[perm][:, perm]
-    hinv = _inverse_hessian_factor(h, damp)
-    group_of_col = perm // group_size
-    codes = torch.zeros_like(w)
+    diag = torch.diag(h)
+    perm = (torch.argsort(diag, descending=True, stable=True) if act_order
+            else torch.arange(k, device=h.device))
+    hinv = _inverse_hessian_factor(h[perm][:, perm], damp)
+
+    prepared = []  # per task: weight with dead columns zeroed, scales [N, G], zeros [N, G]
+    for task in tasks:
+        w = task.weight.float().clone()
+        w[:, dead] = 0
+        bits_row = torch.full((w.shape[0],), task.bits, device=w.device)
+        scales, zeros = _grouped_params(w, bits_row, task.group_size, symmetric, diag)
+        prepared.append((w, scales, zeros))
+
+    max_rows = max(1, MAX_SWEEP_ELEMENTS // k)
+    pieces = [(t, r0, min(r0 + max_rows, task.weight.shape[0]))
+              for t, task in enumerate(tasks) for r0 in range(0, task.weight.shape[0], max_rows)]
+    codes = [torch.empty(task.weight.shape, dtype=torch.uint8, device=h.device) for task in tasks]
+    chunk: list[tuple[int, int, int]] = []
+    rows = 0
+    for piece in pieces + [None]:
+        if piece is not None and (not chunk or rows + piece[2] - piece[1] <= max_rows):
+            chunk.append(piece)
+            rows += piece[2] - piece[1]
+            continue
+        _sweep_chunk(chunk, tasks, prepared, codes, perm, hinv, block_size)
+        chunk, rows = ([piece], piece[2] - piece[1]) if piece is not None else ([], 0)
+    return [QuantizedWeight(codes[t], prepared[t][1].half(),
+                            None if symmetric else prepared[t][2].to(torch.uint8), task.bits,
+                            task.group_size) for t, task in enumerate(tasks)]
+
+
+def _sweep_chunk(chunk, tasks, prepared, codes, perm, hinv, block_size) -> None:
+    """The GPTQ column sweep over the stacked rows of `chunk`, written into `codes`."""
+    k = perm.shape[0]
+    wt, st, zt, maxq = [], [], [], []
+    for t, r0, r1 in chunk:
+        w, scales, zeros = prepared[t]
+        group = tasks[t].group_size
+        wt.append(w[r0:r1, perm])
+        st.append(expand_groups(scales[r0:r1], group, k)[:, perm])
+        zt.append(expand_groups(zeros[r0:r1], group, k)[:, perm])
+        maxq.append(torch.full((r1 - r0,), float((1 << tasks[t].bits) - 1), device=w.device))
+    # Column-major working copies: column i of the weights is the contiguous row i.
+    w = torch.cat(wt).T.contiguous()
+    scale = torch.cat(st).T.contiguous()
+    zero = torch.cat(zt).T.contiguous()
+    maxq = torch.cat(maxq)
+    code = torch.empty_like(w)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        w1 = w[i1:i2]
+        err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = w1[:, i]
-            grp = group_of_col[i1 + i]
-            scale, zero = scales[:, grp], zeros[:, grp]
-            code = torch.clamp(torch.round(col / scale) + zero, torch.zeros_like(maxq), maxq)
-            codes[:, i1 + i] = code
-            err = (col - (code - zero) * scale) / hinv1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    inverse_perm = torch.argsort(perm)
-    return codes[:, inverse_perm], scales, zeros
+            c = i1 + i
+            q = torch.div(w1[i], scale[c]).round_().add_(zero[c]).clamp_(min=0)
+            torch.minimum(q, maxq, out=q)
+            code[c] = q
+            err = torch.sub(w1[i], q.sub_(zero[c]).mul_(scale[c])).div_(hinv1[i, i])
+            err1[i] = err
+            if i + 1 < i2 - i1:
+                w1[i + 1:].addr_(hinv1[i, i + 1:], err, alpha=-1)
+        if i2 < k:
+            w[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
+    inverse = torch.argsort(perm)
+    code = code[inverse].T
+    start = 0
+    for t, r0, r1 in chunk:
+        codes[t][r0:r1] = code[start:start + r1 - r0].to(torch.uint8)
+        start += r1 - r0
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
                   symmetric: bool = False, act_order: bool = True,
                   damp: float = 0.01) -> QuantizedWeight:
-    weight_format(bits)
-    bits_row = torch.full((weight.shape[0],), bits, device=weight.device)
-    codes, scales, zeros = gptq_quantize_rows(weight, hessian, bits_row, group_size, symmetric,
-                                              act_order, damp)
-    return QuantizedWeight(codes.to(torch.uint8), scales.half(),
-                           None if symmetric else zeros.to(torch.uint8), bits, group_size)
+    """GPTQ of one weight (static groups, act-order); see gptq_quantize_many."""
+    return gptq_quantize_many([GptqTask(weight, bits, group_size)], hessian, symmetric, act_order,
+                              damp)[0]
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

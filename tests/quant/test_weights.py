@@ -8,8 +8,10 @@ import torch
 
 from apq_sdk.quant import packing
 from apq_sdk.quant.modules import ACT_INT8, QuantLinear, quantize_activations_per_token
-from apq_sdk.quant.weights import (WEIGHT_FORMATS, QuantizedWeight, gptq_quantize, output_error,
-                                   quantize_rtn, weight_format)
+from apq_sdk.quant import weights as weights_module
+from apq_sdk.quant.weights import (WEIGHT_FORMATS, GptqTask, QuantizedWeight, expand_groups,
+                                   gptq_quantize, gptq_quantize_many, output_error, quantize_rtn,
+                                   weight_format)
 
 
 def _correlated_inputs(n_tokens: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -71,6 +73,59 @@ def test_gptq_beats_rtn_on_output_error(bits):
     assert float(output_error(gptq, hessian).sum()) < 0.9 * float(output_error(rtn, hessian).sum())
 
 
+def _plain_gptq_codes(w, hessian, scales, zeros, bits, group, damp=0.01):
+    """Textbook GPTQ in float64: one column at a time, act-order, no lazy block updates."""
+    k = w.shape[1]
+    w = w.double().clone()
+    h = hessian.double().clone()
+    perm = torch.argsort(torch.diag(h.float()), descending=True, stable=True)
+    h = h[perm][:, perm] + torch.eye(k, dtype=torch.float64) * damp * torch.diag(h).mean()
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    s = expand_groups(scales.double(), group, k)[:, perm]
+    z = expand_groups(zeros.double(), group, k)[:, perm]
+    w = w[:, perm]
+    codes = torch.zeros_like(w)
+    for i in range(k):
+        codes[:, i] = torch.clamp(torch.round(w[:, i] / s[:, i]) + z[:, i], 0, (1 << bits) - 1)
+        err = (w[:, i] - (codes[:, i] - z[:, i]) * s[:, i]) / u[i, i]
+        w[:, i:] -= err[:, None] * u[i, i:][None, :]
+    return codes[:, torch.argsort(perm)]
+
+
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 64), (8, 128)])
+def test_gptq_sweep_matches_textbook_gptq(bits, group):
+    x = _correlated_inputs(1024, 192, seed=bits)
+    hessian = 2 * x.T @ x / x.shape[0]
+    w = torch.randn(16, 192, generator=torch.Generator().manual_seed(group))
+    q = gptq_quantize(w, hessian, bits, group)
+    reference = _plain_gptq_codes(w, hessian, q.scales.float(), q.zeros.float(), bits, group)
+    # float32 lazy block updates vs float64: a code may flip where a value sits on a rounding edge
+    assert float((q.codes.double() != reference).double().mean()) < 0.01
+
+
+def test_shared_sweep_equals_one_sweep_per_task(monkeypatch):
+    x = _correlated_inputs(1024, 128, seed=9)
+    hessian = 2 * x.T @ x / x.shape[0]
+    g = torch.Generator().manual_seed(10)
+    tasks = [GptqTask(torch.randn(rows, 128, generator=g), bits, group)
+             for rows, bits, group in [(24, 4, 64), (8, 2, 128), (16, 8, 32), (24, 3, 64)]]
+    alone = [gptq_quantize(t.weight, hessian, t.bits, t.group_size) for t in tasks]
+    for max_elements in (1 << 25, 10 * 128):  # one sweep, and sweeps of 10 rows (tasks split)
+        monkeypatch.setattr(weights_module, "MAX_SWEEP_ELEMENTS", max_elements)
+        shared = gptq_quantize_many(tasks, hessian)
+        for a, b, t in zip(alone, shared, tasks):
+            assert (b.bits, b.group_size, b.shape) == (t.bits, t.group_size, tuple(t.weight.shape))
+            assert torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+            assert float((a.codes != b.codes).float().mean()) < 0.005
+
+
+def test_shared_sweep_refuses_mismatched_inputs():
+    hessian = torch.eye(64)
+    with pytest.raises(ValueError, match="expected 64 input columns"):
+        gptq_quantize_many([GptqTask(torch.randn(4, 64), 4, 32), GptqTask(torch.randn(4, 32), 4, 32)],
+                           hessian)
+
+
 def test_output_error_matches_direct_computation():
     x = _correlated_inputs(512, 64)
     hessian = 2 * x.T @ x / x.shape[0]
@@ -108,3 +163,30 @@ def test_quant_linear_int8_matches_kernel_reference():
     ref = packing.matmul_int8_dynamic(x.numpy(), packed["qweight"], packed["scales"],
                                       packed["qzeros"], 4, 64, clip=0.9)
     np.testing.assert_allclose(layer(x).numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block,k", [(32, 96), (64, 200)])
+def test_per_block_activation_codes_match_a_direct_computation(block, k):
+    from apq_sdk.quant.modules import quantize_activations_per_block
+
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(k)) * 4
+    x[1, block:2 * block] = 0  # an all-zero block: codes 0, scale 0
+    codes, scale = quantize_activations_per_block(x, block)
+    assert codes.shape == x.shape and scale.shape == (5, -(-k // block))
+    xs = x.numpy()
+    for t in range(5):
+        for b, start in enumerate(range(0, k, block)):
+            part = xs[t, start:start + block]
+            amax = np.float32(np.abs(part).max())
+            inv = np.float32(127.0) / amax if amax else np.float32(0.0)
+            np.testing.assert_array_equal(codes[t, start:start + block].numpy(),
+                                          np.rint(part * inv).astype(np.float32))
+            assert scale[t, b].item() == np.float32(amax / np.float32(127.0))
+    assert float(codes.abs().max()) == 127.0 and float(codes[1, block:2 * block].abs().sum()) == 0
+
+
+def test_sixteen_bit_layers_refuse_per_block_activations():
+    from apq_sdk.quant.modules import Float16Linear
+
+    with pytest.raises(ValueError, match="keeps float activations"):
+        Float16Linear(torch.randn(4, 32), None, "int8-per-block-dynamic")
