@@ -61,7 +61,7 @@ class BuildRequest:
     bits_per_weight: float | None = None
     memory_reduction: float | None = None
     max_loss: str | None = None
-    activations: str = "none"
+    activations: str | None = None  # None: the target's default activation mode
     head_bits: str = "8"
     output: Path = Path("apq-out")
     replan: bool = False
@@ -142,8 +142,9 @@ def resolve_plan(req: BuildRequest, target_cls, model, tok, info, log):
                         memory_reduction=objective.memory_reduction, max_loss=objective.max_loss)
         if budget_given:
             raise UsageError("--replan keeps the plan's own budget; do not pass another one")
-        activation = next((m.activation for m in plan.modules.values() if m.kind == "linear"),
-                          req.activations)
+        activation = next((m.activation for m in plan.modules.values()
+                           if m.kind == "linear" and m.bits != 16),
+                          req.activations or target_cls.capabilities.default_activation)
         head = plan.modules.get("lm_head")
         head_bits = str(head.bits) if head is not None else req.head_bits
         log(f"re-planning for {target_cls.name} under the plan's budget "
@@ -153,7 +154,8 @@ def resolve_plan(req: BuildRequest, target_cls, model, tok, info, log):
             bits_per_weight=req.bits_per_weight if budget_given else 4.0,
             memory_reduction=req.memory_reduction,
             max_loss=parse_relative(req.max_loss) if req.max_loss is not None else None)
-        activation, head_bits = req.activations, req.head_bits
+        activation = req.activations or target_cls.capabilities.default_activation
+        head_bits = req.head_bits
     if head_bits != "auto" and int(head_bits) not in target_cls.capabilities.head_bits:
         raise UsageError(f"--head-bits {head_bits}: target {target_cls.name!r} runs head bits "
                          f"{target_cls.capabilities.head_bits}")

@@ -73,11 +73,14 @@ budget_options = [
                       "e.g. 0.6."),
     click.option("--max-loss", type=str, default=None,
                  help="Accuracy budget: relative perplexity increase, e.g. '0.5%'. Minimizes memory."),
-    click.option("--activations", type=click.Choice(["none", "int8-per-token-dynamic"]),
-                 default="none", show_default=True,
-                 help="Activation mode of the linear layers: float activations (weight-only), or "
-                      "per-token dynamic int8 scaling (experimental: on the demo model at 4.0 bpw "
-                      "it raises KL from 0.124 to 0.164, see docs/results.md)."),
+    click.option("--activations",
+                 type=click.Choice(["none", "int8-per-token-dynamic", "int8-per-block-dynamic"]),
+                 default=None,
+                 help="Activation mode of the linear layers: 'none' (float activations, "
+                      "weight-only), 'int8-per-token-dynamic' (one int8 scale per token, calibrated "
+                      "clip), or 'int8-per-block-dynamic' (one scale per token and weight group, "
+                      "what int8 kernels such as MatMulNBits accuracy_level 4 compute). Default: "
+                      "'none' for `plan`; the target's own default for `build` (see `targets`)."),
     click.option("--head-bits", type=click.Choice(["auto", "4", "8", "16"]), default="8",
                  show_default=True,
                  help="Bits of the output head (and a tied embedding); 'auto' lets the optimizer "
@@ -198,7 +201,8 @@ def plan(ctx, sensitivity, bits_per_weight, memory_reduction, max_loss, activati
 
     cap = GENERIC if share_fused else replace(GENERIC, name="generic-unfused", fuse_qkv=False,
                                               fuse_gate_up=False)
-    result = make_plan(sens, budget, cap=cap, activation=activations, head_bits=head_bits)
+    result = make_plan(sens, budget, cap=cap, activation=activations or "none",
+                       head_bits=head_bits)
     save_plan(result, Path(output))
     t = result.totals
     click.echo(f"wrote {output}: linear layers {t.linear_bits_per_weight:.3f} bits/weight, "

@@ -61,7 +61,7 @@ PLAN_FORMAT = "apq-plan"
 PLAN_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 MODULE_KINDS = ("linear", "embedding", "lm_head")
-ACTIVATIONS = ("int8-per-token-dynamic", "none")
+ACTIVATIONS = ("int8-per-token-dynamic", "int8-per-block-dynamic", "none")
 CALIBRATION_KINDS = ("file", "data-dir", "builtin")
 OBJECTIVE_MODES = ("memory", "loss")
 SCALE_DTYPES = ("float16",)
@@ -352,6 +352,14 @@ class ModulePlan:
         _enum(self, "scale_dtype", p, SCALE_DTYPES)
         _enum(self, "activation", p, ACTIVATIONS)
         _num(self, "act_clip", p, exclusive_min=0, maximum=1)
+        if self.activation == "int8-per-block-dynamic":
+            if self.bits == 16:
+                raise _fail(_join(p, "activation"), "'none' or 'int8-per-token-dynamic' for a "
+                            "16-bit layer (per-block scaling uses the weight groups)",
+                            self.activation, "set activation to 'none' for 16-bit layers")
+            if self.act_clip != 1:
+                raise _fail(_join(p, "act_clip"), "1.0 with int8-per-block-dynamic (no clip)",
+                            self.act_clip)
         tie = self.tie_group
         if tie is not None and (not isinstance(tie, str) or not tie):
             raise _fail(_join(p, "tie_group"), "a non-empty string or null", self.tie_group)

@@ -25,7 +25,7 @@ from .loss_model import kl_for_relative_ppl
 from .plan import (CalibrationInfo, Capabilities, LossModel, ModelInfo, ModulePlan, Objective,
                    Plan, compute_totals)
 from .profile import SensitivityMap, candidate_key, parse_candidate_key
-from .quant.modules import ACT_INT8, ACT_NONE, ACTIVATION_MODES
+from .quant.modules import ACT_INT8, ACT_INT8_BLOCK, ACT_NONE, ACTIVATION_MODES
 from .quant.packing import stored_bytes
 
 FUSED_SUFFIXES = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
@@ -88,15 +88,19 @@ def _module_options(entry: dict, cap: Capability, activation: str, alpha: float,
     n, k = entry["shape"]
     act_loss = alpha * entry["gain"] * entry.get("act_error", 0.0) \
         if activation == ACT_INT8 and entry["kind"] == "linear" else 0.0
+    block_errors = entry.get("act_error_block", {})
     options = []
     for key, err in sorted(entry["errors"].items()):
         bits, group = parse_candidate_key(key)
         if bits not in cap.bits or group not in cap.group_sizes:
             continue
         loss = alpha * entry["gain"] * err if entry["kind"] == "linear" else err
+        if activation == ACT_INT8_BLOCK and entry["kind"] == "linear":
+            # per-block int8 activations: their error depends on the block (= group) size
+            loss += alpha * entry["gain"] * block_errors.get(str(group), 0.0)
         options.append((key, stored_bytes(n, k, bits, group, symmetric), loss + act_loss))
     if 16 in cap.bits:
-        options.append(("fp16", n * k * 2, act_loss))
+        options.append(("fp16", n * k * 2, act_loss))  # 16-bit layers keep float activations
     return options
 
 
@@ -204,7 +208,8 @@ def _module_plan(entry: dict, bits: int, group: int | None, symmetric: bool, act
     n, k = entry["shape"]
     kind = "linear" if entry["kind"] == "linear" else "lm_head"
     return ModulePlan(kind=kind, shape=(n, k), bits=bits, group_size=group, symmetric=symmetric,
-                      activation=activation if kind == "linear" else ACT_NONE,
+                      activation=(activation if kind == "linear"
+                                  and not (activation == ACT_INT8_BLOCK and bits == 16) else ACT_NONE),
                       act_clip=float(entry.get("act_clip", 1.0)) if activation == ACT_INT8 else 1.0,
                       tie_group=tie_group, bytes=stored_bytes(n, k, bits, group, symmetric),
                       predicted_loss=float(loss))

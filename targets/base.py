@@ -39,11 +39,17 @@ class Capabilities:
     weight_bits: tuple[int, ...]
     group_sizes: tuple[int, ...]
     activation_modes: tuple[str, ...]
+    default_activation: str = "none"  # what `build` plans with unless --activations says otherwise
     fused: tuple[str, ...] = ("qkv", "gate_up")  # layer groups the runtime fuses: must share bits
     head_bits: tuple[int, ...] = (4, 8, 16)
     max_context: int = 2048
     symmetric_only: bool = False
     notes: str = ""
+
+    def __post_init__(self):
+        if self.default_activation not in self.activation_modes:
+            raise ValueError(f"default_activation: expected one of {self.activation_modes}, "
+                             f"found {self.default_activation!r}")
 
     def as_planning(self, name: str):
         from apq_sdk.planning import Capability
@@ -54,7 +60,8 @@ class Capabilities:
 
     def to_dict(self) -> dict:
         return {"weight_bits": list(self.weight_bits), "group_sizes": list(self.group_sizes),
-                "activation_modes": list(self.activation_modes), "fused": list(self.fused),
+                "activation_modes": list(self.activation_modes),
+                "default_activation": self.default_activation, "fused": list(self.fused),
                 "head_bits": list(self.head_bits), "max_context": self.max_context,
                 "symmetric_only": self.symmetric_only, "notes": self.notes}
 

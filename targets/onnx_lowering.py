@@ -51,6 +51,7 @@ EXTERNAL_DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 NBITS_DOC_PREFIX = "apq:modules="
 ACT_INT8 = "int8-per-token-dynamic"
+ACT_INT8_BLOCK = "int8-per-block-dynamic"
 ACT_NONE = "none"
 ACTIVATION_LOWERINGS = ("explicit", "accuracy-level-4")
 FLOAT32_LOWEST = np.float32(np.finfo(np.float32).min)
@@ -381,8 +382,14 @@ class DecoderLowering:
         k = first.shape[1]
         name = members[0].name if len(members) == 1 else \
             first.name.rsplit(".", 1)[0] + "." + "+".join(m.name.rsplit(".", 1)[1] for m in members)
-        use_level4 = (first.activation == ACT_INT8 and first.kind == "nbits"
-                      and self.options.activation_lowering == "accuracy-level-4")
+        if first.activation == ACT_INT8_BLOCK and first.kind != "nbits":
+            raise LoweringError(f"{first.name}: {ACT_INT8_BLOCK} needs block-quantized weights "
+                                f"(MatMulNBits); a {first.kind} layer keeps float activations")
+        # int8-per-block-dynamic is exactly MatMulNBits' accuracy_level 4 (CompInt8): A quantized
+        # per block of block_size with codes RNE(a * 127 / amax) and scale amax / 127.
+        use_level4 = first.kind == "nbits" and (
+            first.activation == ACT_INT8_BLOCK
+            or first.activation == ACT_INT8 and self.options.activation_lowering == "accuracy-level-4")
         a = x
         if first.activation == ACT_INT8 and not use_level4:
             a = self.fake_quantize(x, first.act_clip, scope)

@@ -70,14 +70,20 @@ class OnnxRuntimeTarget(Target):
     description = "ONNX Runtime (CPU execution provider) on ARM64 Linux; MatMulNBits weights"
     capabilities = Capabilities(
         weight_bits=(2, 4, 8, 16),
-        group_sizes=(16, 32, 64, 128, 256),
-        activation_modes=("int8-per-token-dynamic", "none"),
+        group_sizes=(32, 64, 128, 256),
+        activation_modes=("int8-per-block-dynamic", "int8-per-token-dynamic", "none"),
+        default_activation="int8-per-block-dynamic",
         fused=("qkv", "gate_up"),
         head_bits=(4, 8, 16),
         notes=("MatMulNBits packs 2, 4 and 8 bits only: 3-bit layers are excluded. Block sizes are "
-               "powers of two >= 16. int8 activations are explicit per-token ops before each matmul "
-               "(MatMulNBits accuracy_level=4 quantizes per block and does not match the reference). "
-               "A tied quantized head feeds the embedding through GatherBlockQuantized."),
+               "powers of two >= 32 (at 16, 2-bit accuracy_level 4 silently computes with float "
+               "activations in onnxruntime 1.32). Default activations int8-per-block-dynamic: MatMulNBits "
+               "accuracy_level 4, the int8 kernels, fast at every bit-width. With float "
+               "activations ('none', accuracy_level 0) onnxruntime 1.32 has a fast kernel for "
+               "4 bits only: 2- and 8-bit layers dequantize their whole weight on every call "
+               "(~20-40x slower than float32 at decode, bench/results/onnxruntime-kernels.md). "
+               "int8-per-token-dynamic is explicit ops before each matmul. A tied quantized head "
+               "feeds the embedding through GatherBlockQuantized."),
     )
     tools = (
         Tool("onnx", "python", "pip install onnx", "build"),
@@ -166,7 +172,7 @@ class OnnxRuntimeTarget(Target):
         package_dir, reference_dir = Path(package_dir), Path(reference_dir)
         runner = OnnxDecoder(package_dir / MODEL_FILE, threads=threads)
         reference = load_quantized(reference_dir).eval()
-        int8 = any(m.activation == "int8-per-token-dynamic"
+        int8 = any(m.activation in ("int8-per-token-dynamic", "int8-per-block-dynamic")
                    for m in reference.apq_plan.modules.values())
         max_ctx = min(self.capabilities.max_context, reference.config.max_position_embeddings)
         seq_len = min(seq_len or 512, max_ctx)

@@ -187,7 +187,14 @@ CORRUPTIONS = {
     ),
     "bad activation": (
         lambda d: d["modules"][UP].update(activation="int4"),
-        [f'modules["{UP}"].activation: expected one of "int8-per-token-dynamic", "none"'],
+        [f'modules["{UP}"].activation: expected one of "int8-per-token-dynamic", '
+         f'"int8-per-block-dynamic", "none"'],
+    ),
+    "per-block activations on a 16-bit layer": (
+        lambda d: d["modules"][UP].update(activation="int8-per-block-dynamic", bits=16,
+                                          group_size=None),
+        [f'modules["{UP}"].activation: expected \'none\' or \'int8-per-token-dynamic\' for a '
+         f'16-bit layer'],
     ),
     "bad sha": (
         lambda d: d["model"].update(config_sha256="ABC"),

@@ -1,10 +1,17 @@
 """Torch reference modules for quantized inference.
 
 `QuantLinear` holds the packed integers, float16 scales and zero points exactly as stored, and
-computes with their dequantized values. With activation mode `int8-per-token-dynamic`, every token's
-activation row is scaled by its own absolute maximum (times a calibrated clip) and rounded to int8
-before the matmul, as docs/formats.md specifies. Eval uses these modules, and every target's output is
-checked against them.
+computes with their dequantized values. Activation modes (docs/formats.md):
+
+* `int8-per-token-dynamic`: every token's activation row is scaled by its own absolute maximum
+  (times a calibrated clip) and rounded to int8 before the matmul;
+* `int8-per-block-dynamic`: every token's row is cut into blocks of the layer's weight group size
+  along the input dimension, and each block gets its own scale amax / 127 with codes
+  round-half-to-even(x * (127 / amax)), no clip. This is what int8 kernels with block-quantized
+  weights compute (onnxruntime's MatMulNBits at accuracy_level 4: the integer dot product of a
+  block of codes with a block of weight codes, times both scales).
+
+Eval uses these modules, and every target's output is checked against them.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from torch.nn import functional as F
 from .weights import QuantizedWeight
 
 ACT_INT8 = "int8-per-token-dynamic"
+ACT_INT8_BLOCK = "int8-per-block-dynamic"
 ACT_NONE = "none"
-ACTIVATION_MODES = (ACT_INT8, ACT_NONE)
+ACTIVATION_MODES = (ACT_INT8, ACT_INT8_BLOCK, ACT_NONE)
 
 
 def quantize_activations_per_token(x: torch.Tensor, clip: float = 1.0):
@@ -33,6 +41,30 @@ def quantize_activations_per_token(x: torch.Tensor, clip: float = 1.0):
 def fake_quantize_activations(x: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
     xq, scale = quantize_activations_per_token(x, clip)
     return (xq * scale).to(x.dtype)
+
+
+def quantize_activations_per_block(x: torch.Tensor, block: int):
+    """(codes, scale) for blocks of `block` values along the last dim (the last may be short).
+
+    codes [..., K] are float int8 values round-half-to-even(x * (127 / amax)); scale [..., G] is
+    amax / 127 per block (0 for an all-zero block, whose codes are 0). float32 throughout.
+    """
+    x32 = x.float()
+    k = x32.shape[-1]
+    groups = -(-k // block)
+    padded = F.pad(x32, (0, groups * block - k)) if groups * block != k else x32
+    blocks = padded.reshape(*x32.shape[:-1], groups, block)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax != 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    codes = torch.round(blocks * inverse)
+    scale = amax / torch.tensor(127.0)
+    return codes.reshape(*x32.shape[:-1], groups * block)[..., :k], scale.squeeze(-1)
+
+
+def fake_quantize_activations_per_block(x: torch.Tensor, block: int) -> torch.Tensor:
+    codes, scale = quantize_activations_per_block(x, block)
+    k = x.shape[-1]
+    return (codes * scale.repeat_interleave(block, dim=-1)[..., :k]).to(x.dtype)
 
 
 class QuantLinear(nn.Module):
@@ -61,6 +93,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == ACT_INT8:
             x = fake_quantize_activations(x, self.act_clip)
+        elif self.activation == ACT_INT8_BLOCK:
+            x = fake_quantize_activations_per_block(x, self.group_size)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -74,6 +108,9 @@ class Float16Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = ACT_NONE,
                  act_clip: float = 1.0):
         super().__init__()
+        if activation == ACT_INT8_BLOCK:
+            raise ValueError(f"activation: {ACT_INT8_BLOCK!r} needs a weight group size; a 16-bit "
+                             f"layer keeps float activations ('none') in that mode")
         self.out_features, self.in_features = weight.shape
         self.bits = 16
         self.activation = activation

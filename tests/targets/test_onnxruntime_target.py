@@ -30,8 +30,10 @@ from apq_sdk.targets.onnx_lowering import (build_decoder, float_weights_from_mod
 from apq_sdk.targets.onnxruntime_target import OnnxDecoder, OnnxRuntimeTarget  # noqa: E402
 
 INT8 = "int8-per-token-dynamic"
+BLOCK = "int8-per-block-dynamic"
 CAP = OnnxRuntimeTarget.capabilities.as_planning("arm64-linux")
-CASES = [("llama", INT8), ("llama", "none"), ("mistral", INT8), ("mistral", "none")]
+CASES = [("llama", INT8), ("llama", "none"), ("llama", BLOCK), ("mistral", INT8),
+         ("mistral", "none"), ("mistral", BLOCK)]
 _PROFILES: dict = {}
 _QUANTIZED: dict = {}
 _PACKAGES: dict = {}
@@ -80,7 +82,8 @@ def _quantized(tiny_model_factory, work, family, activation, head_bits="8", symm
         plan = make_plan(sens, Budget(bits_per_weight=4.0), cap=CAP, activation=activation,
                          head_bits=head_bits, symmetric=symmetric)
         # every weight format the target takes, a ragged last block and a calibrated clip
-        changes = {"model.layers.0.mlp.down_proj": dict(bits=16, group_size=None),
+        changes = {"model.layers.0.mlp.down_proj": dict(
+                       bits=16, group_size=None, **({"activation": "none"} if activation == BLOCK else {})),
                    "model.layers.0.self_attn.o_proj": dict(bits=8, group_size=32),
                    "model.layers.1.mlp.down_proj": dict(bits=2, group_size=32),
                    "model.layers.1.self_attn.o_proj": dict(bits=4, group_size=128)}
@@ -123,8 +126,9 @@ def test_capabilities_and_registry(tiny_model_factory):
     caps = OnnxRuntimeTarget.capabilities
     assert caps.weight_bits == (2, 4, 8, 16) and 3 not in caps.weight_bits
     assert "3-bit" in caps.notes
-    assert caps.group_sizes == (16, 32, 64, 128, 256)
-    assert set(caps.activation_modes) == {INT8, "none"} and caps.head_bits == (4, 8, 16)
+    assert caps.group_sizes == (32, 64, 128, 256)
+    assert set(caps.activation_modes) == {INT8, BLOCK, "none"} and caps.head_bits == (4, 8, 16)
+    assert caps.default_activation == BLOCK
     assert {t.name for t in OnnxRuntimeTarget.tools} == {"onnx", "onnxruntime", "onnxscript"}
     _, _, sens = _profile(tiny_model_factory, "llama")
     generic = make_plan(sens, Budget(bits_per_weight=3.0))
@@ -167,7 +171,7 @@ def test_matmulnbits_hold_the_core_arrays_bit_for_bit(family, activation, tiny_m
         k = first.shape[1]
         assert node["attrs"]["K"] == k and node["attrs"]["N"] == sum(e.shape[0] for e in entries)
         assert node["attrs"]["bits"] == first.bits and node["attrs"]["block_size"] == first.group_size
-        assert node["attrs"]["accuracy_level"] == 0
+        assert node["attrs"]["accuracy_level"] == (4 if first.activation == BLOCK else 0)
         blocks = -(-k // first.group_size)
         row_bytes = k * first.bits // 8
         b = node["B"].reshape(node["B"].shape[0], -1)
@@ -205,7 +209,7 @@ def test_verify_passes(family, activation, tiny_model_factory, work, text_file):
     quantized, package = _package(tiny_model_factory, work, family, activation)
     result = _verify(package, quantized, text_file)
     assert result["passed"], result["failures"]
-    assert result["int8_activations"] == (activation == INT8)
+    assert result["int8_activations"] == (activation != "none")
     assert result["logits"]["kl_mean"] < 1e-5 and result["logits"]["top1_agreement"] >= 0.98
     assert result["kv_cache"]["decode_steps"] > 0 and result["kv_cache"]["kl_mean"] < 1e-6
     if activation == "none":
@@ -298,6 +302,44 @@ def test_accuracy_level_4_is_not_the_reference(tiny_model_factory, work):
     kernel = np.abs(OnnxDecoder(level4 / "model.onnx").full(ids) - ref).max(-1)
     assert np.median(explicit) < 1e-5
     assert np.median(kernel) > 1e-3
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("block,k", [(32, 200), (64, 576), (128, 320)])
+def test_accuracy_level_4_is_the_per_block_reference(bits, block, k):
+    """One MatMulNBits at accuracy_level 4 against QuantLinear in int8-per-block-dynamic mode."""
+    from onnx import TensorProto, helper
+
+    import onnxruntime as ort
+
+    from apq_sdk.quant.modules import QuantLinear
+    from apq_sdk.quant.weights import quantize_rtn
+    from apq_sdk.targets.onnx_lowering import ModuleWeights, nbits_initializers
+
+    g = torch.Generator().manual_seed(bits * k)
+    weight = torch.randn(24, k, generator=g)
+    q = quantize_rtn(weight, bits, block)
+    layer = QuantLinear(q, None, BLOCK)
+    x = torch.randn(7, k, generator=g) * torch.exp(torch.randn(k, generator=g))  # uneven channels
+    x[2, :block] = 0  # an all-zero block
+    arrays = nbits_initializers(ModuleWeights("w", "nbits", (24, k), q.to_packed(), bits, block,
+                                              activation=BLOCK))
+    inits = [numpy_helper.from_array(arrays[n], n) for n in ("B", "scales", "zero_points")]
+    node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y"],
+                            domain="com.microsoft", K=k, N=24, bits=bits, block_size=block,
+                            accuracy_level=4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [7, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [7, 24])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"A": x.numpy()})[0]
+    with torch.no_grad():
+        want = layer(x).numpy()
+        float_acts = torch.nn.functional.linear(x, layer.weight).numpy()
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() < 1e-5 * scale  # summation order only
+    assert np.abs(float_acts - want).max() > 1e-4 * scale  # the mode is not float activations
 
 
 def test_fp32_export_matches_the_float_model(tiny_model_factory, work):
