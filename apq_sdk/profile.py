@@ -7,14 +7,19 @@ For every linear layer and candidate (bits, group size) the predicted loss incre
 * e(l, c) = tr(dW H dW^T) / 2 is the increase of the layer's mean squared output error when its weight
   is quantized by GPTQ at candidate c, with H = 2/n X^T X from the calibration activations (the
   second-order term of OBS/GPTQ; the first-order term vanishes at a trained minimum of that error).
-* gain(l) converts a layer's output error into the relative error it causes in the residual stream
-  at the end of its decoder block: it is measured by one forward of the block on a few calibration
-  sequences with the layer perturbed, so it captures what the block does with the error (softmax,
-  gating, the residual add) without any gradient.
-* alpha maps relative residual error to the model's KL divergence (nats/token). It is fitted after the
-  sweep from a few forwards of the whole model, quantized uniformly by round-to-nearest, on held-out
-  calibration sequences; the same runs fit the mapping from KL to relative perplexity increase that
-  `plan --max-loss` uses.
+* gain(l) = depth(block) * block_gain(l) converts a layer's output error into KL divergence at the
+  logits, in two measured steps, both forwards only (no gradient):
+  - block_gain(l): the relative error the layer causes in the residual stream at the end of its
+    decoder block, from one forward of the block on a few calibration sequences with the layer
+    perturbed, so it captures what the block does with the error (softmax, gating, the residual add);
+  - depth(block): the KL at the logits per unit of that relative error, measured by perturbing every
+    linear of the block at the reference candidate (3 bits) and running the rest of the network on
+    a couple of sequences. Errors early in the network are damped or amplified by the blocks after
+    them, and the last blocks feed the head almost directly; a relative error alone misses that.
+* alpha is a global correction (ideally 1) for what the sum of per-layer predictions misses when
+  every layer is quantized at once. It is fitted after the sweep from a few forwards of the whole
+  model, quantized uniformly by round-to-nearest, on held-out calibration sequences; the same runs
+  fit the mapping from KL to relative perplexity increase that `plan --max-loss` uses.
 
 The tied or untied output head is last in the network, so its effect is computed directly: with
 logits z and p = softmax(z), KL(p || p + dp) ~= 1/2 * E_t[sum_v p_v dz_v^2 - (sum_v p_v dz_v)^2].
@@ -32,14 +37,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blockwise import (HessianCollector, block_linears, capture_block_inputs, cast_batches,
-                        compute_dtype, run_block, slice_batch)
+from .blockwise import (HessianCollector, block_linears, block_output, capture_block_inputs,
+                        cast_batches, compute_dtype, run_block, slice_batch)
 from .calibration import CalibrationInfo
 from .model_io import ModelInfo
 from .progress import progress_bar
-from .quant.modules import fake_quantize_activations
+from .quant.modules import fake_quantize_activations, fake_quantize_activations_per_block
 from .loss_model import FIT_CANDIDATES
-from .quant.weights import dequantize_codes, gptq_quantize_rows, output_error, quantize_rtn
+from .quant.weights import GptqTask, gptq_quantize_many, output_error, quantize_rtn
 
 log = logging.getLogger("apq_sdk")
 
@@ -70,7 +75,8 @@ class ProfileSettings:
     symmetric: bool = False
     act_order: bool = True
     batch_size: int = 8
-    gain_samples: int = 4
+    gain_samples: int = 2
+    depth_samples: int = 2  # sequences propagated to the logits for the per-block depth factor
     fit_samples: int = 8
     head_bits: tuple[int, ...] = HEAD_BITS
     seed: int = 0
@@ -79,7 +85,8 @@ class ProfileSettings:
     def to_dict(self) -> dict:
         return {"bits": list(self.bits), "group_sizes": list(self.group_sizes),
                 "symmetric": self.symmetric, "act_order": self.act_order,
-                "gain_samples": self.gain_samples, "fit_samples": self.fit_samples,
+                "gain_samples": self.gain_samples,
+                "depth_samples": self.depth_samples, "fit_samples": self.fit_samples,
                 "head_bits": list(self.head_bits), "compute_dtype": self.compute_dtype}
 
 
@@ -139,6 +146,13 @@ def _choose_act_clip(weight: torch.Tensor, x: torch.Tensor) -> tuple[float, floa
     return best
 
 
+def _block_act_error(weight: torch.Tensor, x: torch.Tensor, block: int) -> float:
+    """Mean squared output error per token of int8-per-block-dynamic activations."""
+    reference = x @ weight.T
+    quantized = fake_quantize_activations_per_block(x, block) @ weight.T
+    return float(((quantized - reference) ** 2).sum(-1).mean())
+
+
 @torch.no_grad()
 def _block_gains(block: nn.Module, linears: dict[str, nn.Module], batches, outputs,
                  deltas: dict[str, torch.Tensor], local_err: dict[str, float]):
@@ -157,6 +171,58 @@ def _block_gains(block: nn.Module, linears: dict[str, nn.Module], batches, outpu
                               for p, o in zip(perturbed, outputs)])
         gains[name] = float(relative.mean()) / max(local_err[name], 1e-30)
     return gains
+
+
+@torch.no_grad()
+def _run_blocks(layers, start: int, batches) -> list[torch.Tensor]:
+    """Hidden states after blocks start..end (float32 chain), one tensor per batch."""
+    hidden = [b.hidden for b in batches]
+    for block in list(layers)[start:]:
+        hidden = [block_output(block(h, **b.kwargs)) for h, b in zip(hidden, batches)]
+    return hidden
+
+
+@torch.no_grad()
+def _final_log_probs(model, info: ModelInfo, hidden: list[torch.Tensor],
+                     chunk: int = 512) -> list[torch.Tensor]:
+    """Next-token log-probabilities (float32) behind final hidden states, in chunks of tokens."""
+    norm = model.get_submodule(info.layers_path.rsplit(".", 1)[0] + ".norm")
+    head = model.get_output_embeddings()
+    flat = torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden])
+    return [F.log_softmax(head(norm(flat[start:start + chunk])).float(), -1)
+            for start in range(0, flat.shape[0], chunk)]
+
+
+@torch.no_grad()
+def _final_kl(model, info: ModelInfo, clean_log_probs: list[torch.Tensor],
+              perturbed: list[torch.Tensor]) -> float:
+    """Mean KL(clean || perturbed) of the next-token distributions."""
+    total, count = 0.0, 0
+    chunk = clean_log_probs[0].shape[0]
+    for lc, lp in zip(clean_log_probs, _final_log_probs(model, info, perturbed, chunk)):
+        total += float((lc.exp() * (lc - lp)).sum())
+        count += lc.shape[0]
+    return total / count
+
+
+@torch.no_grad()
+def _propagated_kl(model, info: ModelInfo, index: int, linears: dict[str, nn.Module],
+                   deltas: dict[str, torch.Tensor], batches, clean_final) -> float:
+    """KL at the logits when every linear of block `index` carries its reference weight change.
+
+    The perturbed block output runs through the rest of the network (forwards only), so the depth
+    factor captures what the later blocks and the head make of an error at this depth.
+    """
+    layers = model.get_submodule(info.layers_path)
+    originals = {name: module.weight.data.clone() for name, module in linears.items()}
+    try:
+        for name, module in linears.items():
+            module.weight.data += deltas[name].to(module.weight.dtype)
+        perturbed = [type(b)(o, b.kwargs) for b, o in zip(batches, run_block(layers[index], batches))]
+    finally:
+        for name, module in linears.items():
+            module.weight.data.copy_(originals[name])
+    return _final_kl(model, info, clean_final, _run_blocks(layers, index + 1, perturbed))
 
 
 @torch.no_grad()
@@ -188,9 +254,15 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
     roles = {li.name: li for li in info.linears}
     cdt = getattr(torch, settings.compute_dtype)
     batches = capture_block_inputs(model, info, samples, settings.batch_size, device, dtype=cdt)
-    bits_all = torch.tensor(settings.bits)
     ref_key = candidate_key(REFERENCE_BITS if REFERENCE_BITS in settings.bits else settings.bits[0],
                             max(settings.group_sizes))
+    # float32 inputs of the current block for the few sequences that measure gains and depth
+    chain = cast_batches([slice_batch(batches[0], max(settings.gain_samples,
+                                                      settings.depth_samples))], torch.float32)
+    clean_final = None
+    if settings.depth_samples > 0:
+        clean_final = _final_log_probs(model, info, _run_blocks(
+            layers, 0, [slice_batch(chain[0], settings.depth_samples)]))
     with progress_bar() as bar:
         task = bar.add_task("profiling blocks", total=len(layers) + 1)
         for index, block in enumerate(layers):
@@ -201,20 +273,19 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
                 outputs = run_block(block, batches)
             collector.remove()
             deltas_ref, errs_ref = {}, {}
-            for name, module in linears.items():
-                weight = module.weight.data.float()
-                hessian = collector.hessian(name)
-                entry = {"kind": "linear", "layer": index, "role": roles[name].role,
-                         "shape": list(weight.shape), "errors": {}, "rtn_errors": {}}
-                for group in settings.group_sizes:
-                    stacked = weight.repeat(len(settings.bits), 1)
-                    bits_rows = bits_all.repeat_interleave(weight.shape[0]).to(weight.device)
-                    codes, scales, zeros = gptq_quantize_rows(
-                        stacked, hessian, bits_rows, group, settings.symmetric, settings.act_order)
-                    deq = dequantize_codes(codes, scales, zeros, group)
-                    for i, bits in enumerate(settings.bits):
-                        rows = slice(i * weight.shape[0], (i + 1) * weight.shape[0])
-                        delta = deq[rows] - weight
+            candidates = [(bits, group) for group in settings.group_sizes for bits in settings.bits]
+            for owner, members in collector.input_groups(linears).items():
+                hessian = collector.hessian(owner)
+                tasks = [GptqTask(linears[name].weight.data.float(), bits, group)
+                         for name in members for bits, group in candidates]
+                results = iter(gptq_quantize_many(tasks, hessian, settings.symmetric,
+                                                  settings.act_order))
+                for name in members:
+                    weight = linears[name].weight.data.float()
+                    entry = {"kind": "linear", "layer": index, "role": roles[name].role,
+                             "shape": list(weight.shape), "errors": {}, "rtn_errors": {}}
+                    for bits, group in candidates:
+                        delta = next(results).dequantize() - weight
                         key = candidate_key(bits, group)
                         entry["errors"][key] = float(output_error(delta, hessian).sum())
                         if key in FIT_CANDIDATES:
@@ -229,18 +300,25 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
                             heads = _per_head_errors(delta, hessian, entry["role"], info)
                             if heads is not None:
                                 sens.heads.setdefault(str(index), {})[entry["role"]] = heads
-                x_rows = collector.kept_rows(name)
-                clip, act_err = _choose_act_clip(weight, x_rows)
-                entry["act_clip"] = clip
-                entry["act_error"] = act_err  # same unit as errors: mean squared output error/token
-                sens.modules[name] = entry
-            gain_batches = cast_batches([slice_batch(batches[0], settings.gain_samples)],
-                                        torch.float32)
-            gains = _block_gains(block, linears, gain_batches, run_block(block, gain_batches),
-                                 deltas_ref, errs_ref)
+                    x_rows = collector.kept_rows(name)
+                    clip, act_err = _choose_act_clip(weight, x_rows)
+                    entry["act_clip"] = clip
+                    entry["act_error"] = act_err  # unit of errors: mean squared output error/token
+                    entry["act_error_block"] = {str(g): _block_act_error(weight, x_rows, g)
+                                                for g in settings.group_sizes}
+                    sens.modules[name] = entry
+            chain_out = run_block(block, chain)
+            gains = _block_gains(block, linears, chain, chain_out, deltas_ref, errs_ref)
+            depth = 1.0
+            if clean_final is not None:
+                relative = sum(gains[n] * errs_ref[n] for n in linears)
+                kl = _propagated_kl(model, info, index, linears, deltas_ref,
+                                    [slice_batch(chain[0], settings.depth_samples)], clean_final)
+                depth = max(kl, 1e-12) / max(relative, 1e-30)
             for name, gain in gains.items():
-                sens.modules[name]["gain"] = gain
+                sens.modules[name].update(block_gain=gain, depth=depth, gain=gain * depth)
             batches = [type(b)(o, b.kwargs) for b, o in zip(batches, outputs)]
+            chain = [type(b)(o, b.kwargs) for b, o in zip(chain, chain_out)]
             bar.advance(task)
         _profile_output_head(model, info, sens, batches, settings)
         bar.advance(task)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import pytest
 import torch
@@ -30,8 +31,13 @@ def test_end_to_end(family, tiny_model_factory, tmp_path):
     path = tiny_model_factory(family)
     model, tok, info, ids, sens = _profile(path)
     assert {e["kind"] for e in sens.modules.values()} == {"linear", "lm_head"}
-    assert all(e["gain"] > 0 and e["errors"]["b2g64"] > e["errors"]["b8g64"]
-               for e in sens.modules.values() if e["kind"] == "linear")
+    linears = [e for e in sens.modules.values() if e["kind"] == "linear"]
+    assert all(e["gain"] > 0 and e["errors"]["b2g64"] > e["errors"]["b8g64"] for e in linears)
+    for layer in {e["layer"] for e in linears}:  # one depth factor per block, folded into gain
+        block = [e for e in linears if e["layer"] == layer]
+        assert len({e["depth"] for e in block}) == 1 and block[0]["depth"] > 0
+        assert all(math.isclose(e["gain"], e["block_gain"] * e["depth"]) for e in block)
+    assert all(set(e["act_error_block"]) == {"64", "128"} for e in linears)
     plan = make_plan(sens, Budget(bits_per_weight=4.0))
     assert plan.totals.linear_bits_per_weight <= 4.0
     qkv = [m for n, m in plan.modules.items() if n.endswith(("q_proj", "k_proj", "v_proj"))]
