@@ -97,7 +97,8 @@ def _profile_cached(model, tok, info, req: BuildRequest, log):
     if path.is_file():
         log(f"profile: cached ({path.name[:12]}…)")
         return SensitivityMap.from_dict(json.loads(path.read_text())), ids
-    fit, _ = load_calibration(tok, req.calib, num_samples=8, seq_len=req.seq_len, seed=req.seed + 1)
+    fit, _ = load_calibration(tok, req.calib, num_samples=settings.fit_samples, seq_len=req.seq_len,
+                              seed=req.seed + 1)
     sens = profile_model(model, info, ids, calib, settings, req.device, fit_samples=fit)
     store_profile(sens, path)
     return sens, ids

@@ -121,15 +121,16 @@ def _load(model: str, device: str):
     return load_model(model, device=_device(device))
 
 
-def _profile(model, tok, info, calib, samples, seq_len, seed, device, fit_samples=8):
+def _profile(model, tok, info, calib, samples, seq_len, seed, device):
     from .calibration import load_calibration
     from .profile import ProfileSettings, profile_model
 
     from .build import profile_cache_path, store_profile
 
     ids, calib_info = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
-    fit, _ = load_calibration(tok, calib, num_samples=fit_samples, seq_len=seq_len, seed=seed + 1)
     settings = ProfileSettings(seed=seed)
+    fit, _ = load_calibration(tok, calib, num_samples=settings.fit_samples, seq_len=seq_len,
+                              seed=seed + 1)
     sens = profile_model(model, info, ids, calib_info, settings, device, fit_samples=fit)
     store_profile(sens, profile_cache_path(info, calib_info, settings))  # apq-sdk build reuses it
     return sens, ids
@@ -311,7 +312,9 @@ def targets():
         tools = ", ".join(f"{t.name} {'ok' if t.present() else 'MISSING: ' + t.how_to_get}"
                           for t in cls.tools) or "-"
         table.add_row(name, cls.description, ",".join(map(str, caps.weight_bits)),
-                      ",".join(map(str, caps.group_sizes)), ", ".join(caps.activation_modes),
+                      ",".join(map(str, caps.group_sizes)),
+                      ", ".join(f"{m} (default)" if m == caps.default_activation else m
+                                for m in caps.activation_modes),
                       ", ".join(caps.fused), ",".join(map(str, caps.head_bits)),
                       str(caps.max_context), tools)
         if caps.notes:

@@ -77,7 +77,7 @@ class ProfileSettings:
     batch_size: int = 8
     gain_samples: int = 2
     depth_samples: int = 2  # sequences propagated to the logits for the per-block depth factor
-    fit_samples: int = 8
+    fit_samples: int = 4  # held-out sequences of the loss-model fit
     head_bits: tuple[int, ...] = HEAD_BITS
     seed: int = 0
     compute_dtype: str = "bfloat16"  # dtype of the calibration forwards; Hessians stay float32

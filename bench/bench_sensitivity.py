@@ -81,7 +81,8 @@ def main() -> None:
         errors_key = "rtn_errors"
     else:
         samples, calib = load_calibration(tok, num_samples=args.samples, seq_len=args.seq_len, seed=0)
-        fit, _ = load_calibration(tok, num_samples=8, seq_len=args.seq_len, seed=1)
+        fit, _ = load_calibration(tok, num_samples=ProfileSettings().fit_samples, seq_len=args.seq_len,
+                                  seed=1)
         sens = profile_model(model, info, samples, calib, ProfileSettings(), args.device,
                              fit_samples=fit, keep_deltas=deltas)
         calib_dict = calib.to_dict()

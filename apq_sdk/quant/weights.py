@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 WEIGHT_FORMATS: dict[int, type["WeightFormat"]] = {}
-CLIP_GRID = torch.linspace(1.0, 0.7, 16)
+CLIP_GRID = torch.linspace(1.0, 0.7, 8)  # range clip factors searched per group
 
 
 class WeightFormat:
