@@ -1,7 +1,8 @@
 """Accuracy against size on the demo model: APQ mixed plans beside single-bit-width baselines.
 
-Calibration: 128 x 512 tokens of wikitext2-valid (seed 0); loss-model fit on 8 other validation
-sequences. Evaluation: the first 40 non-overlapping 512-token windows of wikitext2-test, as in
+Calibration: 128 x 512 tokens of wikitext2-valid (seed 0); loss-model fit on 4 other validation
+sequences. apq-X is a mixed plan at X bits per weight (4.1745 and 3.1628 are the sizes of GPTQ
+4-bit and 3-bit g128); a suffix -int8 or -int8block adds per-token or per-block int8 activations. Evaluation: the first 40 non-overlapping 512-token windows of wikitext2-test, as in
 ../shared/anchors.md (20,440 predicted tokens). Every configuration runs in this one process against
 the same FP32 (dequantized Q4_1) reference. Bits per weight are those of the 210 decoder linear
 layers, scales and zero points included; the output head (tied embedding) stays float16 here, as the
@@ -35,8 +36,8 @@ from apq_sdk.profile import ProfileSettings, SensitivityMap, profile_model  # no
 from apq_sdk.quantize import quantize_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_CONFIGS = ("rtn-b4g128,gptq-b4g128,rtn-b4g64,gptq-b4g64,apq-4.0,apq-4.0-int8,"
-                   "rtn-b3g128,gptq-b3g128,apq-3.0,apq-6.4,apq-maxloss-0.5%,apq-maxloss-2%")
+DEFAULT_CONFIGS = ("rtn-b4g128,gptq-b4g128,apq-4.0,apq-4.1745,rtn-b3g128,gptq-b3g128,apq-3.0,"
+                   "apq-3.1628,apq-6.4,apq-maxloss-2%,apq-maxloss-0.5%,apq-4.0-int8block")
 
 
 def build_plan(name: str, sens: SensitivityMap):
@@ -46,8 +47,12 @@ def build_plan(name: str, sens: SensitivityMap):
         bits, group = arg[1:].split("g")
         return uniform_plan(sens, int(bits), int(group)), kind
     if kind == "apq":
-        activation = "int8-per-token-dynamic" if arg.endswith("-int8") else "none"
-        arg = arg.removesuffix("-int8")
+        activation = "none"
+        for suffix, mode in (("-int8block", "int8-per-block-dynamic"),
+                             ("-int8", "int8-per-token-dynamic")):
+            if arg.endswith(suffix):
+                activation, arg = mode, arg.removesuffix(suffix)
+                break
         if arg.startswith("maxloss-"):
             value = arg.removeprefix("maxloss-")
             budget = Budget(max_loss=float(value.rstrip("%")) / 100)
@@ -84,11 +89,13 @@ def main() -> None:
     sens = None
     if sens_path.exists():
         sens = SensitivityMap.from_dict(json.loads(sens_path.read_text()))
-        if sens.calibration != calib.to_dict() or sens.model["weights_sha256"] != info.weights_sha256:
+        if (sens.calibration != calib.to_dict() or sens.model["weights_sha256"] != info.weights_sha256
+                or sens.settings != ProfileSettings().to_dict()):
             sens = None
     profile_seconds = 0.0
     if sens is None:
-        fit, _ = load_calibration(tok, num_samples=8, seq_len=args.seq_len, seed=1)
+        fit, _ = load_calibration(tok, num_samples=ProfileSettings().fit_samples,
+                                  seq_len=args.seq_len, seed=1)
         t = time.time()
         sens = profile_model(model, info, ids, calib, ProfileSettings(), args.device, fit_samples=fit)
         profile_seconds = time.time() - t
