@@ -9,6 +9,13 @@ are `com.microsoft.MatMulNBits` holding the core's packed codes, scales and zero
 bit. `verify` runs it in onnxruntime (CPUExecutionProvider, fixed thread count) beside the torch
 reference `load_quantized`.
 
+Activation modes. The default, int8-per-block-dynamic, is exactly what MatMulNBits computes at
+accuracy_level=4 (per token and block: codes RNE(a * 127 / amax), scale amax / 127, integer dot
+products; tests/targets: one node vs the torch reference within ~5e-7 of the output scale for 2/4/8
+bits at blocks 32-128). It is the default because it is fast at every bit-width: with float
+activations (accuracy_level 0) onnxruntime 1.32 has a fast kernel for 4 bits only, and 2- and 8-bit
+nodes dequantize their whole weight on every call (bench/bench_ort_kernels.py).
+
 Per-token dynamic int8 activations: explicit ops vs MatMulNBits accuracy_level=4, measured with
 onnxruntime 1.32 on x86-64 (tiny llama / mistral / qwen2 of apq_sdk.testing, hidden 64, mixed
 2/4-bit plans at 4.0 bits per weight, every linear int8-per-token-dynamic; 4 windows x 128 tokens
@@ -60,9 +67,17 @@ IO_FILE = "onnx_io.json"
 #   the tiny models, so the max-diff bound is not applied to those plans; but they leave the
 #   distributions intact (KL <= 6e-6 measured), while the corrupted scale above gives KL >= 1.8e-3.
 # * perplexity over the text windows within 1e-3 (relative) of the torch reference's.
+# * int8-per-block-dynamic plans (the default): the float-activation twin (same model.onnx with
+#   accuracy_level 0, against the reference with float activations) must meet the two bounds above:
+#   that is the exact check of weights and graph. The int8 package itself must stay within
+#   KL <= 1e-2 and perplexity within 1 % of the reference: on the demo model, rounding flips between
+#   the runtimes give KL 5.5e-3 and perplexity 0.3 % apart although every node agrees with the
+#   reference to ~5e-7 of its output scale (tests/targets), and on the tiny test models < 1e-5.
 LOGIT_TOLERANCE = 1e-3
 KL_TOLERANCE = 1e-4
 PPL_TOLERANCE = 1e-3
+BLOCK_KL_TOLERANCE = 1e-2
+BLOCK_PPL_TOLERANCE = 1e-2
 
 
 class OnnxRuntimeTarget(Target):
@@ -179,26 +194,17 @@ class OnnxRuntimeTarget(Target):
         batch, source = _token_windows(package_dir, reference.config.vocab_size, text_path,
                                        windows, seq_len)
 
-        diff, ref_scale, agree, count, kl = 0.0, 0.0, 0, 0, 0.0
-        nll_onnx, nll_torch = 0.0, 0.0
-        first_logits = None
-        for row in batch:
-            logits = runner.full(row)
-            with torch.no_grad():
-                ref = reference(input_ids=torch.from_numpy(row[None]), use_cache=False).logits[0]
-            ref = ref.float().numpy()
-            if first_logits is None:
-                first_logits = logits
-            diff = max(diff, float(np.abs(logits - ref).max()))
-            ref_scale = max(ref_scale, float(np.abs(ref).max()))
-            agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
-            count += row.shape[0]
-            nll_onnx += _nll(logits, row)
-            nll_torch += _nll(ref, row)
-            kl += _kl_sum(ref, logits)
+        per_block = any(m.activation == "int8-per-block-dynamic"
+                        for m in reference.apq_plan.modules.values())
+        cmp = _compare(runner, reference, batch)
+        diff, ref_scale, agree, count = cmp["diff"], cmp["ref_scale"], cmp["agree"], cmp["count"]
+        nll_onnx, nll_torch, first_logits = cmp["nll_onnx"], cmp["nll_torch"], cmp["first_logits"]
         predicted = batch.shape[0] * (batch.shape[1] - 1)
         relative = diff / ref_scale if ref_scale > 0 else math.inf
-        kl_mean = kl / count
+        kl_mean = cmp["kl"] / count
+        twin = None
+        if per_block:
+            twin = _float_twin_check(package_dir, reference, batch, threads)
 
         # prefill P tokens, then one token at a time through the KV cache
         row = batch[0]
@@ -222,22 +228,32 @@ class OnnxRuntimeTarget(Target):
                    "relative_diff": abs(ppl_onnx - ppl_torch) / ppl_torch,
                    "windows": int(batch.shape[0]), "seq_len": int(batch.shape[1]),
                    "predicted_tokens": int(predicted), "text": str(text_path)}
+        kl_tol = BLOCK_KL_TOLERANCE if per_block else KL_TOLERANCE
+        ppl_tol = BLOCK_PPL_TOLERANCE if per_block else PPL_TOLERANCE
         failures = []
+        if twin is not None:
+            if not twin["relative"] <= LOGIT_TOLERANCE:
+                failures.append(f"float-activation twin: logits differ from the torch reference by "
+                                f"{twin['relative']:.3g} of the logit scale (tolerance "
+                                f"{LOGIT_TOLERANCE:g}); the weights or the graph are wrong")
+            if not twin["kl_mean"] <= KL_TOLERANCE:
+                failures.append(f"float-activation twin: mean KL(torch || onnx) "
+                                f"{twin['kl_mean']:.3g} (tolerance {KL_TOLERANCE:g})")
         if not int8 and not relative <= LOGIT_TOLERANCE:
             failures.append(f"logits differ from the torch reference by {relative:.3g} of the logit "
                             f"scale (tolerance {LOGIT_TOLERANCE:g})")
-        if not kl_mean <= KL_TOLERANCE:
+        if not kl_mean <= kl_tol:
             failures.append(f"mean KL(torch || onnx) {kl_mean:.3g} nats/token "
-                            f"(tolerance {KL_TOLERANCE:g})")
+                            f"(tolerance {kl_tol:g})")
         if not int8 and not cache_relative <= LOGIT_TOLERANCE:
             failures.append(f"prefill + decode through the KV cache differs from the full sequence by "
                             f"{cache_relative:.3g} of the logit scale (tolerance {LOGIT_TOLERANCE:g})")
-        if not cache_kl <= KL_TOLERANCE:
+        if not cache_kl <= kl_tol:
             failures.append(f"prefill + decode through the KV cache: mean KL to the full sequence "
-                            f"{cache_kl:.3g} (tolerance {KL_TOLERANCE:g})")
-        if ppl is not None and not ppl["relative_diff"] <= PPL_TOLERANCE:
+                            f"{cache_kl:.3g} (tolerance {kl_tol:g})")
+        if ppl is not None and not ppl["relative_diff"] <= ppl_tol:
             failures.append(f"perplexity {ppl['onnx']:.4f} vs torch {ppl['torch']:.4f} (relative "
-                            f"tolerance {PPL_TOLERANCE:g})")
+                            f"tolerance {ppl_tol:g})")
 
         timings = runner.timings(batch[0], prefill_tokens=min(prefill_tokens, max_ctx - decode_tokens),
                                  decode_tokens=decode_tokens, runs=timing_runs)
@@ -249,10 +265,13 @@ class OnnxRuntimeTarget(Target):
             "threads": threads,
             "inputs": source,
             "int8_activations": int8,
+            "float_twin": twin,
             "tolerance": {
                 "logits_relative": None if int8 else LOGIT_TOLERANCE,
-                "kl_mean": KL_TOLERANCE,
-                "perplexity_relative": PPL_TOLERANCE,
+                "kl_mean": kl_tol,
+                "perplexity_relative": ppl_tol,
+                "float_twin": None if twin is None else {"logits_relative": LOGIT_TOLERANCE,
+                                                         "kl_mean": KL_TOLERANCE},
                 "definition": "logits_relative: max |onnx - torch| logit over all compared tokens / "
                               "max |torch logit| (not applied with int8 activations, whose rounding "
                               "ties flip between runtimes); kl_mean: mean KL(torch || onnx) of the "
@@ -269,6 +288,66 @@ class OnnxRuntimeTarget(Target):
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def _compare(runner: "OnnxDecoder", reference, batch: np.ndarray) -> dict:
+    """Logits of the package and of the torch reference on the same windows, compared."""
+    import torch
+
+    out = {"diff": 0.0, "ref_scale": 0.0, "agree": 0, "count": 0, "kl": 0.0, "nll_onnx": 0.0,
+           "nll_torch": 0.0, "first_logits": None}
+    for row in batch:
+        logits = runner.full(row)
+        with torch.no_grad():
+            ref = reference(input_ids=torch.from_numpy(row[None]), use_cache=False).logits[0]
+        ref = ref.float().numpy()
+        if out["first_logits"] is None:
+            out["first_logits"] = logits
+        out["diff"] = max(out["diff"], float(np.abs(logits - ref).max()))
+        out["ref_scale"] = max(out["ref_scale"], float(np.abs(ref).max()))
+        out["agree"] += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+        out["count"] += row.shape[0]
+        out["nll_onnx"] += _nll(logits, row)
+        out["nll_torch"] += _nll(ref, row)
+        out["kl"] += _kl_sum(ref, logits)
+    return out
+
+
+def _float_twin_check(package_dir: Path, reference, batch: np.ndarray, threads: int) -> dict:
+    """The exact half of verifying an int8-per-block-dynamic package.
+
+    int8 activations round, so two correct runtimes whose float32 sums differ in the last bit (onnx
+    and torch) flip a few codes and drift apart by a small KL on a real model. The package's
+    weights and graph are therefore checked exactly on its float-activation twin: the same
+    model.onnx with accuracy_level 0 on every MatMulNBits, against the same torch reference with
+    float activations. The int8 arithmetic itself is checked per node in the tests.
+    """
+    import tempfile
+
+    import onnx
+
+    from apq_sdk.quant.modules import ACT_INT8_BLOCK, ACT_NONE, QuantLinear
+
+    model = onnx.load(str(package_dir / MODEL_FILE))
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = 0
+    switched = [m for m in reference.modules()
+                if isinstance(m, QuantLinear) and m.activation == ACT_INT8_BLOCK]
+    with tempfile.TemporaryDirectory(prefix="apq-twin-") as tmp:
+        save_model(model, Path(tmp) / MODEL_FILE)
+        for m in switched:
+            m.activation = ACT_NONE
+        try:
+            cmp = _compare(OnnxDecoder(Path(tmp) / MODEL_FILE, threads=threads), reference, batch)
+        finally:
+            for m in switched:
+                m.activation = ACT_INT8_BLOCK
+    relative = cmp["diff"] / cmp["ref_scale"] if cmp["ref_scale"] > 0 else math.inf
+    return {"relative": relative, "kl_mean": cmp["kl"] / cmp["count"],
+            "top1_agreement": cmp["agree"] / cmp["count"], "tokens": cmp["count"]}
 
 
 class OnnxDecoder:

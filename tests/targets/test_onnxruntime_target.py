@@ -214,6 +214,10 @@ def test_verify_passes(family, activation, tiny_model_factory, work, text_file):
     assert result["kv_cache"]["decode_steps"] > 0 and result["kv_cache"]["kl_mean"] < 1e-6
     if activation == "none":
         assert result["logits"]["relative"] < 1e-5 and result["kv_cache"]["relative"] < 1e-5
+    if activation == BLOCK:  # the exact check: same graph at accuracy_level 0, float reference
+        assert result["float_twin"]["relative"] < 1e-5 and result["float_twin"]["kl_mean"] < 1e-9
+    else:
+        assert result["float_twin"] is None
     ppl = result["perplexity"]
     assert ppl["relative_diff"] < 1e-3 and ppl["windows"] == 1
     timings = result["timings"]
@@ -223,11 +227,12 @@ def test_verify_passes(family, activation, tiny_model_factory, work, text_file):
         {k: v for k, v in result.items() if k != "timings"}
 
 
-def test_corrupted_initializer_fails_verify(tiny_model_factory, work, text_file):
-    quantized, package = _package(tiny_model_factory, work, "llama", INT8)
+@pytest.mark.parametrize("activation", [INT8, BLOCK])
+def test_corrupted_initializer_fails_verify(activation, tiny_model_factory, work, text_file):
+    quantized, package = _package(tiny_model_factory, work, "llama", activation)
     import shutil
 
-    broken = work / "broken"
+    broken = work / f"broken-{activation}"
     shutil.copytree(package, broken, dirs_exist_ok=True)
     model = onnx.load(str(package / "model.onnx"))
     for init in model.graph.initializer:
@@ -238,6 +243,8 @@ def test_corrupted_initializer_fails_verify(tiny_model_factory, work, text_file)
     result = _verify(broken, quantized, text_file)
     assert not result["passed"]
     assert any("KL" in f for f in result["failures"])
+    if activation == BLOCK:
+        assert any(f.startswith("float-activation twin") for f in result["failures"])
 
 
 def test_rebuild_is_byte_identical(tiny_model_factory, work):
