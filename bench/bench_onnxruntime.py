@@ -88,6 +88,7 @@ def main() -> None:
                              "windows; 0 skips it")
     parser.add_argument("--out", default=str(RESULTS / "onnxruntime"),
                         help="results path without suffix (.json and .md are written)")
+    parser.add_argument("--note", default="", help="conditions of the run, printed under the table")
     args = parser.parse_args()
 
     import torch
@@ -126,7 +127,8 @@ def main() -> None:
             check = {"windows": args.verify_windows, "passed": v["passed"],
                      "logits_relative": v["logits"]["relative"], "kl_mean": v["logits"]["kl_mean"],
                      "ppl_onnx": round(v["perplexity"]["onnx"], 4),
-                     "ppl_torch": round(v["perplexity"]["torch"], 4), "failures": v["failures"]}
+                     "ppl_torch": round(v["perplexity"]["torch"], 4), "failures": v["failures"],
+                     "float_twin": v.get("float_twin")}
             print(json.dumps({"verify": check}), flush=True)
         t = time.time()
         fp32_dir, model_name = build_fp32(args.model, tmp / "fp32")
@@ -161,7 +163,10 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(), "decode_tokens": args.decode_tokens, "prefill_runs": args.runs,
         "rows": rows, "verify": check,
+        "note": args.note,
         "ratios": {"size": quant["model_file_bytes"] / fp32["model_file_bytes"],
+                   # every weight of the FP32 export is float32, so half its file is the FP16 model
+                   "smaller_than_fp16": 1 - quant["model_file_bytes"] / (fp32["model_file_bytes"] / 2),
                    "perplexity": quant["perplexity"] / fp32["perplexity"],
                    "prefill_speedup": fp32["prefill_ms_median"] / quant["prefill_ms_median"],
                    "decode_speedup": (quant["decode_tokens_per_s_median"]
@@ -201,7 +206,9 @@ def render_markdown(result: dict) -> str:
                      f"{row['perplexity']:.3f} | {row['prefill_ms_median']:.1f} | "
                      f"{row['decode_tokens_per_s_median']:.1f} |")
     r = result["ratios"]
-    lines += ["", f"Quantized / FP32: size x{r['size']:.3f}, perplexity x{r['perplexity']:.4f}; speed "
+    lines += ["", f"Model files {100 * r['smaller_than_fp16']:.1f} % smaller than the whole model in "
+                  f"float16 (embeddings included; half the FP32 export).",
+              "", f"Quantized / FP32: size x{r['size']:.3f}, perplexity x{r['perplexity']:.4f}; speed "
                   f"of the quantized package relative to FP32 (> 1 = faster): prefill "
                   f"x{r['prefill_speedup']:.2f}, decode x{r['decode_speedup']:.2f}."]
     check = result.get("verify")
@@ -210,6 +217,13 @@ def render_markdown(result: dict) -> str:
                       f"passed={check['passed']}, max logit diff {check['logits_relative']:.2e} of the "
                       f"logit scale, KL {check['kl_mean']:.2e} nats/token, perplexity {check['ppl_onnx']} "
                       f"(onnx) vs {check['ppl_torch']} (torch)."]
+        twin = check.get("float_twin")
+        if twin:
+            lines += ["", f"Its float-activation twin (accuracy_level 0 against the reference with float "
+                          f"activations, the exact check of weights and graph): max logit diff "
+                          f"{twin['relative']:.2e} of the logit scale, KL {twin['kl_mean']:.2e}."]
+    if result.get("note"):
+        lines += ["", result["note"]]
     lines += ["", "Timings vary from run to run and with machine load.", ""]
     return "\n".join(lines)
 
