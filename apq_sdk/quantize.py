@@ -184,7 +184,9 @@ def save_quantized(model: nn.Module, tokenizer, plan: Plan, out_dir) -> Path:
 
     def write(tmp: Path) -> None:
         save_file(dict(sorted(tensors.items())), str(tmp / MODEL_FILE),
-                  metadata={"format": "apq-quantized", "plan_version": str(plan.version)})
+                  # one key: safetensors writes metadata from a hash map, whose order varies
+                  # from process to process, so several keys would break byte-identical files
+                  metadata={"format": f"apq-quantized/plan-v{plan.version}"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config.pop("transformers_version", None)

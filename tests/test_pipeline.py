@@ -73,16 +73,41 @@ def test_budget_modes_and_infeasible_budget(tiny_llama):
         make_plan(sens, Budget(bits_per_weight=1.5))
 
 
+_RUN_ONCE = """
+import sys
+from tests.test_pipeline import _profile
+from apq_sdk.planning import Budget, make_plan
+from apq_sdk.quantize import quantize_model, save_quantized
+model, tok, info, ids, sens = _profile(sys.argv[1])
+plan = make_plan(sens, Budget(bits_per_weight=4.0))
+quantize_model(model, info, plan, ids)
+save_quantized(model, tok, plan, sys.argv[2])
+"""
+
+
 def test_plan_and_artifacts_are_byte_identical_across_runs(tiny_llama, tmp_path):
+    """Two separate processes (as two invocations of the tool would be), same inputs and seed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     digests = []
     for run in range(2):
-        model, tok, info, ids, sens = _profile(tiny_llama)
-        plan = make_plan(sens, Budget(bits_per_weight=4.0))
-        quantize_model(model, info, plan, ids)
-        out = save_quantized(model, tok, plan, tmp_path / f"run{run}")
+        out = tmp_path / f"run{run}"
+        subprocess.run([sys.executable, "-c", _RUN_ONCE, str(tiny_llama), str(out)], check=True,
+                       env=env, cwd=root, capture_output=True, timeout=600)
         digests.append({name: hashlib.sha256((out / name).read_bytes()).hexdigest()
                         for name in ("plan.json", "model.safetensors", "config.json")})
     assert digests[0] == digests[1]
+    # safetensors orders metadata keys by a per-process hash: more than one key is
+    # nondeterministic half of the time, which two runs alone would catch only by luck
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run0" / "model.safetensors"), "np") as f:
+        assert len(f.metadata()) == 1
 
 
 def test_mixed_plan_beats_uniform_rtn_on_tiny(tiny_llama):
