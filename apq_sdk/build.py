@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ApqError, UsageError
-from .fsutil import atomic_directory, atomic_write_text
+from .fsutil import atomic_directory, atomic_write_text, cache_dir, sha256_file
 
 PACKAGE_FORMAT = "apq-package"
 PACKAGE_VERSION = 1
@@ -27,20 +27,6 @@ MANIFEST = "manifest.json"
 VERIFY_FILE = "verify.json"
 REPORT_FILE = "report.html"
 AFTER_MANIFEST = (VERIFY_FILE, REPORT_FILE)
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("APQ_CACHE_DIR", Path.home() / ".cache" / "apq-sdk"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _json_sha(data) -> str:

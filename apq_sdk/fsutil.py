@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -45,3 +46,19 @@ def atomic_directory(final: Path, fill: Callable[[Path], None], tag: str = "buil
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def cache_dir() -> Path:
+    """apq-sdk's cache (converted models, sensitivity maps, quantized models): $APQ_CACHE_DIR or
+    ~/.cache/apq-sdk. Everything in it can be rebuilt; deleting it only costs time."""
+    path = Path(os.environ.get("APQ_CACHE_DIR", Path.home() / ".cache" / "apq-sdk"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -7,6 +7,7 @@ found generically; the attention geometry (heads, GQA groups, head dim) comes fr
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -186,11 +187,24 @@ def _check_supported(config, allow_unknown: bool) -> None:
 def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False, allow_unknown: bool = False):
     """Load (model, tokenizer, ModelInfo). Weights stay on `device`; eval mode, no grad."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     source = resolve_model(spec)
+    if source.kind == "gguf" and model_cache_enabled():
+        return _load_gguf_through_cache(source, device=device, dtype=dtype,
+                                        trust_remote_code=trust_remote_code,
+                                        allow_unknown=allow_unknown)
+    return load_model_uncached(source, device=device, dtype=dtype,
+                               trust_remote_code=trust_remote_code, allow_unknown=allow_unknown)
+
+
+def load_model_uncached(source: ModelSource, *, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                        allow_unknown: bool = False):
+    """Load straight from the source files (what the cache holds a copy of)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     kwargs = {"trust_remote_code": trust_remote_code}
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
@@ -211,7 +225,96 @@ def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dty
     return model, tokenizer, info
 
 
-def describe_model(model: nn.Module, source: ModelSource | None = None) -> ModelInfo:
+def model_cache_enabled() -> bool:
+    return os.environ.get("APQ_MODEL_CACHE", "1") not in ("0", "false", "no", "off")
+
+
+CONVERTED_FORMAT = "apq-converted-gguf"
+CONVERTED_VERSION = 1
+CONVERTED_META = "apq-converted.json"
+
+
+def converted_model_dir(source: ModelSource) -> Path:
+    """Cache directory of a GGUF file's conversion: its content hash and the converter's version."""
+    import transformers
+
+    from .fsutil import cache_dir, sha256_file
+
+    key = hashlib.sha256(json.dumps({
+        "gguf_sha256": sha256_file(source.path / source.gguf_file),
+        "transformers": transformers.__version__, "format": CONVERTED_VERSION},
+        sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir() / "models" / key
+
+
+def _load_gguf_through_cache(source: ModelSource, *, device: str, dtype: torch.dtype,
+                             trust_remote_code: bool, allow_unknown: bool):
+    """Load a GGUF model from its converted Hugging Face copy in the cache, making it if needed.
+
+    transformers parses and dequantizes a GGUF file (three times: config, tokenizer, weights) on
+    every load, 15-30 s for the demo model; every `apq-sdk` command loads the model again. The first
+    load saves the converted float32 model (config, tokenizer, safetensors) under the cache,
+    keyed by the GGUF file's content hash and the transformers version that converted it; later
+    loads read that directory (a few seconds). The identity hashes recorded in plans come from the
+    first load, so plans made with and without the cache match. APQ_MODEL_CACHE=0 turns it off.
+    """
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import __version__
+    from .fsutil import atomic_directory
+
+    gguf_path = source.path / source.gguf_file
+    converted = converted_model_dir(source)
+    meta_path = converted / CONVERTED_META
+    if not meta_path.is_file():
+        model, tokenizer, info = load_model_uncached(
+            source, device="cpu", dtype=torch.float32, trust_remote_code=trust_remote_code,
+            allow_unknown=allow_unknown)
+        meta = {"format": CONVERTED_FORMAT, "version": CONVERTED_VERSION,
+                "apq_sdk": __version__, "gguf": str(gguf_path),
+                "config_sha256": info.config_sha256, "weights_sha256": info.weights_sha256}
+
+        def fill(tmp: Path) -> None:
+            # transformers refuses save_pretrained on GGUF-loaded models (it marks them as
+            # quantized, though the weights are already dequantized float32): save the plain
+            # config and the tensors (tied ones once) directly.
+            config = copy.deepcopy(model.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer.save_pretrained(tmp)
+            (tmp / CONVERTED_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+        atomic_directory(converted, fill, tag="converting")
+        if dtype != torch.float32:
+            model = model.to(dtype)
+        model.to(device)
+        return model, tokenizer, info
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != CONVERTED_FORMAT or meta.get("version") != CONVERTED_VERSION:
+            raise ValueError(f"expected format {CONVERTED_FORMAT} v{CONVERTED_VERSION}, found "
+                             f"{meta.get('format')} v{meta.get('version')}")
+        tokenizer = AutoTokenizer.from_pretrained(converted, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"the converted copy of {source.display} in {converted} is unreadable ({exc}). Fix: "
+            f"delete that directory (it is rebuilt from the GGUF file on the next run), or set "
+            f"APQ_MODEL_CACHE=0.") from exc
+    _check_supported(model.config, allow_unknown)
+    model.eval().requires_grad_(False)
+    model.to(device)
+    info = describe_model(model, source, identity=(meta["config_sha256"], meta["weights_sha256"]))
+    return model, tokenizer, info
+
+
+def describe_model(model: nn.Module, source: ModelSource | None = None,
+                   identity: tuple[str, str] | None = None) -> ModelInfo:
+    """The model's structure; `identity` (config hash, weights hash) skips hashing when known."""
     config = model.config
     num_layers = config.num_hidden_layers
     layers_path, layers = find_decoder_layers(model, num_layers)
@@ -230,8 +333,8 @@ def describe_model(model: nn.Module, source: ModelSource | None = None) -> Model
         head_dim=head_dim,
         vocab_size=config.vocab_size,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        config_sha256=_config_sha256(config),
-        weights_sha256=weights_sha256(model),
+        config_sha256=identity[0] if identity else _config_sha256(config),
+        weights_sha256=identity[1] if identity else weights_sha256(model),
         layers_path=layers_path,
         linears=describe_linears(layers, layers_path),
     )

