@@ -291,41 +291,52 @@ def gptq_quantize_many(tasks: list[GptqTask], hessian: torch.Tensor, symmetric: 
                             task.group_size) for t, task in enumerate(tasks)]
 
 
-def _sweep_chunk(chunk, tasks, prepared, codes, perm, hinv, block_size) -> None:
-    """The GPTQ column sweep over the stacked rows of `chunk`, written into `codes`."""
+ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: x + M - M rounds float32 x to the nearest even integer
+
+
+def _sweep_chunk(chunk, tasks, prepared, codes, perm, hinv, block_size, inner_block=16) -> None:
+    """The GPTQ column sweep over the stacked rows of `chunk`, written into `codes`.
+
+    Working copies are column-major (column i of the weights is the contiguous row i), and the
+    error spreads in two levels: rank-1 updates within `inner_block` columns, one matmul for the
+    rest of the `block_size` block, one for the columns after it, so most of the update is matmul
+    rather than memory-bound rank-1 work. The per-column work is a handful of vector ops.
+    """
     k = perm.shape[0]
-    wt, st, zt, maxq = [], [], [], []
+    w_cols, scale_cols, zero_cols, maxq_rows = [], [], [], []
     for t, r0, r1 in chunk:
         w, scales, zeros = prepared[t]
-        group = tasks[t].group_size
-        wt.append(w[r0:r1, perm])
-        st.append(expand_groups(scales[r0:r1], group, k)[:, perm])
-        zt.append(expand_groups(zeros[r0:r1], group, k)[:, perm])
-        maxq.append(torch.full((r1 - r0,), float((1 << tasks[t].bits) - 1), device=w.device))
-    # Column-major working copies: column i of the weights is the contiguous row i.
-    w = torch.cat(wt).T.contiguous()
-    scale = torch.cat(st).T.contiguous()
-    zero = torch.cat(zt).T.contiguous()
-    maxq = torch.cat(maxq)
-    code = torch.empty_like(w)
+        group_of_column = perm // tasks[t].group_size
+        w_cols.append(w[r0:r1].T[perm])
+        scale_cols.append(scales[r0:r1].T[group_of_column])
+        zero_cols.append(zeros[r0:r1].T[group_of_column])
+        maxq_rows.append(torch.full((r1 - r0,), float((1 << tasks[t].bits) - 1), device=w.device))
+    w = torch.cat(w_cols, dim=1)
+    scale = torch.cat(scale_cols, dim=1)
+    zero = torch.cat(zero_cols, dim=1)
+    low = zero.neg()  # codes minus zero point lie in [-zero, maxq - zero]
+    high = torch.cat(maxq_rows).sub(zero)
+    code = torch.empty_like(w)  # codes minus zero point until the end
+    err = torch.empty_like(w)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[i1:i2]
-        err1 = torch.empty_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = i1 + i
-            q = torch.div(w1[i], scale[c]).round_().add_(zero[c]).clamp_(min=0)
-            torch.minimum(q, maxq, out=q)
-            code[c] = q
-            err = torch.sub(w1[i], q.sub_(zero[c]).mul_(scale[c])).div_(hinv1[i, i])
-            err1[i] = err
-            if i + 1 < i2 - i1:
-                w1[i + 1:].addr_(hinv1[i, i + 1:], err, alpha=-1)
+        for j1 in range(i1, i2, inner_block):
+            j2 = min(j1 + inner_block, i2)
+            for c in range(j1, j2):
+                q = torch.div(w[c], scale[c], out=code[c])
+                # round half to even, exact here: anything beyond 2**22 is clamped just below
+                q.add_(ROUND_MAGIC).sub_(ROUND_MAGIC)
+                q.clamp_(min=low[c], max=high[c])
+                e = torch.mul(q, scale[c], out=err[c])
+                torch.sub(w[c], e, out=e).div_(hinv[c, c])
+                if c + 1 < j2:
+                    w[c + 1:j2].addr_(hinv[c, c + 1:j2], e, alpha=-1)
+            if j2 < i2:
+                w[j2:i2].addmm_(hinv[j1:j2, j2:i2].T, err[j1:j2], alpha=-1)
         if i2 < k:
-            w[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
-    inverse = torch.argsort(perm)
-    code = code[inverse].T
+            w[i2:].addmm_(hinv[i1:i2, i2:].T, err[i1:i2], alpha=-1)
+    code.add_(zero)
+    code = code[torch.argsort(perm)].T
     start = 0
     for t, r0, r1 in chunk:
         codes[t][r0:r1] = code[start:start + r1 - r0].to(torch.uint8)

@@ -92,11 +92,11 @@ def _plain_gptq_codes(w, hessian, scales, zeros, bits, group, damp=0.01):
     return codes[:, torch.argsort(perm)]
 
 
-@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 64), (8, 128)])
-def test_gptq_sweep_matches_textbook_gptq(bits, group):
-    x = _correlated_inputs(1024, 192, seed=bits)
+@pytest.mark.parametrize("bits,group,k", [(2, 64, 192), (3, 128, 192), (4, 64, 200), (8, 128, 200)])
+def test_gptq_sweep_matches_textbook_gptq(bits, group, k):
+    x = _correlated_inputs(1024, k, seed=bits)
     hessian = 2 * x.T @ x / x.shape[0]
-    w = torch.randn(16, 192, generator=torch.Generator().manual_seed(group))
+    w = torch.randn(16, k, generator=torch.Generator().manual_seed(group))
     q = gptq_quantize(w, hessian, bits, group)
     reference = _plain_gptq_codes(w, hessian, q.scales.float(), q.zeros.float(), bits, group)
     # float32 lazy block updates vs float64: a code may flip where a value sits on a rounding edge
@@ -117,6 +117,18 @@ def test_shared_sweep_equals_one_sweep_per_task(monkeypatch):
             assert (b.bits, b.group_size, b.shape) == (t.bits, t.group_size, tuple(t.weight.shape))
             assert torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
             assert float((a.codes != b.codes).float().mean()) < 0.005
+
+
+def test_sweep_rounding_is_round_half_to_even_after_clamping():
+    """The sweep rounds with x + 1.5 * 2**23 - 1.5 * 2**23; after the clamp to the code range it
+    must equal torch.round everywhere, halves, negatives and huge values included."""
+    halves = torch.arange(-600, 600, dtype=torch.float32) / 2
+    wide = torch.tensor([3e6, -3e6, 2.0 ** 22 + 0.5, -(2.0 ** 22) - 0.5, 1e7 + 1, -1e7 - 1, 1e30,
+                         -1e30, 0.4999999, -0.4999999, 255.5, 254.5])
+    x = torch.cat([halves, wide, torch.randn(10000) * 300])
+    for low, high in [(-8.0, 7.0), (0.0, 255.0), (-255.0, 0.0)]:
+        fast = x.clone().add_(weights_module.ROUND_MAGIC).sub_(weights_module.ROUND_MAGIC)
+        assert torch.equal(fast.clamp(low, high), torch.round(x).clamp(low, high))
 
 
 def test_shared_sweep_refuses_mismatched_inputs():
