@@ -137,34 +137,59 @@ class HessianCollector:
         self._last: tuple[torch.Tensor, str] | None = None  # held, so its memory is not reused
         self._handles = []
         self.dtype = dtype
+        self._call_order: list[str] = []
+        self._stop_at: str | None = None
         for name, module in named_linears.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
 
     def _hook(self, name: str):
-        def hook(_module, inputs, _output):
-            x = inputs[0]
-            if self._last is not None and self._last[0] is x and self._last[1] != name:
-                self._shared[name] = self._last[1]
-                return
-            self._last = (x, name)
-            rows = x.reshape(-1, x.shape[-1])
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype,
-                                              device=rows.device)
-                self.counts[name] = 0
-            if name not in self.kept and self.keep_rows:
-                self.kept[name] = rows[: self.keep_rows].to(self.dtype).clone()
-            if rows.dtype in (torch.bfloat16, torch.float16) and self.dtype == torch.float32:
-                # Inputs from a half-precision forward are exact in that dtype; its matmul
-                # accumulates in float32 and rounds each batch's X^T X once (relative 2^-9), and
-                # the batches add up in float32. Twice as fast on CPU; on the demo model GPTQ's
-                # output error moves by at most 0.3 % either way against a float32 product.
-                self.sums[name] += (rows.T @ rows).to(self.dtype)
-            else:
-                x2 = rows.to(self.dtype)
-                self.sums[name].addmm_(x2.T, x2)
-            self.counts[name] += rows.shape[0]
+        def hook(_module, inputs):
+            self._accumulate(name, inputs[0])
+            if name == self._stop_at:
+                raise _StopForward
         return hook
+
+    def collect(self, block: nn.Module, batches: list[BlockBatch]) -> None:
+        """Forward every batch through `block` only to accumulate Hessians; no output is kept.
+
+        The first batch runs whole and records the order in which the linears read their inputs;
+        later batches stop as soon as the last of them has its input (for a decoder block that
+        skips the down projection and the residual add).
+        """
+        for index, batch in enumerate(batches):
+            if index == 0:
+                self._call_order.clear()
+            try:
+                block(batch.hidden, **batch.kwargs)
+            except _StopForward:
+                pass
+            if index == 0 and self._call_order:
+                self._stop_at = self._call_order[-1]
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        if name not in self._call_order:
+            self._call_order.append(name)
+        if self._last is not None and self._last[0] is x and self._last[1] != name:
+            self._shared[name] = self._last[1]
+            return
+        self._last = (x, name)
+        rows = x.reshape(-1, x.shape[-1])
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype,
+                                          device=rows.device)
+            self.counts[name] = 0
+        if name not in self.kept and self.keep_rows:
+            self.kept[name] = rows[: self.keep_rows].to(self.dtype).clone()
+        if rows.dtype in (torch.bfloat16, torch.float16) and self.dtype == torch.float32:
+            # Inputs from a half-precision forward are exact in that dtype; its matmul
+            # accumulates in float32 and rounds each batch's X^T X once (relative 2^-9), and
+            # the batches add up in float32. Twice as fast on CPU; on the demo model GPTQ's
+            # output error moves by at most 0.3 % either way against a float32 product.
+            self.sums[name] += (rows.T @ rows).to(self.dtype)
+        else:
+            x2 = rows.to(self.dtype)
+            self.sums[name].addmm_(x2.T, x2)
+        self.counts[name] += rows.shape[0]
 
     def hessian(self, name: str) -> torch.Tensor:
         owner = self._shared.get(name, name)

@@ -107,7 +107,7 @@ def quantize_model(model: nn.Module, info: ModelInfo, plan: Plan, samples: torch
             if method == "gptq":
                 collector = HessianCollector(linears)
                 with compute_dtype(block, cdt):
-                    run_block(block, batches)
+                    collector.collect(block, batches)
                 collector.remove()
                 groups = collector.input_groups(linears)
                 replacements = {}
