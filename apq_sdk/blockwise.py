@@ -143,8 +143,14 @@ class HessianCollector:
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
 
     def _hook(self, name: str):
-        def hook(_module, inputs):
-            self._accumulate(name, inputs[0])
+        def hook(module, inputs):
+            # a hooked module (device map split inside a block) gets its inputs moved only after
+            # this hook; keep the Hessian beside the weight
+            x = inputs[0]
+            weight = getattr(module, "weight", None)
+            if weight is not None and x.device != weight.device:
+                x = x.to(weight.device)
+            self._accumulate(name, x)
             if name == self._stop_at:
                 raise _StopForward
         return hook

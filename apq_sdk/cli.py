@@ -53,6 +53,15 @@ model_option = click.option("--model", "-m", default="demo", show_default=True,
                                  "directory with config.json and safetensors.")
 device_option = click.option("--device", default="cpu", show_default=True,
                              help="Where to compute: cpu, cuda or cuda:N.")
+placement_options = [
+    click.option("--device-map", default=None,
+                 help="Spread the model over several GPUs with accelerate: 'auto', 'balanced', "
+                      "'balanced_low_0', 'sequential', or a JSON file mapping module names to "
+                      "devices. Every block runs where its weights are; offloading to CPU or disk "
+                      "is refused. Replaces --device."),
+    click.option("--max-memory", default=None,
+                 help="Memory per device for --device-map strategies, e.g. '0=20GiB,1=20GiB'."),
+]
 calib_options = [
     click.option("--calib", type=click.Path(dir_okay=False), default=None,
                  help="Calibration text (.txt, or .jsonl with 'text'). Default: wikitext2-valid "
@@ -115,10 +124,22 @@ def main() -> None:
     _setup()
 
 
-def _load(model: str, device: str):
+def _load(model: str, device: str, device_map: str | None = None, max_memory: str | None = None):
+    """(model, tokenizer, info, device of the inputs)."""
     from .model_io import load_model
+    from .placement import input_device, parse_max_memory
 
-    return load_model(model, device=_device(device))
+    if device_map:
+        source = click.get_current_context().get_parameter_source("device")
+        if source == click.core.ParameterSource.COMMANDLINE:
+            raise UsageError("pass either --device or --device-map, not both")
+        m, tok, info = load_model(model, device_map=device_map,
+                                  max_memory=parse_max_memory(max_memory))
+        return m, tok, info, input_device(m)
+    if max_memory:
+        raise UsageError("--max-memory only applies with --device-map")
+    device = _device(device)
+    return (*load_model(model, device=device), device)
 
 
 def _profile(model, tok, info, calib, samples, seq_len, seed, device):
@@ -140,13 +161,14 @@ def _profile(model, tok, info, calib, samples, seq_len, seed, device):
 @model_option
 @_apply(calib_options)
 @device_option
+@_apply(placement_options)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="sensitivity.json",
               show_default=True, help="Sensitivity map (JSON); a heatmap PNG is written beside it.")
-def profile(model, calib, samples, seq_len, seed, device, output):
+def profile(model, calib, samples, seq_len, seed, device, device_map, max_memory, output):
     """Stage 1: measure each layer's (and head's) sensitivity to every candidate bit-width."""
     from .report import sensitivity_heatmap
 
-    m, tok, info = _load(model, device)
+    m, tok, info, device = _load(model, device, device_map, max_memory)
     start = time.time()
     sens, _ = _profile(m, tok, info, calib, samples, seq_len, seed, device)
     out = Path(output)
@@ -235,11 +257,13 @@ def plan_show(plan_file):
               help="Plan file from apq-sdk plan.")
 @_apply(calib_options)
 @device_option
+@_apply(placement_options)
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
               help="GPTQ error compensation, or round-to-nearest (a baseline).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="quantized",
               show_default=True, help="Directory of the quantized model (written atomically).")
-def quantize(model, plan_file, calib, samples, seq_len, seed, device, method, output):
+def quantize(model, plan_file, calib, samples, seq_len, seed, device, device_map, max_memory,
+             method, output):
     """Stage 3: apply a plan (GPTQ at the planned bits) and write packed low-bit weights."""
     from .calibration import load_calibration
     from .plan import PlanError, load_plan
@@ -249,7 +273,7 @@ def quantize(model, plan_file, calib, samples, seq_len, seed, device, method, ou
         loaded = load_plan(Path(plan_file))
     except PlanError as exc:
         raise ApqError(str(exc)) from exc
-    m, tok, info = _load(model, device)
+    m, tok, info, device = _load(model, device, device_map, max_memory)
     ids, _ = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
     quantize_model(m, info, loaded, ids, device, method=method)
     out = save_quantized(m, tok, loaded, Path(output))
@@ -266,9 +290,10 @@ def quantize(model, plan_file, calib, samples, seq_len, seed, device, method, ou
               help="Evaluate only the first N windows (default: all).")
 @click.option("--window-len", type=click.IntRange(2), default=512, show_default=True)
 @device_option
+@_apply(placement_options)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Write the result as JSON here.")
-def eval_cmd(quantized, model, text, windows, window_len, device, output):
+def eval_cmd(quantized, model, text, windows, window_len, device, device_map, max_memory, output):
     """Perplexity, KL divergence and top-1 agreement against the unquantized model."""
     from rich.console import Console
     from rich.table import Table
@@ -277,8 +302,11 @@ def eval_cmd(quantized, model, text, windows, window_len, device, output):
     from .evaluate import evaluate
     from .quantize import load_quantized
 
-    ref, tok, _ = _load(model, device)
-    qmodel = load_quantized(quantized, device)
+    from .placement import parse_max_memory
+
+    ref, tok, _, device = _load(model, device, device_map, max_memory)
+    qmodel = load_quantized(quantized, device, device_map=device_map,
+                            max_memory=parse_max_memory(max_memory))
     ids = eval_windows(tok, Path(text) if text else eval_text_path(), window_len, windows)
     result = evaluate(qmodel, ids, reference=ref, device=device)
     totals = qmodel.apq_plan.totals

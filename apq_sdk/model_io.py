@@ -185,18 +185,33 @@ def _check_supported(config, allow_unknown: bool) -> None:
 
 
 def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False, allow_unknown: bool = False):
-    """Load (model, tokenizer, ModelInfo). Weights stay on `device`; eval mode, no grad."""
+               trust_remote_code: bool = False, allow_unknown: bool = False,
+               device_map: str | None = None, max_memory: dict | None = None):
+    """Load (model, tokenizer, ModelInfo). Weights stay on `device`; eval mode, no grad.
+
+    With `device_map` (a strategy such as "auto" or a JSON file, see placement.py) the model is
+    loaded on the CPU, hashed, then spread over the devices of the map and `device` is ignored.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     source = resolve_model(spec)
+    target = "cpu" if device_map else device
     if source.kind == "gguf" and model_cache_enabled():
-        return _load_gguf_through_cache(source, device=device, dtype=dtype,
-                                        trust_remote_code=trust_remote_code,
-                                        allow_unknown=allow_unknown)
-    return load_model_uncached(source, device=device, dtype=dtype,
-                               trust_remote_code=trust_remote_code, allow_unknown=allow_unknown)
+        loaded = _load_gguf_through_cache(source, device=target, dtype=dtype,
+                                          trust_remote_code=trust_remote_code,
+                                          allow_unknown=allow_unknown)
+    else:
+        loaded = load_model_uncached(source, device=target, dtype=dtype,
+                                     trust_remote_code=trust_remote_code,
+                                     allow_unknown=allow_unknown)
+    if device_map:
+        from .placement import place_model, resolve_device_map
+
+        model, tokenizer, info = loaded
+        loaded = (place_model(model, resolve_device_map(model, device_map, max_memory)),
+                  tokenizer, info)
+    return loaded
 
 
 def load_model_uncached(source: ModelSource, *, device: str = "cpu",
@@ -338,8 +353,3 @@ def describe_model(model: nn.Module, source: ModelSource | None = None,
         layers_path=layers_path,
         linears=describe_linears(layers, layers_path),
     )
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

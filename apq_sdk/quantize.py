@@ -22,7 +22,8 @@ from .blockwise import (HessianCollector, block_linears, capture_block_inputs, c
                         run_block)
 from .errors import ApqError, ModelLoadError
 from .fsutil import atomic_directory
-from .model_io import ModelInfo, set_module
+from .model_io import ModelInfo
+from .placement import replace_module
 from .plan import Plan, load_plan, save_plan
 from .progress import progress_bar
 from .quant.modules import Float16Linear, QuantLinear
@@ -120,7 +121,7 @@ def quantize_model(model: nn.Module, info: ModelInfo, plan: Plan, samples: torch
                                                         act_order)
                                 for name, module in linears.items()}
             for name in linears:
-                set_module(model, name, replacements[name].to(device))
+                replace_module(model, name, replacements[name])
             if method == "gptq":
                 with compute_dtype(block, cdt):
                     outputs = run_block(block, batches)
@@ -140,15 +141,15 @@ def _quantize_head(model, info: ModelInfo, plan: Plan, batches, method, act_orde
     if method == "gptq" and batches:
         norm = model.get_submodule(info.layers_path.rsplit(".", 1)[0] + ".norm")
         k = head.weight.shape[1]
-        hessian = torch.zeros(k, k, device=device)
+        hessian = torch.zeros(k, k, device=head.weight.device)
         count = 0
         for b in batches:
-            x = norm(b.hidden).reshape(-1, k).float()
+            x = norm(b.hidden).reshape(-1, k).float().to(hessian.device)
             hessian.addmm_(x.T, x)
             count += x.shape[0]
         hessian *= 2.0 / count
-    replacement = _quantized_module(head, entry, hessian, method, act_order).to(device)
-    model.set_output_embeddings(replacement)
+    replacement = replace_module(model, "lm_head",
+                                 _quantized_module(head, entry, hessian, method, act_order))
     if info.tie_word_embeddings:
         embed = model.get_input_embeddings()
         embed.weight = nn.Parameter(replacement.weight, requires_grad=False)
@@ -198,8 +199,10 @@ def save_quantized(model: nn.Module, tokenizer, plan: Plan, out_dir) -> Path:
     return atomic_directory(Path(out_dir), write, tag="tmp")
 
 
-def load_quantized(path, device: str = "cpu") -> nn.Module:
-    """A torch module (transformers model) with the quantized layers of `path`."""
+def load_quantized(path, device: str = "cpu", device_map: str | None = None,
+                   max_memory: dict | None = None) -> nn.Module:
+    """A torch module (transformers model) with the quantized layers of `path`, on `device` or
+    spread over the devices of `device_map` (placement.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -231,10 +234,7 @@ def load_quantized(path, device: str = "cpu") -> nn.Module:
             qweight = QuantizedWeight.from_packed(arrays, entry.bits, entry.group_size, entry.shape)
             replacement = QuantLinear(qweight, bias_t, entry.activation, entry.act_clip)
         del original
-        if name == "lm_head":
-            model.set_output_embeddings(replacement)
-        else:
-            set_module(model, name, replacement)
+        replace_module(model, name, replacement)
     rest = {k: torch.from_numpy(v) for k, v in tensors.items()
             if not any(k.startswith(f"{n}.") for n in plan.modules)}
     missing, _unexpected = model.load_state_dict(rest, strict=False)
@@ -250,4 +250,8 @@ def load_quantized(path, device: str = "cpu") -> nn.Module:
         model.get_input_embeddings().weight = nn.Parameter(model.get_output_embeddings().weight,
                                                            requires_grad=False)
     model.apq_plan = plan
+    if device_map:
+        from .placement import place_model, resolve_device_map
+
+        return place_model(model, resolve_device_map(model, device_map, max_memory))
     return model.to(device)
