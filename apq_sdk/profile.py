@@ -14,7 +14,7 @@ For every linear layer and candidate (bits, group size) the predicted loss incre
     perturbed, so it captures what the block does with the error (softmax, gating, the residual add);
   - depth(block): the KL at the logits per unit of that relative error, measured by perturbing every
     linear of the block at the reference candidate (3 bits) and running the rest of the network on
-    a couple of sequences. Errors early in the network are damped or amplified by the blocks after
+    one calibration sequence. Errors early in the network are damped or amplified by the blocks after
     them, and the last blocks feed the head almost directly; a relative error alone misses that.
 * alpha is a global correction (ideally 1) for what the sum of per-layer predictions misses when
   every layer is quantized at once. It is fitted after the sweep from a few forwards of the whole
@@ -76,7 +76,7 @@ class ProfileSettings:
     act_order: bool = True
     batch_size: int = 8
     gain_samples: int = 2
-    depth_samples: int = 2  # sequences propagated to the logits for the per-block depth factor
+    depth_samples: int = 1  # sequences propagated to the logits for the per-block depth factor
     fit_samples: int = 4  # held-out sequences of the loss-model fit
     head_bits: tuple[int, ...] = HEAD_BITS
     seed: int = 0
@@ -226,17 +226,22 @@ def _propagated_kl(model, info: ModelInfo, index: int, linears: dict[str, nn.Mod
 
 
 @torch.no_grad()
-def _head_kl(hidden: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
-             chunk: int = 512) -> float:
-    """Second-order KL estimate of a logit perturbation, averaged over tokens."""
-    total, count = 0.0, 0
+def _head_kl(hidden: torch.Tensor, weight: torch.Tensor, deltas: list[torch.Tensor],
+             chunk: int = 512) -> list[float]:
+    """Second-order KL estimate of each logit perturbation x @ delta.T, averaged over tokens.
+
+    The softmax of the clean logits is computed once per chunk and shared by every delta.
+    """
+    totals = [0.0] * len(deltas)
+    count = 0
     for start in range(0, hidden.shape[0], chunk):
         x = hidden[start:start + chunk]
         p = torch.softmax(x @ weight.T, dim=-1)
-        dz = x @ delta.T
-        total += float(0.5 * ((p * dz * dz).sum(-1) - (p * dz).sum(-1) ** 2).sum())
+        for i, delta in enumerate(deltas):
+            dz = x @ delta.T
+            totals[i] += float(0.5 * ((p * dz * dz).sum(-1) - (p * dz).sum(-1) ** 2).sum())
         count += x.shape[0]
-    return total / count
+    return [total / count for total in totals]
 
 
 @torch.no_grad()
@@ -336,7 +341,8 @@ def _profile_output_head(model, info: ModelInfo, sens: SensitivityMap, batches, 
     norm = model.get_submodule(info.layers_path.rsplit(".", 1)[0] + ".norm")
     head = model.get_output_embeddings()
     weight = head.weight.data.float()
-    hidden = torch.cat([norm(b.hidden).reshape(-1, weight.shape[1]) for b in batches])
+    hidden = torch.cat([norm(b.hidden).reshape(-1, weight.shape[1]).to(weight.device)
+                        for b in batches])
     generator = torch.Generator().manual_seed(settings.seed)
     pick = torch.randperm(hidden.shape[0], generator=generator)[:2048].to(hidden.device)
     subset = hidden[pick].float()
@@ -344,11 +350,10 @@ def _profile_output_head(model, info: ModelInfo, sens: SensitivityMap, batches, 
     entry = {"kind": "lm_head", "layer": info.num_layers, "role": "lm_head",
              "shape": list(weight.shape), "tied": info.tie_word_embeddings,
              "errors": {}, "rtn_errors": {}, "gain": 1.0, "act_clip": 1.0, "act_error": 0.0}
-    for bits in settings.head_bits:
-        for group in settings.group_sizes:
-            key = candidate_key(bits, group)
-            delta = quantize_rtn(weight, bits, group, settings.symmetric,
-                                 torch.diag(hessian)).dequantize() - weight
-            entry["errors"][key] = _head_kl(subset, weight, delta)
-            entry["rtn_errors"][key] = entry["errors"][key]
+    deltas = {candidate_key(bits, group): quantize_rtn(weight, bits, group, settings.symmetric,
+                                                        torch.diag(hessian)).dequantize() - weight
+              for bits in settings.head_bits for group in settings.group_sizes}
+    for key, kl in zip(deltas, _head_kl(subset, weight, list(deltas.values()))):
+        entry["errors"][key] = kl
+        entry["rtn_errors"][key] = kl
     sens.modules["lm_head"] = entry
