@@ -3,7 +3,10 @@
 For every supported family (tiny random-init models), profile -> plan -> quantize runs on cuda and
 on cpu from the same inputs; the plans must pick the same bits (the sensitivity maps agree to float
 tolerance), and the quantized models' logits must agree. A larger random Llama (about 0.5B
-parameters) then gives a profile + quantize time on the GPU. Writes JSON and markdown.
+parameters) then gives a profile + quantize time on the GPU. `--device-map` checks accelerate
+placement: the Llama tiny model through a per-block map on cuda:0 (hooked path, one GPU) and,
+with two or more GPUs, `--device-map balanced` over all of them; each plan must match the plain
+cuda run's and the logits must agree. Writes JSON and markdown.
 
     python bench/gpu_check.py --out bench/results/gpu_check
 """
@@ -30,8 +33,12 @@ from apq_sdk.quantize import quantize_model  # noqa: E402
 from apq_sdk.testing import FAMILIES, make_tiny_model  # noqa: E402
 
 
-def pipeline(path, device: str, samples: int = 16, seq_len: int = 64):
-    model, tok, info = load_model(path, device=device)
+def pipeline(path, device: str, samples: int = 16, seq_len: int = 64, device_map=None):
+    model, tok, info = load_model(path, device=device, device_map=device_map)
+    if device_map:
+        from apq_sdk.placement import input_device
+
+        device = input_device(model)
     ids, calib = load_calibration(tok, num_samples=samples, seq_len=seq_len, seed=0)
     fit, _ = load_calibration(tok, num_samples=4, seq_len=seq_len, seed=1)
     t = time.time()
@@ -47,6 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results/gpu_check")
     parser.add_argument("--big", action="store_true", help="also time a ~0.5B random Llama on cuda")
+    parser.add_argument("--device-map", action="store_true",
+                        help="also check accelerate device maps (one GPU, and all GPUs if several)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check needs --device cuda")
@@ -67,6 +76,9 @@ def main() -> None:
                      "max_abs_logit_diff_gpu_vs_cpu": float((a - b).abs().max()),
                      "logit_scale": float(b.abs().max()), "kl_vs_fp32_on_gpu": kl})
         print(json.dumps(rows[-1]), flush=True)
+    placements = []
+    if args.device_map:
+        placements = placement_check(tmp)
     big = None
     if args.big:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -89,7 +101,7 @@ def main() -> None:
         print(json.dumps(big), flush=True)
     result = {"command": "python bench/gpu_check.py " + " ".join(sys.argv[1:]),
               "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "rows": rows, "big_model": big}
+              "rows": rows, "big_model": big, "device_maps": placements}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -104,7 +116,46 @@ def main() -> None:
         lines += ["", f"Random Llama, {big['params'] / 1e6:.0f}M parameters, {big['samples']} calibration "
                   f"tokens: profile + plan + quantize {big['profile_plan_quantize_seconds']:.0f} s on the GPU, "
                   f"peak GPU memory {big['peak_gpu_memory_gb']:.1f} GB."]
+    if placements:
+        lines += ["", "| device map | devices used | modules with same bits as plain cuda | "
+                  "max logit diff |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['map']} | {r['devices_used']} | {r['modules_same_bits']} | "
+                  f"{r['max_abs_logit_diff']:.2e} |" for r in placements]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def placement_check(tmp: Path, device: str = "cuda") -> list[dict]:
+    """Plans and logits through accelerate device maps against the plain single-device run
+    (`device` "cpu" runs the same check without a GPU)."""
+    path = tmp / "llama"
+    if not path.exists():
+        make_tiny_model(path, "llama")
+    plain_model, plain_plan, ids, _ = pipeline(path, device)
+    slot = 0 if device == "cuda" else device
+    model, _, info = load_model(path)
+    base_path, layers_name = info.layers_path.rsplit(".", 1)
+    per_block = {f"{base_path}.{n}": slot for n, _ in model.get_submodule(base_path).named_children()
+                 if n != layers_name}
+    per_block.update({f"{info.layers_path}.{i}": slot for i in range(info.num_layers)})
+    per_block.update({n: slot for n, _ in model.named_children() if n != base_path})
+    map_file = tmp / "per-block-map.json"
+    map_file.write_text(json.dumps(per_block))
+    maps = [(f"per-block, {'cuda:0' if device == 'cuda' else device}", str(map_file))]
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        maps.append((f"balanced over {torch.cuda.device_count()} GPUs", "balanced"))
+    rows = []
+    for label, spec in maps:
+        mapped, plan, _, _ = pipeline(path, device, device_map=spec)
+        gpus = sorted({str(p.device) for p in mapped.parameters()})
+        same = sum(plan.modules[n].bits == plain_plan.modules[n].bits for n in plan.modules)
+        with torch.no_grad():
+            a = mapped(input_ids=ids[:2].to(device)).logits.float().cpu()
+            b = plain_model(input_ids=ids[:2].to(device)).logits.float().cpu()
+        rows.append({"map": label, "devices_used": ", ".join(gpus),
+                     "modules_same_bits": f"{same}/{len(plan.modules)}",
+                     "max_abs_logit_diff": float((a - b).abs().max())})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 if __name__ == "__main__":
