@@ -162,9 +162,9 @@ class HessianCollector:
         later batches stop as soon as the last of them has its input (for a decoder block that
         skips the down projection and the residual add).
         """
+        self._call_order.clear()
+        self._stop_at = None
         for index, batch in enumerate(batches):
-            if index == 0:
-                self._call_order.clear()
             try:
                 block(batch.hidden, **batch.kwargs)
             except _StopForward:

@@ -127,12 +127,12 @@ def quantize_model(model: nn.Module, info: ModelInfo, plan: Plan, samples: torch
                     outputs = run_block(block, batches)
                 batches = [type(b)(o, b.kwargs) for b, o in zip(batches, outputs)]
             bar.advance(task)
-        _quantize_head(model, info, plan, batches, method, act_order, device)
+        _quantize_head(model, info, plan, batches, method, act_order)
         bar.advance(task)
     return model
 
 
-def _quantize_head(model, info: ModelInfo, plan: Plan, batches, method, act_order, device) -> None:
+def _quantize_head(model, info: ModelInfo, plan: Plan, batches, method, act_order) -> None:
     entry = plan.modules.get("lm_head")
     if entry is None:
         return
