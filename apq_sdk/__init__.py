@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def load_quantized(path, device: str = "cpu"):
     """Load a model written by `apq-sdk quantize`: a torch module with forward and generate."""
-    from .quantize import load_quantized as _load
+    from .quantizer import load_quantized as _load
 
     return _load(path, device=device)
 

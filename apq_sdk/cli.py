@@ -144,9 +144,9 @@ def _load(model: str, device: str, device_map: str | None = None, max_memory: st
 
 def _profile(model, tok, info, calib, samples, seq_len, seed, device):
     from .calibration import load_calibration
-    from .profile import ProfileSettings, profile_model
+    from .sensitivity import ProfileSettings, profile_model
 
-    from .build import profile_cache_path, store_profile
+    from .builder import profile_cache_path, store_profile
 
     ids, calib_info = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
     settings = ProfileSettings(seed=seed)
@@ -185,7 +185,7 @@ def _budget(bits_per_weight, memory_reduction, max_loss):
 
 
 def _load_sensitivity(path: str):
-    from .profile import SensitivityMap
+    from .sensitivity import SensitivityMap
 
     try:
         return SensitivityMap.from_dict(json.loads(Path(path).read_text()))
@@ -212,7 +212,7 @@ def plan(ctx, sensitivity, bits_per_weight, memory_reduction, max_loss, activati
     """
     if ctx.invoked_subcommand is not None:
         return
-    from .plan import save_plan
+    from .plan_file import save_plan
     from .planning import make_plan
 
     budget = _budget(bits_per_weight, memory_reduction, max_loss)
@@ -239,7 +239,7 @@ def plan_show(plan_file):
     """Print a plan file as a table."""
     from rich.console import Console
 
-    from .plan import PlanError, load_plan, render_plan_table
+    from .plan_file import PlanError, load_plan, render_plan_table
 
     try:
         loaded = load_plan(Path(plan_file))
@@ -266,8 +266,8 @@ def quantize(model, plan_file, calib, samples, seq_len, seed, device, device_map
              method, output):
     """Stage 3: apply a plan (GPTQ at the planned bits) and write packed low-bit weights."""
     from .calibration import load_calibration
-    from .plan import PlanError, load_plan
-    from .quantize import quantize_model, save_quantized
+    from .plan_file import PlanError, load_plan
+    from .quantizer import quantize_model, save_quantized
 
     try:
         loaded = load_plan(Path(plan_file))
@@ -300,7 +300,7 @@ def eval_cmd(quantized, model, text, windows, window_len, device, device_map, ma
 
     from .calibration import eval_text_path, eval_windows
     from .evaluate import evaluate
-    from .quantize import load_quantized
+    from .quantizer import load_quantized
 
     from .placement import parse_max_memory
 
@@ -373,7 +373,7 @@ def build_cmd(target, model, plan_file, bits_per_weight, memory_reduction, max_l
 
     Without a budget or plan the default is --bits-per-weight 4.0.
     """
-    from .build import BuildRequest, build
+    from .builder import BuildRequest, build
     from .targets.base import load_builtin_targets
 
     names = [target]
@@ -403,7 +403,7 @@ def build_cmd(target, model, plan_file, bits_per_weight, memory_reduction, max_l
 @click.option("--windows", type=click.IntRange(1), default=8, show_default=True)
 def verify_cmd(package, reference, windows):
     """Check every hash in the manifest, run the package here, compare with the torch reference."""
-    from .build import verify_package
+    from .builder import verify_package
 
     result = verify_package(Path(package), Path(reference) if reference else None, windows)
     click.echo(json.dumps(result, indent=2, sort_keys=True))

@@ -1,6 +1,6 @@
 """The mapping from summed per-layer predictions to measured model loss.
 
-Per-layer predictions are on a relative scale (relative residual error, see profile.py). A few
+Per-layer predictions are on a relative scale (relative residual error, see sensitivity.py). A few
 forwards of the whole model, quantized uniformly by round-to-nearest at several candidates, on
 held-out calibration sequences (never evaluation text) give measured KL divergence and cross-entropy
 increase; `alpha` scales the sum of predictions to KL (least squares in log space) and `kappa`
@@ -26,7 +26,7 @@ def kl_for_relative_ppl(rel: float, loss_model: dict) -> float:
 
 @torch.no_grad()
 def fit_loss_model(model, info, sens, fit_samples: torch.Tensor, settings, device: str) -> dict:
-    from .profile import parse_candidate_key
+    from .sensitivity import parse_candidate_key
 
     # bfloat16 matmuls (autocast keeps RoPE and softmax in float32) make these forwards ~1.6x
     # faster on CPU; on the demo model they move KL by 1e-3 nats, against fit points of 0.3 to 2.

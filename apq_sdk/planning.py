@@ -19,12 +19,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from . import planner
+from . import knapsack
 from .errors import UsageError
 from .loss_model import kl_for_relative_ppl
-from .plan import (CalibrationInfo, Capabilities, LossModel, ModelInfo, ModulePlan, Objective,
+from .plan_file import (CalibrationInfo, Capabilities, LossModel, ModelInfo, ModulePlan, Objective,
                    Plan, compute_totals)
-from .profile import SensitivityMap, candidate_key, parse_candidate_key
+from .sensitivity import SensitivityMap, candidate_key, parse_candidate_key
 from .quant.modules import ACT_INT8, ACT_INT8_BLOCK, ACT_NONE, ACTIVATION_MODES
 from .quant.packing import stored_bytes
 
@@ -112,7 +112,7 @@ def _unit_name(name: str, entry: dict, cap: Capability) -> str:
 
 
 def build_units(sens: SensitivityMap, cap: Capability, activation: str, symmetric: bool,
-                head_bits: str) -> tuple[list[planner.Unit], dict[str, list[str]], dict]:
+                head_bits: str) -> tuple[list[knapsack.Unit], dict[str, list[str]], dict]:
     """Planner units, their member modules, and per-module option tables."""
     alpha = sens.loss_model["alpha"]
     members: dict[str, list[str]] = {}
@@ -131,9 +131,9 @@ def build_units(sens: SensitivityMap, cap: Capability, activation: str, symmetri
     units = []
     for unit, names in members.items():
         shared = sorted(set.intersection(*(set(tables[n]) for n in names)))
-        options = tuple(planner.Option(key, sum(tables[n][key][0] for n in names),
+        options = tuple(knapsack.Option(key, sum(tables[n][key][0] for n in names),
                                        sum(tables[n][key][1] for n in names)) for key in shared)
-        units.append(planner.Unit(unit, options))
+        units.append(knapsack.Unit(unit, options))
     return units, members, tables
 
 
@@ -162,11 +162,11 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, cap: Capability = GENERIC
         max_bytes = None
     try:
         if max_bytes is not None:
-            assignment = planner.minimize_loss(units, max_bytes)
+            assignment = knapsack.minimize_loss(units, max_bytes)
         else:
             kl_budget = kl_for_relative_ppl(budget.max_loss, sens.loss_model)
-            assignment = planner.minimize_bytes(units, kl_budget)
-    except planner.InfeasibleBudget as exc:
+            assignment = knapsack.minimize_bytes(units, kl_budget)
+    except knapsack.InfeasibleBudget as exc:
         raise UsageError(str(exc)) from exc
     modules: dict[str, ModulePlan] = {}
     for unit, names in members.items():

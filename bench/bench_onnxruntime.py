@@ -48,7 +48,7 @@ def resolve_quantized(path: Path) -> Path:
     """A quantized directory, or the cached one a built package's manifest names."""
     if (path / "model.safetensors").is_file() or not (path / "manifest.json").is_file():
         return path
-    from apq_sdk.build import cache_dir
+    from apq_sdk.builder import cache_dir
 
     key = json.loads((path / "manifest.json").read_text())["reference"]["quantized_cache_key"]
     return cache_dir() / "quantized" / key
@@ -98,7 +98,7 @@ def main() -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from apq_sdk.calibration import eval_text_path, eval_windows
-    from apq_sdk.plan import load_plan
+    from apq_sdk.plan_file import load_plan
     from apq_sdk.targets.base import BuildContext
     from apq_sdk.targets.onnxruntime_target import OnnxDecoder, OnnxRuntimeTarget, _package_bytes
 

@@ -1,4 +1,4 @@
-"""How fast is the exact planner on a Llama-3-8B-sized problem? Timing of apq_sdk.planner.
+"""How fast is the exact planner on a Llama-3-8B-sized problem? Timing of apq_sdk.knapsack.
 
 32 layers x 7 matrices (q 4096x4096, k/v 1024x4096, o 4096x4096, gate/up 14336x4096,
 down 4096x14336) = 224 units, each with bits {2, 3, 4, 8, 16}, group 128, asymmetric storage sizes
@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apq_sdk.planner import (  # noqa: E402
+from apq_sdk.knapsack import (  # noqa: E402
     Option,
     Unit,
     minimize_bytes,

@@ -32,8 +32,8 @@ from apq_sdk.calibration import eval_text_path, eval_windows, load_calibration  
 from apq_sdk.evaluate import compare_to_cached, reference_log_probs  # noqa: E402
 from apq_sdk.model_io import load_model  # noqa: E402
 from apq_sdk.planning import Budget, make_plan, uniform_plan  # noqa: E402
-from apq_sdk.profile import ProfileSettings, SensitivityMap, profile_model  # noqa: E402
-from apq_sdk.quantize import quantize_model  # noqa: E402
+from apq_sdk.sensitivity import ProfileSettings, SensitivityMap, profile_model  # noqa: E402
+from apq_sdk.quantizer import quantize_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_CONFIGS = ("rtn-b4g128,gptq-b4g128,apq-4.0,apq-4.1745,rtn-b3g128,gptq-b3g128,apq-3.0,"

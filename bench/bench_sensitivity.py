@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apq_sdk.calibration import eval_text_path, eval_windows, load_calibration  # noqa: E402
 from apq_sdk.evaluate import compare_to_cached, reference_log_probs  # noqa: E402
 from apq_sdk.model_io import load_model  # noqa: E402
-from apq_sdk.profile import ProfileSettings, SensitivityMap, profile_model  # noqa: E402
+from apq_sdk.sensitivity import ProfileSettings, SensitivityMap, profile_model  # noqa: E402
 from apq_sdk.quant.weights import quantize_rtn  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

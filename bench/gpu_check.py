@@ -28,8 +28,8 @@ from apq_sdk.calibration import load_calibration  # noqa: E402
 from apq_sdk.evaluate import evaluate  # noqa: E402
 from apq_sdk.model_io import load_model  # noqa: E402
 from apq_sdk.planning import Budget, make_plan  # noqa: E402
-from apq_sdk.profile import ProfileSettings, profile_model  # noqa: E402
-from apq_sdk.quantize import quantize_model  # noqa: E402
+from apq_sdk.sensitivity import ProfileSettings, profile_model  # noqa: E402
+from apq_sdk.quantizer import quantize_model  # noqa: E402
 from apq_sdk.testing import FAMILIES, make_tiny_model  # noqa: E402
 
 

@@ -82,8 +82,8 @@ class BuildContext:
     """What a target's `lower` gets: the quantized model and where to write."""
 
     package_dir: Path  # write every package file under here (a temporary directory)
-    quantized_dir: Path  # output of apq_sdk.quantize.save_quantized (model.safetensors, plan.json, ...)
-    plan: object  # apq_sdk.plan.Plan
+    quantized_dir: Path  # output of apq_sdk.quantizer.save_quantized (model.safetensors, plan.json, ...)
+    plan: object  # apq_sdk.plan_file.Plan
     model_name: str
     package_name: str
     extra: dict = field(default_factory=dict)

@@ -134,7 +134,7 @@ def load_quantized_weights(quantized_dir: Path):
     from safetensors.numpy import load_file
     from transformers import AutoConfig
 
-    from apq_sdk.plan import load_plan
+    from apq_sdk.plan_file import load_plan
 
     quantized_dir = Path(quantized_dir)
     plan = load_plan(quantized_dir / "plan.json")

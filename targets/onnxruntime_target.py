@@ -2,7 +2,7 @@
 
 `lower` writes `model.onnx` (with `model.onnx.data` beside it only past protobuf's 2 GiB), the
 tokenizer files, `onnx_io.json` (the I/O contract and model geometry, for runners other than the
-C++ one) and the native glue: templates/onnxruntime rendered by `apq_sdk.glue` (C API, runner,
+C++ one) and the native glue: templates/onnxruntime rendered by `apq_sdk.native_glue` (C API, runner,
 CMake, README) with the tokenizer exported to `tokenizer/`. The graph is a decoder with a KV cache
 for prefill and decode (contract in targets/onnx_lowering.py); every planned linear and the head
 are `com.microsoft.MatMulNBits` holding the core's packed codes, scales and zero points bit for
@@ -110,7 +110,7 @@ class OnnxRuntimeTarget(Target):
     # -- lowering ----------------------------------------------------------------------------------
 
     def lower(self, ctx: BuildContext) -> None:
-        from apq_sdk.plan import plan_sha256
+        from apq_sdk.plan_file import plan_sha256
 
         package_dir = Path(ctx.package_dir)
         package_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ class OnnxRuntimeTarget(Target):
     def _write_glue(self, ctx: BuildContext, package_dir: Path, numbers: dict) -> None:
         """The C/C++ runner (templates/onnxruntime), its README and the plain-text tokenizer."""
         from apq_sdk import __version__
-        from apq_sdk.glue import TOKENIZER_DIR, TokenizerExportError, export_tokenizer, render_templates
+        from apq_sdk.native_glue import TOKENIZER_DIR, TokenizerExportError, export_tokenizer, render_templates
 
         tokenizer = package_dir / "tokenizer.json"
         if not tokenizer.is_file():
@@ -182,7 +182,7 @@ class OnnxRuntimeTarget(Target):
         """Compare the package with the torch reference; `timings` holds the run-to-run numbers."""
         import torch
 
-        from apq_sdk.quantize import load_quantized
+        from apq_sdk.quantizer import load_quantized
 
         package_dir, reference_dir = Path(package_dir), Path(reference_dir)
         runner = OnnxDecoder(package_dir / MODEL_FILE, threads=threads)

@@ -14,8 +14,8 @@ from apq_sdk.calibration import eval_text_path, eval_windows, load_calibration
 from apq_sdk.evaluate import evaluate
 from apq_sdk.model_io import load_model
 from apq_sdk.planning import Budget, make_plan, uniform_plan
-from apq_sdk.profile import ProfileSettings, profile_model
-from apq_sdk.quantize import quantize_model
+from apq_sdk.sensitivity import ProfileSettings, profile_model
+from apq_sdk.quantizer import quantize_model
 
 pytestmark = [
     pytest.mark.demo,

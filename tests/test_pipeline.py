@@ -12,9 +12,9 @@ from apq_sdk.calibration import load_calibration
 from apq_sdk.evaluate import evaluate
 from apq_sdk.model_io import load_model
 from apq_sdk.planning import Budget, make_plan, uniform_plan
-from apq_sdk.plan import load_plan
-from apq_sdk.profile import ProfileSettings, profile_model
-from apq_sdk.quantize import load_quantized, quantize_model, save_quantized
+from apq_sdk.plan_file import load_plan
+from apq_sdk.sensitivity import ProfileSettings, profile_model
+from apq_sdk.quantizer import load_quantized, quantize_model, save_quantized
 from apq_sdk.testing import FAMILIES
 
 
@@ -77,7 +77,7 @@ _RUN_ONCE = """
 import sys
 from tests.test_pipeline import _profile
 from apq_sdk.planning import Budget, make_plan
-from apq_sdk.quantize import quantize_model, save_quantized
+from apq_sdk.quantizer import quantize_model, save_quantized
 model, tok, info, ids, sens = _profile(sys.argv[1])
 plan = make_plan(sens, Budget(bits_per_weight=4.0))
 quantize_model(model, info, plan, ids)
@@ -126,7 +126,7 @@ def test_mixed_plan_beats_uniform_rtn_on_tiny(tiny_llama):
 
 
 def test_failed_save_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
-    from apq_sdk import quantize as quantize_mod
+    from apq_sdk import quantizer as quantize_mod
 
     model, tok, info, ids, sens = _profile(tiny_llama)
     plan = make_plan(sens, Budget(bits_per_weight=4.0))

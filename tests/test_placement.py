@@ -20,8 +20,8 @@ from apq_sdk.errors import UsageError
 from apq_sdk.model_io import load_model
 from apq_sdk.placement import parse_max_memory, resolve_device_map
 from apq_sdk.planning import Budget, make_plan
-from apq_sdk.profile import ProfileSettings, profile_model
-from apq_sdk.quantize import load_quantized, quantize_model, save_quantized
+from apq_sdk.sensitivity import ProfileSettings, profile_model
+from apq_sdk.quantizer import load_quantized, quantize_model, save_quantized
 from apq_sdk.testing import FAMILIES
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from apq_sdk.build import BuildRequest, build, check_manifest, verify_package
+from apq_sdk.builder import BuildRequest, build, check_manifest, verify_package
 from apq_sdk.errors import ApqError, UsageError
 from apq_sdk.targets.base import TARGETS, get_target, load_builtin_targets
 

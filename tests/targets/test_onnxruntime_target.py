@@ -19,11 +19,11 @@ from onnx import numpy_helper  # noqa: E402
 
 from apq_sdk.calibration import builtin_text, load_calibration  # noqa: E402
 from apq_sdk.model_io import load_model  # noqa: E402
-from apq_sdk.plan import Plan, compute_totals, load_plan  # noqa: E402
+from apq_sdk.plan_file import Plan, compute_totals, load_plan  # noqa: E402
 from apq_sdk.planning import Budget, make_plan  # noqa: E402
-from apq_sdk.profile import ProfileSettings, profile_model  # noqa: E402
+from apq_sdk.sensitivity import ProfileSettings, profile_model  # noqa: E402
 from apq_sdk.quant.packing import stored_bytes  # noqa: E402
-from apq_sdk.quantize import quantize_model, save_quantized  # noqa: E402
+from apq_sdk.quantizer import quantize_model, save_quantized  # noqa: E402
 from apq_sdk.targets.base import BuildContext, get_target  # noqa: E402
 from apq_sdk.targets.onnx_lowering import (build_decoder, float_weights_from_model,  # noqa: E402
                                            nbits_nodes, save_model)
@@ -292,7 +292,7 @@ def test_tied_head_variants(head_bits, symmetric, tiny_model_factory, work, text
 
 def test_accuracy_level_4_is_not_the_reference(tiny_model_factory, work):
     """The measurement behind the explicit activation ops (see the target's docstring)."""
-    from apq_sdk.quantize import load_quantized
+    from apq_sdk.quantizer import load_quantized
 
     quantized, package = _package(tiny_model_factory, work, "llama", INT8)
     level4 = _lower(quantized, work / "level4", activation_lowering="accuracy-level-4")

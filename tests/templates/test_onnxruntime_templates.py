@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from apq_sdk.glue import (_KNOWN_SPLIT_PATTERNS, c_identifier, export_tokenizer,
+from apq_sdk.native_glue import (_KNOWN_SPLIT_PATTERNS, c_identifier, export_tokenizer,
                           render_templates)
 
 ROOT = Path(__file__).resolve().parents[2]

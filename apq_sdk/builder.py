@@ -73,7 +73,7 @@ def store_profile(sens, path: Path) -> None:
 def _profile_cached(model, tok, info, req: BuildRequest, log):
     """The sensitivity map for (model, calibration, settings), from the cache when present."""
     from .calibration import load_calibration
-    from .profile import ProfileSettings, SensitivityMap, profile_model
+    from .sensitivity import ProfileSettings, SensitivityMap, profile_model
 
     ids, calib = load_calibration(tok, req.calib, num_samples=req.samples, seq_len=req.seq_len,
                                   seed=req.seed)
@@ -100,7 +100,7 @@ def _refusal(target_cls, violations) -> str:
 
 def resolve_plan(req: BuildRequest, target_cls, model, tok, info, log):
     """(plan, calibration ids): the given plan (checked, or re-planned) or a new one."""
-    from .plan import PlanError, load_plan
+    from .plan_file import PlanError, load_plan
     from .planning import Budget, make_plan, parse_relative
 
     cap = target_cls.capabilities.as_planning(target_cls.name)
@@ -155,8 +155,8 @@ def resolve_plan(req: BuildRequest, target_cls, model, tok, info, log):
 
 def _quantized_cached(model, tok, info, plan, ids, req, log) -> Path:
     """The quantized model directory of `plan` (cached by plan hash and calibration)."""
-    from .plan import plan_sha256
-    from .quantize import quantize_model, save_quantized
+    from .plan_file import plan_sha256
+    from .quantizer import quantize_model, save_quantized
 
     key = _json_sha({"plan": plan_sha256(plan), "calib": [req.calib, req.samples, req.seq_len, req.seed],
                      "sdk": __version__})
@@ -217,7 +217,7 @@ def runtime_versions() -> dict:
 def build(req: BuildRequest, log=print) -> Path:
     """Build one target; returns the package directory."""
     from .model_io import load_model
-    from .plan import plan_sha256, save_plan
+    from .plan_file import plan_sha256, save_plan
     from .targets.base import BuildContext, get_target
 
     try:

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from apq_sdk.plan import (
+from apq_sdk.plan_file import (
     PLAN_VERSION,
     CalibrationInfo,
     Capabilities,

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from apq_sdk.planner import (
+from apq_sdk.knapsack import (
     Assignment,
     InfeasibleBudget,
     Option,

@@ -24,7 +24,7 @@ from .errors import ApqError, ModelLoadError
 from .fsutil import atomic_directory
 from .model_io import ModelInfo
 from .placement import replace_module
-from .plan import Plan, load_plan, save_plan
+from .plan_file import Plan, load_plan, save_plan
 from .progress import progress_bar
 from .quant.modules import Float16Linear, QuantLinear
 from .quant.weights import GptqTask, QuantizedWeight, gptq_quantize, gptq_quantize_many, quantize_rtn

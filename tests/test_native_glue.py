@@ -1,4 +1,4 @@
-"""apq_sdk.glue: escaping filters (proved by compilers and interpreters, not by string checks
+"""apq_sdk.native_glue: escaping filters (proved by compilers and interpreters, not by string checks
 alone), template rendering and the tokenizer export's refusals."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from apq_sdk import glue
-from apq_sdk.glue import (TemplateContextError, TokenizerExportError, c_comment, c_identifier,
+from apq_sdk import native_glue as glue
+from apq_sdk.native_glue import (TemplateContextError, TokenizerExportError, c_comment, c_identifier,
                           c_int, c_string, cmake_string, export_tokenizer, markdown_text,
                           render_templates, shell_single)
 
