@@ -70,14 +70,14 @@ def store_profile(sens, path: Path) -> None:
     atomic_write_text(path, json.dumps(sens.to_dict(), sort_keys=True) + "\n")
 
 
-def _profile_cached(model, tok, info, req: BuildRequest, log):
+def _profile_cached(model, tok, info, req: BuildRequest, caps, log):
     """The sensitivity map for (model, calibration, settings), from the cache when present."""
     from .calibration import load_calibration
     from .sensitivity import ProfileSettings, SensitivityMap, profile_model
 
     ids, calib = load_calibration(tok, req.calib, num_samples=req.samples, seq_len=req.seq_len,
                                   seed=req.seed)
-    settings = ProfileSettings(seed=req.seed)
+    settings = ProfileSettings.for_capabilities(caps, seed=req.seed)
     path = profile_cache_path(info, calib, settings)
     if path.is_file():
         log(f"profile: cached ({path.name[:12]}…)")
@@ -103,7 +103,7 @@ def resolve_plan(req: BuildRequest, target_cls, model, tok, info, log):
     from .plan_file import PlanError, load_plan
     from .planning import Budget, make_plan, parse_relative
 
-    cap = target_cls.capabilities.as_planning(target_cls.name)
+    caps = target_cls.capabilities
     budget_given = any(v is not None for v in (req.bits_per_weight, req.memory_reduction, req.max_loss))
     if req.plan_path is not None:
         try:
@@ -129,8 +129,9 @@ def resolve_plan(req: BuildRequest, target_cls, model, tok, info, log):
         if budget_given:
             raise UsageError("--replan keeps the plan's own budget; do not pass another one")
         activation = next((m.activation for m in plan.modules.values()
-                           if m.kind == "linear" and m.bits != 16),
-                          req.activations or target_cls.capabilities.default_activation)
+                           if m.kind == "linear" and m.bits != 16), None)
+        if activation not in caps.activation_modes:
+            activation = req.activations or caps.default_activation
         head = plan.modules.get("lm_head")
         head_bits = str(head.bits) if head is not None else req.head_bits
         log(f"re-planning for {target_cls.name} under the plan's budget "
@@ -140,13 +141,10 @@ def resolve_plan(req: BuildRequest, target_cls, model, tok, info, log):
             bits_per_weight=req.bits_per_weight if budget_given else 4.0,
             memory_reduction=req.memory_reduction,
             max_loss=parse_relative(req.max_loss) if req.max_loss is not None else None)
-        activation = req.activations or target_cls.capabilities.default_activation
+        activation = req.activations or caps.default_activation
         head_bits = req.head_bits
-    if head_bits != "auto" and int(head_bits) not in target_cls.capabilities.head_bits:
-        raise UsageError(f"--head-bits {head_bits}: target {target_cls.name!r} runs head bits "
-                         f"{target_cls.capabilities.head_bits}")
-    sens, ids = _profile_cached(model, tok, info, req, log)
-    plan = make_plan(sens, budget, cap=cap, activation=activation, head_bits=head_bits)
+    sens, ids = _profile_cached(model, tok, info, req, caps, log)
+    plan = make_plan(sens, budget, caps=caps, activation=activation, head_bits=head_bits)
     left = target_cls.check_plan(plan)
     if left:
         raise ApqError(_refusal(target_cls, left))

@@ -142,14 +142,40 @@ def _load(model: str, device: str, device_map: str | None = None, max_memory: st
     return (*load_model(model, device=device), device)
 
 
-def _profile(model, tok, info, calib, samples, seq_len, seed, device):
+def _capabilities(target: str | None):
+    """The capability table of `--target` (the generic core set without one)."""
+    from .capabilities import GENERIC
+
+    if target is None:
+        return GENERIC
+    from .targets.base import get_target
+
+    try:
+        return get_target(target).capabilities
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+
+
+def _parse_groups(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        groups = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--group-sizes: expected comma-separated integers like 64,128, "
+                         f"found {text!r}") from None
+    if not groups or any(g < 8 or g % 8 for g in groups):
+        raise UsageError(f"--group-sizes: expected positive multiples of 8, found {text!r}")
+    return groups
+
+
+def _profile(model, tok, info, calib, samples, seq_len, seed, device, settings):
     from .calibration import load_calibration
-    from .sensitivity import ProfileSettings, profile_model
+    from .sensitivity import profile_model
 
     from .builder import profile_cache_path, store_profile
 
     ids, calib_info = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
-    settings = ProfileSettings(seed=seed)
     fit, _ = load_calibration(tok, calib, num_samples=settings.fit_samples, seq_len=seq_len,
                               seed=seed + 1)
     sens = profile_model(model, info, ids, calib_info, settings, device, fit_samples=fit)
@@ -162,15 +188,31 @@ def _profile(model, tok, info, calib, samples, seq_len, seed, device):
 @_apply(calib_options)
 @device_option
 @_apply(placement_options)
+@click.option("--target", "-t", default=None,
+              help="Profile the candidates this target runs (its group sizes and symmetry); "
+                   "default: the generic set, groups of 64 and 128, asymmetric.")
+@click.option("--group-sizes", default=None,
+              help="Group sizes to profile, e.g. 64,128 (overrides the target's).")
+@click.option("--symmetric/--asymmetric", default=None,
+              help="Profile symmetric groups (no zero points) or asymmetric ones (default: the "
+                   "target's).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="sensitivity.json",
               show_default=True, help="Sensitivity map (JSON); a heatmap PNG is written beside it.")
-def profile(model, calib, samples, seq_len, seed, device, device_map, max_memory, output):
+def profile(model, calib, samples, seq_len, seed, device, device_map, max_memory, target,
+            group_sizes, symmetric, output):
     """Stage 1: measure each layer's (and head's) sensitivity to every candidate bit-width."""
     from .report import sensitivity_heatmap
+    from .sensitivity import ProfileSettings
 
+    overrides = {"seed": seed}
+    if _parse_groups(group_sizes) is not None:
+        overrides["group_sizes"] = _parse_groups(group_sizes)
+    if symmetric is not None:
+        overrides["symmetric"] = symmetric
+    settings = ProfileSettings.for_capabilities(_capabilities(target), **overrides)
     m, tok, info, device = _load(model, device, device_map, max_memory)
     start = time.time()
-    sens, _ = _profile(m, tok, info, calib, samples, seq_len, seed, device)
+    sens, _ = _profile(m, tok, info, calib, samples, seq_len, seed, device, settings)
     out = Path(output)
     _write_json_atomic(out, sens.to_dict())
     png = sensitivity_heatmap(sens, out.with_suffix(".png"))
@@ -199,13 +241,16 @@ def _load_sensitivity(path: str):
 @click.option("--sensitivity", "-s", type=click.Path(dir_okay=False), default="sensitivity.json",
               show_default=True, help="Sensitivity map from apq-sdk profile.")
 @_apply(budget_options)
+@click.option("--target", "-t", default=None,
+              help="Plan within this target's capability table (see apq-sdk targets); default: "
+                   "the generic core set.")
 @click.option("--share-fused/--no-share-fused", default=True, show_default=True,
               help="Force layers that runtimes fuse (q/k/v, gate/up) to share bits and group size.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="plan.json",
               show_default=True, help="Plan file to write.")
 @click.pass_context
 def plan(ctx, sensitivity, bits_per_weight, memory_reduction, max_loss, activations, head_bits,
-         share_fused, output):
+         target, share_fused, output):
     """Stage 2: choose bits per layer (exact DP) under a memory or accuracy budget.
 
     `apq-sdk plan show PLAN` prints a plan as a table.
@@ -220,11 +265,10 @@ def plan(ctx, sensitivity, bits_per_weight, memory_reduction, max_loss, activati
     start = time.time()
     from dataclasses import replace
 
-    from .planning import GENERIC
-
-    cap = GENERIC if share_fused else replace(GENERIC, name="generic-unfused", fuse_qkv=False,
-                                              fuse_gate_up=False)
-    result = make_plan(sens, budget, cap=cap, activation=activations or "none",
+    caps = _capabilities(target)
+    if not share_fused:
+        caps = replace(caps, name=f"{caps.name}-unfused", fused=())
+    result = make_plan(sens, budget, caps=caps, activation=activations or "none",
                        head_bits=head_bits)
     save_plan(result, Path(output))
     t = result.totals
@@ -328,25 +372,28 @@ def targets():
     """List every target with its capabilities and whether its tools are present here."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from .targets.base import load_builtin_targets
 
     table = Table(title="apq-sdk targets")
-    for column in ("target", "description", "weight bits", "groups", "activations", "fused",
-                   "head bits", "max ctx", "tools"):
+    for column in ("target", "description", "weight bits", "groups", "symmetric", "activations",
+                   "fused", "head bits", "max ctx", "tools"):
         table.add_column(column)
     for name, cls in sorted(load_builtin_targets().items()):
         caps = cls.capabilities
         tools = ", ".join(f"{t.name} {'ok' if t.present() else 'MISSING: ' + t.how_to_get}"
                           for t in cls.tools) or "-"
-        table.add_row(name, cls.description, ",".join(map(str, caps.weight_bits)),
-                      ",".join(map(str, caps.group_sizes)),
-                      ", ".join(f"{m} (default)" if m == caps.default_activation else m
-                                for m in caps.activation_modes),
-                      ", ".join(caps.fused), ",".join(map(str, caps.head_bits)),
-                      str(caps.max_context), tools)
+        cells = (name, cls.description, ",".join(map(str, caps.weight_bits)),
+                 ",".join(map(str, caps.group_sizes)),
+                 "only" if caps.symmetric_only else "or asymmetric",
+                 ", ".join(f"{m} (default)" if m == caps.default_activation else m
+                           for m in caps.activation_modes),
+                 ", ".join(caps.fused), ",".join(map(str, caps.head_bits)),
+                 str(caps.max_context), tools)
+        table.add_row(*(Text(cell) for cell in cells))  # Text: no rich markup in names
         if caps.notes:
-            table.add_row("", f"[dim]{caps.notes}[/dim]", *[""] * 7)
+            table.add_row("", Text(caps.notes), *[""] * 8, style="dim")
     Console(width=200).print(table)
 
 

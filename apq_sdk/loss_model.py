@@ -17,7 +17,13 @@ import torch
 from .evaluate import compare_to_cached, reference_log_probs
 from .quant.weights import quantize_rtn
 
-FIT_CANDIDATES = ("b3g128", "b4g128", "b4g64")
+
+
+def fit_candidates(group_sizes) -> tuple[str, ...]:
+    """Candidates of the loss-model fit: 3 and 4 bits at the largest profiled group size and 4 bits
+    at the smallest (b3g128, b4g128, b4g64 for the default groups 64 and 128)."""
+    large, small = max(group_sizes), min(group_sizes)
+    return tuple(dict.fromkeys((f"b3g{large}", f"b4g{large}", f"b4g{small}")))
 
 
 def kl_for_relative_ppl(rel: float, loss_model: dict) -> float:
@@ -40,7 +46,7 @@ def fit_loss_model(model, info, sens, fit_samples: torch.Tensor, settings, devic
         cached = reference_log_probs(model, fit_samples, device)
     linears = {li.name: model.get_submodule(li.name) for li in info.linears}
     points = []
-    for key in FIT_CANDIDATES:
+    for key in fit_candidates(settings.group_sizes):
         if not all(key in sens.modules[n]["rtn_errors"] for n in linears):
             continue
         bits, group = parse_candidate_key(key)

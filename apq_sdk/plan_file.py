@@ -43,7 +43,7 @@ __all__ = [
     "ModelInfo",
     "CalibrationInfo",
     "Objective",
-    "Capabilities",
+    "CapabilitiesRef",
     "LossModel",
     "ModulePlan",
     "Totals",
@@ -283,7 +283,9 @@ class Objective:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Capabilities:
+class CapabilitiesRef:
+    """Which capability table the plan was made for: its name and `Capabilities.sha256()`."""
+
     name: str = "generic"
     sha256: str
     _path: str = field(default="capabilities", repr=False, compare=False)
@@ -463,7 +465,7 @@ class Plan:
     model: ModelInfo
     calibration: CalibrationInfo
     objective: Objective
-    capabilities: Capabilities
+    capabilities: CapabilitiesRef
     loss_model: LossModel
     modules: dict[str, ModulePlan]
     totals: Totals
@@ -479,7 +481,7 @@ class Plan:
         _check_version(self.version)
         _str(self, "sdk_version", "")
         for name, typ in (("model", ModelInfo), ("calibration", CalibrationInfo),
-                          ("objective", Objective), ("capabilities", Capabilities),
+                          ("objective", Objective), ("capabilities", CapabilitiesRef),
                           ("loss_model", LossModel), ("totals", Totals)):
             v = getattr(self, name)
             if not isinstance(v, typ):
@@ -576,7 +578,7 @@ class Plan:
             model=ModelInfo(**doc["model"]),
             calibration=CalibrationInfo(**doc["calibration"]),
             objective=Objective(**doc["objective"]),
-            capabilities=Capabilities(**doc["capabilities"]),
+            capabilities=CapabilitiesRef(**doc["capabilities"]),
             loss_model=LossModel(**doc["loss_model"]),
             modules=modules,
             totals=Totals(**doc["totals"]),

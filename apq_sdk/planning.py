@@ -15,42 +15,19 @@ Budgets:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 from . import knapsack
+from .capabilities import GENERIC, Capabilities
 from .errors import UsageError
 from .loss_model import kl_for_relative_ppl
-from .plan_file import (CalibrationInfo, Capabilities, LossModel, ModelInfo, ModulePlan, Objective,
-                   Plan, compute_totals)
+from .plan_file import (CalibrationInfo, CapabilitiesRef, LossModel, ModelInfo, ModulePlan,
+                        Objective, Plan, compute_totals)
 from .sensitivity import SensitivityMap, candidate_key, parse_candidate_key
-from .quant.modules import ACT_INT8, ACT_INT8_BLOCK, ACT_NONE, ACTIVATION_MODES
+from .quant.modules import ACT_INT8, ACT_INT8_BLOCK, ACT_NONE
 from .quant.packing import stored_bytes
 
 FUSED_SUFFIXES = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
-
-
-@dataclass(frozen=True)
-class Capability:
-    """What a plan may use: the generic core set, or a target's table (targets narrow it)."""
-
-    name: str = "generic"
-    bits: tuple[int, ...] = (2, 3, 4, 8, 16)
-    group_sizes: tuple[int, ...] = (64, 128)
-    activations: tuple[str, ...] = ACTIVATION_MODES
-    symmetric_only: bool = False
-    fuse_qkv: bool = True
-    fuse_gate_up: bool = True
-
-    def sha256(self) -> str:
-        data = {"name": self.name, "bits": list(self.bits), "group_sizes": list(self.group_sizes),
-                "activations": list(self.activations), "symmetric_only": self.symmetric_only,
-                "fuse_qkv": self.fuse_qkv, "fuse_gate_up": self.fuse_gate_up}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-GENERIC = Capability()
 
 
 @dataclass(frozen=True)
@@ -82,36 +59,39 @@ def parse_relative(text: str) -> float:
         raise UsageError(f"expected a number or a percentage like '0.5%', found {text!r}") from None
 
 
-def _module_options(entry: dict, cap: Capability, activation: str, alpha: float,
+def _module_options(entry: dict, caps: Capabilities, activation: str, alpha: float,
                     symmetric: bool) -> list[tuple[str, int, float]]:
-    """(candidate key, bytes, predicted KL) for one module, filtered by the capability."""
+    """(candidate key, bytes, predicted KL) for one module, filtered by the capability table:
+    decoder linears by its weight bits, the head by its head bits."""
     n, k = entry["shape"]
+    linear = entry["kind"] == "linear"
+    allowed_bits = caps.weight_bits if linear else caps.head_bits
     act_loss = alpha * entry["gain"] * entry.get("act_error", 0.0) \
-        if activation == ACT_INT8 and entry["kind"] == "linear" else 0.0
+        if activation == ACT_INT8 and linear else 0.0
     block_errors = entry.get("act_error_block", {})
     options = []
     for key, err in sorted(entry["errors"].items()):
         bits, group = parse_candidate_key(key)
-        if bits not in cap.bits or group not in cap.group_sizes:
+        if bits not in allowed_bits or group not in caps.group_sizes:
             continue
-        loss = alpha * entry["gain"] * err if entry["kind"] == "linear" else err
-        if activation == ACT_INT8_BLOCK and entry["kind"] == "linear":
+        loss = alpha * entry["gain"] * err if linear else err
+        if activation == ACT_INT8_BLOCK and linear:
             # per-block int8 activations: their error depends on the block (= group) size
             loss += alpha * entry["gain"] * block_errors.get(str(group), 0.0)
         options.append((key, stored_bytes(n, k, bits, group, symmetric), loss + act_loss))
-    if 16 in cap.bits:
+    if 16 in allowed_bits:
         options.append(("fp16", n * k * 2, act_loss))  # 16-bit layers keep float activations
     return options
 
 
-def _unit_name(name: str, entry: dict, cap: Capability) -> str:
+def _unit_name(name: str, entry: dict, caps: Capabilities) -> str:
     group = FUSED_SUFFIXES.get(entry["role"])
-    if group == "qkv" and cap.fuse_qkv or group == "gate_up" and cap.fuse_gate_up:
+    if group is not None and group in caps.fused:
         return f"{name.rsplit('.', 1)[0]}.{group}"
     return name
 
 
-def build_units(sens: SensitivityMap, cap: Capability, activation: str, symmetric: bool,
+def build_units(sens: SensitivityMap, caps: Capabilities, activation: str, symmetric: bool,
                 head_bits: str) -> tuple[list[knapsack.Unit], dict[str, list[str]], dict]:
     """Planner units, their member modules, and per-module option tables."""
     alpha = sens.loss_model["alpha"]
@@ -120,33 +100,79 @@ def build_units(sens: SensitivityMap, cap: Capability, activation: str, symmetri
     for name, entry in sens.modules.items():
         if entry["kind"] != "linear" and head_bits != "auto":
             continue
-        options = _module_options(entry, cap, activation, alpha, symmetric)
+        options = _module_options(entry, caps, activation, alpha, symmetric)
         if not options:
-            raise UsageError(f"{name}: no candidate fits the capability set {cap.name!r} "
-                             f"(bits {cap.bits}, groups {cap.group_sizes}); profile with those "
-                             f"group sizes or widen the capability set")
+            bits = caps.weight_bits if entry["kind"] == "linear" else caps.head_bits
+            profiled = sorted({parse_candidate_key(k)[1] for k in entry["errors"]})
+            raise UsageError(f"{name}: no profiled candidate fits the capability table "
+                             f"{caps.name!r} (bits {bits}, groups {caps.group_sizes}; the "
+                             f"sensitivity map has groups {profiled}); profile for this table "
+                             f"(apq-sdk profile --target {caps.name}, or --group-sizes)")
         tables[name] = {key: (b, loss) for key, b, loss in options}
-        unit = _unit_name(name, entry, cap) if entry["kind"] == "linear" else name
+        unit = _unit_name(name, entry, caps) if entry["kind"] == "linear" else name
         members.setdefault(unit, []).append(name)
     units = []
     for unit, names in members.items():
         shared = sorted(set.intersection(*(set(tables[n]) for n in names)))
         options = tuple(knapsack.Option(key, sum(tables[n][key][0] for n in names),
-                                       sum(tables[n][key][1] for n in names)) for key in shared)
+                                        sum(tables[n][key][1] for n in names)) for key in shared)
         units.append(knapsack.Unit(unit, options))
     return units, members, tables
 
 
-def make_plan(sens: SensitivityMap, budget: Budget, *, cap: Capability = GENERIC,
-              activation: str = ACT_NONE, symmetric: bool = False, head_bits: str = "8",
-              head_group: int = 64) -> Plan:
-    if activation not in cap.activations:
-        raise UsageError(f"activation {activation!r} is not supported by {cap.name!r}; "
-                         f"choose one of {cap.activations}")
+def _check_request(sens: SensitivityMap, caps: Capabilities, activation: str, symmetric: bool,
+                   head_bits: str, head_group: int) -> None:
+    if activation not in caps.activation_modes:
+        raise UsageError(f"activation {activation!r} is not supported by {caps.name!r}; "
+                         f"choose one of {caps.activation_modes}")
+    if symmetric is False and caps.symmetric_only:
+        raise UsageError(f"{caps.name!r} runs symmetric groups only (no zero points); plan with "
+                         f"symmetric groups")
+    profiled_symmetric = bool(sens.settings.get("symmetric", False))
+    if symmetric != profiled_symmetric:
+        want = "symmetric" if symmetric else "asymmetric"
+        have = "symmetric" if profiled_symmetric else "asymmetric"
+        flag = "--symmetric" if symmetric else "--asymmetric"
+        raise UsageError(f"the plan needs {want} groups but the sensitivity map was profiled with "
+                         f"{have} ones, whose errors differ; profile again with {flag} (apq-sdk "
+                         f"build does this for the target)")
+    if head_bits != "auto":
+        if int(head_bits) not in caps.head_bits:
+            raise UsageError(f"--head-bits {head_bits}: {caps.name!r} runs head bits "
+                             f"{caps.head_bits}; choose one of them or 'auto'")
+        if int(head_bits) != 16 and head_group not in caps.group_sizes:
+            raise UsageError(f"head group size {head_group} is not in {caps.name!r}'s group sizes "
+                             f"{caps.group_sizes}")
+    profiled_groups = sorted(sens.settings.get("group_sizes", []))
+    quantized_bits = [b for b in caps.weight_bits if b != 16]
+    if quantized_bits and not set(profiled_groups) & set(caps.group_sizes):
+        raise UsageError(f"no profiled candidate fits the capability table {caps.name!r}: it runs "
+                         f"groups {caps.group_sizes}, the sensitivity map has groups "
+                         f"{profiled_groups}; profile for this table (apq-sdk profile --target "
+                         f"{caps.name}, or --group-sizes)")
     if not sens.loss_model:
         raise UsageError("the sensitivity map has no loss model (profiled without fit samples); "
                          "profile again with apq-sdk profile")
-    units, members, tables = build_units(sens, cap, activation, symmetric, head_bits)
+
+
+def head_group_for(sens: SensitivityMap, caps: Capabilities) -> int:
+    """Group size of a fixed-bit head: the smallest profiled group size the table runs."""
+    profiled = sorted({parse_candidate_key(k)[1] for k in sens.modules["lm_head"]["errors"]})
+    runnable = [g for g in profiled if g in caps.group_sizes]
+    return runnable[0] if runnable else min(caps.group_sizes)
+
+
+def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENERIC,
+              activation: str = ACT_NONE, symmetric: bool | None = None, head_bits: str = "8",
+              head_group: int | None = None) -> Plan:
+    """The plan of least predicted loss within `budget` (or fewest bytes within a loss budget),
+    choosing only what `caps` runs. `symmetric` defaults to the table's (symmetric-only tables
+    plan symmetric groups); `head_bits` fixes the output head or, with "auto", lets the
+    optimizer choose it among the table's head bits."""
+    symmetric = caps.symmetric if symmetric is None else bool(symmetric)
+    head_group = head_group_for(sens, caps) if head_group is None else head_group
+    _check_request(sens, caps, activation, symmetric, head_bits, head_group)
+    units, members, tables = build_units(sens, caps, activation, symmetric, head_bits)
     linear_params = sum(n * k for e in sens.modules.values() if e["kind"] == "linear"
                         for n, k in [e["shape"]])
     planned_params = sum(e["shape"][0] * e["shape"][1] for name, e in sens.modules.items()
@@ -192,7 +218,7 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, cap: Capability = GENERIC
     return Plan(model=ModelInfo(**sens.model),
                 calibration=CalibrationInfo(**sens.calibration),
                 objective=objective,
-                capabilities=Capabilities(name=cap.name, sha256=cap.sha256()),
+                capabilities=CapabilitiesRef(name=caps.name, sha256=caps.sha256()),
                 loss_model=loss_model, modules=dict(sorted(modules.items())),
                 totals=compute_totals(modules))
 
@@ -238,7 +264,8 @@ def uniform_plan(sens: SensitivityMap, bits: int, group: int, *, activation: str
     return Plan(model=ModelInfo(**sens.model), calibration=CalibrationInfo(**sens.calibration),
                 objective=Objective(mode="memory", bits_per_weight=None, budget_bytes=sum(
                     m.bytes for m in modules.values())),
-                capabilities=Capabilities(name=f"uniform-b{bits}g{group}", sha256=GENERIC.sha256()),
+                capabilities=CapabilitiesRef(name=f"uniform-b{bits}g{group}",
+                                              sha256=GENERIC.sha256()),
                 loss_model=LossModel(kind=sens.loss_model["kind"], coefficients={
                     "alpha": alpha, "kappa": sens.loss_model["kappa"]}),
                 modules=dict(sorted(modules.items())), totals=compute_totals(modules))

@@ -43,7 +43,7 @@ from .calibration import CalibrationInfo
 from .model_io import ModelInfo
 from .progress import progress_bar
 from .quant.modules import fake_quantize_activations, fake_quantize_activations_per_block
-from .loss_model import FIT_CANDIDATES
+from .loss_model import fit_candidates
 from .quant.weights import GptqTask, gptq_quantize_many, output_error, quantize_rtn
 
 log = logging.getLogger("apq_sdk")
@@ -81,6 +81,15 @@ class ProfileSettings:
     head_bits: tuple[int, ...] = HEAD_BITS
     seed: int = 0
     compute_dtype: str = "bfloat16"  # dtype of the calibration forwards; Hessians stay float32
+
+    @classmethod
+    def for_capabilities(cls, caps, **overrides) -> "ProfileSettings":
+        """The candidates a capability table needs: its preferred group sizes (64 and 128 where
+        it runs them, else its own) and its symmetry. Bits stay 2/3/4/8: the planner drops what
+        the table cannot run, and 3 bits is the reference perturbation of the gains."""
+        settings = dict(group_sizes=caps.profile_group_sizes(), symmetric=caps.symmetric)
+        settings.update(overrides)
+        return cls(**settings)
 
     def to_dict(self) -> dict:
         return {"bits": list(self.bits), "group_sizes": list(self.group_sizes),
@@ -264,6 +273,7 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
     # float32 inputs of the current block for the few sequences that measure gains and depth
     chain = cast_batches([slice_batch(batches[0], max(settings.gain_samples,
                                                       settings.depth_samples))], torch.float32)
+    fit_keys = fit_candidates(settings.group_sizes)
     clean_final = None
     if settings.depth_samples > 0:
         clean_final = _final_log_probs(model, info, _run_blocks(
@@ -293,7 +303,7 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
                         delta = next(results).dequantize() - weight
                         key = candidate_key(bits, group)
                         entry["errors"][key] = float(output_error(delta, hessian).sum())
-                        if key in FIT_CANDIDATES:
+                        if key in fit_keys:
                             rtn = quantize_rtn(weight, bits, group,
                                                settings.symmetric).dequantize() - weight
                             entry["rtn_errors"][key] = float(output_error(rtn, hessian).sum())

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from apq_sdk.capabilities import Capabilities, Violation  # noqa: F401  (re-exported)
+
 TARGETS: dict[str, type["Target"]] = {}
 
 
@@ -30,51 +32,6 @@ class Tool:
         if self.kind == "python":
             return importlib.util.find_spec(self.name) is not None
         return shutil.which(self.name) is not None
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a target can run. One table; `apq-sdk targets` prints it."""
-
-    weight_bits: tuple[int, ...]
-    group_sizes: tuple[int, ...]
-    activation_modes: tuple[str, ...]
-    default_activation: str = "none"  # what `build` plans with unless --activations says otherwise
-    fused: tuple[str, ...] = ("qkv", "gate_up")  # layer groups the runtime fuses: must share bits
-    head_bits: tuple[int, ...] = (4, 8, 16)
-    max_context: int = 2048
-    symmetric_only: bool = False
-    notes: str = ""
-
-    def __post_init__(self):
-        if self.default_activation not in self.activation_modes:
-            raise ValueError(f"default_activation: expected one of {self.activation_modes}, "
-                             f"found {self.default_activation!r}")
-
-    def as_planning(self, name: str):
-        from apq_sdk.planning import Capability
-
-        return Capability(name=name, bits=self.weight_bits, group_sizes=self.group_sizes,
-                          activations=self.activation_modes, symmetric_only=self.symmetric_only,
-                          fuse_qkv="qkv" in self.fused, fuse_gate_up="gate_up" in self.fused)
-
-    def to_dict(self) -> dict:
-        return {"weight_bits": list(self.weight_bits), "group_sizes": list(self.group_sizes),
-                "activation_modes": list(self.activation_modes),
-                "default_activation": self.default_activation, "fused": list(self.fused),
-                "head_bits": list(self.head_bits), "max_context": self.max_context,
-                "symmetric_only": self.symmetric_only, "notes": self.notes}
-
-
-@dataclass(frozen=True)
-class Violation:
-    module: str
-    field: str
-    found: object
-    allowed: object
-
-    def __str__(self) -> str:
-        return f"{self.module}: {self.field}={self.found!r} not in {self.allowed!r}"
 
 
 @dataclass
@@ -108,23 +65,7 @@ class Target:
 
     @classmethod
     def check_plan(cls, plan) -> list[Violation]:
-        caps = cls.capabilities
-        found = []
-        for name, entry in plan.modules.items():
-            if entry.kind == "linear":
-                if entry.bits not in caps.weight_bits:
-                    found.append(Violation(name, "bits", entry.bits, caps.weight_bits))
-                elif entry.bits != 16 and entry.group_size not in caps.group_sizes:
-                    found.append(Violation(name, "group_size", entry.group_size, caps.group_sizes))
-                if entry.activation not in caps.activation_modes:
-                    found.append(Violation(name, "activation", entry.activation, caps.activation_modes))
-            elif entry.bits not in caps.head_bits:
-                found.append(Violation(name, "bits", entry.bits, caps.head_bits))
-            elif entry.bits != 16 and entry.group_size not in caps.group_sizes:
-                found.append(Violation(name, "group_size", entry.group_size, caps.group_sizes))
-            if caps.symmetric_only and not entry.symmetric and entry.bits != 16:
-                found.append(Violation(name, "symmetric", False, (True,)))
-        return found
+        return cls.capabilities.check_plan(plan)
 
     def lower(self, ctx: BuildContext) -> None:
         """Write the model artifact, native glue and package README into ctx.package_dir."""

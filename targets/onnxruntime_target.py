@@ -84,6 +84,7 @@ class OnnxRuntimeTarget(Target):
     name = "arm64-linux"
     description = "ONNX Runtime (CPU execution provider) on ARM64 Linux; MatMulNBits weights"
     capabilities = Capabilities(
+        name="arm64-linux",
         weight_bits=(2, 4, 8, 16),
         group_sizes=(32, 64, 128, 256),
         activation_modes=("int8-per-block-dynamic", "int8-per-token-dynamic", "none"),

@@ -12,7 +12,7 @@ import pytest
 from apq_sdk.plan_file import (
     PLAN_VERSION,
     CalibrationInfo,
-    Capabilities,
+    CapabilitiesRef,
     LossModel,
     ModelInfo,
     ModulePlan,
@@ -70,7 +70,7 @@ def make_plan() -> Plan:
         calibration=CalibrationInfo(source="builtin:wikitext-mini", kind="builtin", sha256=SHA_B,
                                     num_samples=8, seq_len=128, seed=0),
         objective=Objective(mode="memory", bits_per_weight=4.5, budget_bytes=10**6),
-        capabilities=Capabilities(name="generic", sha256=SHA_A),
+        capabilities=CapabilitiesRef(name="generic", sha256=SHA_A),
         loss_model=LossModel(kind="linear", coefficients={"slope": 1.25, "intercept": 0.0}),
         modules=modules,
         totals=compute_totals(modules),

@@ -31,7 +31,7 @@ from apq_sdk.targets.onnxruntime_target import OnnxDecoder, OnnxRuntimeTarget  #
 
 INT8 = "int8-per-token-dynamic"
 BLOCK = "int8-per-block-dynamic"
-CAP = OnnxRuntimeTarget.capabilities.as_planning("arm64-linux")
+CAP = OnnxRuntimeTarget.capabilities
 CASES = [("llama", INT8), ("llama", "none"), ("llama", BLOCK), ("mistral", INT8),
          ("mistral", "none"), ("mistral", BLOCK)]
 _PROFILES: dict = {}
@@ -51,16 +51,16 @@ def text_file(work):
     return path
 
 
-def _profile(tiny_model_factory, family):
-    if family not in _PROFILES:
+def _profile(tiny_model_factory, family, symmetric=False):
+    if (family, symmetric) not in _PROFILES:
         path = tiny_model_factory(family)
         model, tok, info = load_model(path)
         ids, calib = load_calibration(tok, num_samples=8, seq_len=48, seed=0)
         fit, _ = load_calibration(tok, num_samples=2, seq_len=48, seed=1)
-        sens = profile_model(model, info, ids, calib,
-                             ProfileSettings(batch_size=4, group_sizes=(32, 128)), fit_samples=fit)
-        _PROFILES[family] = (path, ids, sens)
-    return _PROFILES[family]
+        settings = ProfileSettings(batch_size=4, group_sizes=(32, 128), symmetric=symmetric)
+        sens = profile_model(model, info, ids, calib, settings, fit_samples=fit)
+        _PROFILES[family, symmetric] = (path, ids, sens)
+    return _PROFILES[family, symmetric]
 
 
 def _with(plan: Plan, changes: dict[str, dict]) -> Plan:
@@ -78,8 +78,8 @@ def _with(plan: Plan, changes: dict[str, dict]) -> Plan:
 def _quantized(tiny_model_factory, work, family, activation, head_bits="8", symmetric=False):
     key = (family, activation, head_bits, symmetric)
     if key not in _QUANTIZED:
-        path, ids, sens = _profile(tiny_model_factory, family)
-        plan = make_plan(sens, Budget(bits_per_weight=4.0), cap=CAP, activation=activation,
+        path, ids, sens = _profile(tiny_model_factory, family, symmetric)
+        plan = make_plan(sens, Budget(bits_per_weight=4.0), caps=CAP, activation=activation,
                          head_bits=head_bits, symmetric=symmetric)
         # every weight format the target takes, a ragged last block and a calibrated clip
         changes = {"model.layers.0.mlp.down_proj": dict(
@@ -134,7 +134,7 @@ def test_capabilities_and_registry(tiny_model_factory):
     generic = make_plan(sens, Budget(bits_per_weight=3.0))
     if any(m.bits == 3 for m in generic.modules.values()):
         assert any(v.field == "bits" and v.found == 3 for v in OnnxRuntimeTarget.check_plan(generic))
-    planned = make_plan(sens, Budget(bits_per_weight=3.0), cap=CAP)
+    planned = make_plan(sens, Budget(bits_per_weight=3.0), caps=CAP)
     assert not OnnxRuntimeTarget.check_plan(planned)
 
 

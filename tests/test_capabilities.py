@@ -1,0 +1,108 @@
+"""apq_sdk.capabilities: one table per target, obeyed by profile (candidates), plan and check."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from apq_sdk.calibration import load_calibration
+from apq_sdk.capabilities import GENERIC, Capabilities
+from apq_sdk.errors import UsageError
+from apq_sdk.model_io import load_model
+from apq_sdk.planning import Budget, make_plan
+from apq_sdk.sensitivity import ProfileSettings, parse_candidate_key, profile_model
+
+# what XNNPACK- or QNN-like group kernels look like: symmetric only, one group size, no 3 bits
+SYM32 = Capabilities(name="sym32-test", weight_bits=(2, 4, 8, 16), group_sizes=(32,),
+                     symmetric_only=True, head_bits=(8, 16))
+_PROFILES: dict = {}
+
+
+def _profile(tiny_llama, caps):
+    settings = ProfileSettings.for_capabilities(caps, batch_size=4)
+    key = (settings.symmetric, tuple(settings.group_sizes))
+    if key not in _PROFILES:
+        model, tok, info = load_model(tiny_llama)
+        ids, calib = load_calibration(tok, num_samples=8, seq_len=48, seed=0)
+        fit, _ = load_calibration(tok, num_samples=2, seq_len=48, seed=1)
+        _PROFILES[key] = profile_model(model, info, ids, calib, settings, fit_samples=fit)
+    return _PROFILES[key]
+
+
+def test_table_checks_its_fields_with_expected_and_found():
+    with pytest.raises(ValueError, match=r"weight_bits: expected values from \(2, 3, 4, 8, 16\), found 5"):
+        Capabilities(name="x", weight_bits=(4, 5))
+    with pytest.raises(ValueError, match="group_sizes: expected multiples of 8, found 12"):
+        Capabilities(name="x", group_sizes=(12,))
+    with pytest.raises(ValueError, match="default_activation: expected one of"):
+        Capabilities(name="x", activation_modes=("none",), default_activation="int8-per-token-dynamic")
+    with pytest.raises(ValueError, match="fused: expected values from"):
+        Capabilities(name="x", fused=("qk",))
+
+
+def test_hash_covers_everything_that_runs_and_nothing_else():
+    base = Capabilities(name="t")
+    assert replace(base, head_bits=(8, 16)).sha256() != base.sha256()
+    assert replace(base, max_context=4096).sha256() != base.sha256()
+    assert replace(base, symmetric_only=True).sha256() != base.sha256()
+    assert replace(base, families=("llama",)).sha256() != base.sha256()
+    assert replace(base, notes="prose").sha256() == base.sha256()
+
+
+def test_profile_candidates_follow_the_table():
+    assert GENERIC.profile_group_sizes() == (64, 128)
+    assert SYM32.profile_group_sizes() == (32,)
+    assert Capabilities(name="x", group_sizes=(128, 256)).profile_group_sizes() == (128,)
+    settings = ProfileSettings.for_capabilities(SYM32)
+    assert settings.group_sizes == (32,) and settings.symmetric is True
+
+
+def test_symmetric_group32_no_3bit_target_gets_a_plan_it_accepts(tiny_llama):
+    sens = _profile(tiny_llama, SYM32)
+    assert {parse_candidate_key(k)[1] for k in sens.modules["lm_head"]["errors"]} == {32}
+    for budget in (Budget(bits_per_weight=3.0), Budget(bits_per_weight=4.5),
+                   Budget(memory_reduction=0.7)):
+        plan = make_plan(sens, budget, caps=SYM32, activation="none")
+        assert SYM32.check_plan(plan) == [], budget
+        assert plan.capabilities.name == "sym32-test"
+        assert plan.capabilities.sha256 == SYM32.sha256()
+        quantized = [m for m in plan.modules.values() if m.bits != 16]
+        assert quantized and all(m.symmetric and m.group_size == 32 for m in quantized)
+        assert all(m.bits != 3 for m in plan.modules.values())
+
+
+def test_auto_head_bits_choose_among_the_tables_head_bits(tiny_llama):
+    sens = _profile(tiny_llama, SYM32)
+    head_16_only = replace(SYM32, name="head16", head_bits=(16,))
+    plan = make_plan(sens, Budget(bits_per_weight=9.0), caps=head_16_only, head_bits="auto")
+    assert plan.modules["lm_head"].bits == 16
+    # generous budget: the head may take 8 bits although no linear of the table does 8
+    linears_4 = replace(SYM32, name="lin4", weight_bits=(4, 16), head_bits=(8,))
+    plan = make_plan(sens, Budget(bits_per_weight=6.0), caps=linears_4, head_bits="auto")
+    assert plan.modules["lm_head"].bits == 8 and linears_4.check_plan(plan) == []
+
+
+def test_plan_refuses_what_the_table_or_the_profile_cannot_give(tiny_llama):
+    asym = _profile(tiny_llama, GENERIC)
+    with pytest.raises(UsageError, match="needs symmetric groups but the sensitivity map was "
+                                         "profiled with asymmetric ones.*--symmetric"):
+        make_plan(asym, Budget(bits_per_weight=4.0), caps=SYM32)
+    with pytest.raises(UsageError, match="runs symmetric groups only"):
+        make_plan(asym, Budget(bits_per_weight=4.0), caps=SYM32, symmetric=False)
+    with pytest.raises(UsageError, match=r"--head-bits 4: 'sym32-test' runs head bits \(8, 16\)"):
+        make_plan(_profile(tiny_llama, SYM32), Budget(bits_per_weight=4.0), caps=SYM32,
+                  head_bits="4")
+    only_256 = Capabilities(name="g256", group_sizes=(256,))
+    with pytest.raises(UsageError, match=r"no profiled candidate fits the capability table 'g256'.*"
+                                         r"groups \[64, 128\].*--target g256"):
+        make_plan(asym, Budget(bits_per_weight=4.0), caps=only_256)
+
+
+def test_check_names_every_module_that_does_not_fit(tiny_llama):
+    plan = make_plan(_profile(tiny_llama, GENERIC), Budget(bits_per_weight=3.0))
+    violations = SYM32.check_plan(plan)
+    fields = {v.field for v in violations}
+    assert "symmetric" in fields and "group_size" in fields
+    assert all(v.module in plan.modules for v in violations)
+    assert any("not in (32,)" in str(v) for v in violations)
