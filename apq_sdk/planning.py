@@ -20,15 +20,13 @@ from dataclasses import dataclass
 from . import knapsack
 from .capabilities import GENERIC, Capabilities
 from .errors import UsageError
+from .families import FUSED_GROUP_OF_ROLE
 from .loss_model import kl_for_relative_ppl
 from .plan_file import (CalibrationInfo, CapabilitiesRef, LossModel, ModelInfo, ModulePlan,
                         Objective, Plan, compute_totals)
 from .sensitivity import SensitivityMap, candidate_key, parse_candidate_key
 from .quant.modules import ACT_INT8, ACT_INT8_BLOCK, ACT_NONE
 from .quant.packing import stored_bytes
-
-FUSED_SUFFIXES = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
-
 
 @dataclass(frozen=True)
 class Budget:
@@ -85,7 +83,7 @@ def _module_options(entry: dict, caps: Capabilities, activation: str, alpha: flo
 
 
 def _unit_name(name: str, entry: dict, caps: Capabilities) -> str:
-    group = FUSED_SUFFIXES.get(entry["role"])
+    group = FUSED_GROUP_OF_ROLE.get(entry["role"])
     if group is not None and group in caps.fused:
         return f"{name.rsplit('.', 1)[0]}.{group}"
     return name

@@ -11,26 +11,15 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma")
+from .families import family_names, get_family
 
-_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, vocab_size=384)
+FAMILIES = family_names()
 
 
 def _config(family: str):
-    from transformers import (GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config)
-
-    if family == "llama":
-        return LlamaConfig(**_COMMON, tie_word_embeddings=True)
-    if family == "mistral":
-        return MistralConfig(**_COMMON, sliding_window=None, tie_word_embeddings=False)
-    if family == "qwen2":
-        return Qwen2Config(**_COMMON, tie_word_embeddings=True)
-    if family == "phi3":
-        return Phi3Config(**_COMMON, pad_token_id=0, tie_word_embeddings=False)
-    if family == "gemma":
-        return GemmaConfig(**_COMMON, head_dim=16, tie_word_embeddings=True)
-    raise ValueError(f"family: expected one of {FAMILIES}, found {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {FAMILIES}, found {family!r}")
+    return get_family(family).tiny_config()
 
 
 def make_tokenizer(vocab_size: int):
