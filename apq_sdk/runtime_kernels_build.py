@@ -187,13 +187,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     p_u16 = ctypes.POINTER(ctypes.c_uint16)
     p_f32 = ctypes.POINTER(ctypes.c_float)
     sigs = {
-        "apq_packed_row_bytes": (c_size_t, [c_int, c_int]),
-        "apq_fp16_to_float": (c_float, [ctypes.c_uint16]),
-        "apq_pack_bits": (c_int, [p_u8, c_int, c_int, c_int, p_u8]),
-        "apq_unpack_bits": (c_int, [p_u8, c_int, c_int, c_int, p_u8]),
-        "apq_quantize_activations_per_token": (c_int, [p_f32, c_int, c_int, c_float, p_i8, p_f32]),
-        "apq_dequantize": (c_int, [p_u8, p_u16, p_u8, c_int, c_int, c_int, c_int, p_f32]),
-        "apq_matmul_int8_dynamic": (
+        "apqk_packed_row_bytes": (c_size_t, [c_int, c_int]),
+        "apqk_fp16_to_float": (c_float, [ctypes.c_uint16]),
+        "apqk_pack_bits": (c_int, [p_u8, c_int, c_int, c_int, p_u8]),
+        "apqk_unpack_bits": (c_int, [p_u8, c_int, c_int, c_int, p_u8]),
+        "apqk_quantize_activations_per_token": (c_int, [p_f32, c_int, c_int, c_float, p_i8, p_f32]),
+        "apqk_dequantize": (c_int, [p_u8, p_u16, p_u8, c_int, c_int, c_int, c_int, p_f32]),
+        "apqk_matmul_int8_dynamic": (
             c_int,
             [p_f32, c_int, c_int, p_u8, p_u16, p_u8, c_int, c_int, c_int, c_float, p_f32],
         ),

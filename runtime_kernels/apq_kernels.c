@@ -16,11 +16,11 @@
 
 /* Activation codes of one group are buffered on the stack when the group is at most this long;
  * longer groups quantize each activation on the fly (same result, more work). */
-#define APQ_XQ_STACK 512
+#define APQK_XQ_STACK 512
 
-static int apq_bits_ok(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
+static int apqk_bits_ok(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
 
-size_t apq_packed_row_bytes(int n, int bits)
+size_t apqk_packed_row_bytes(int n, int bits)
 {
     if (n <= 0 || bits <= 0) {
         return 0;
@@ -28,7 +28,7 @@ size_t apq_packed_row_bytes(int n, int bits)
     return ((size_t)n * (size_t)bits + 7u) / 8u;
 }
 
-float apq_fp16_to_float(uint16_t h)
+float apqk_fp16_to_float(uint16_t h)
 {
     uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
     int32_t exp = (int32_t)((h >> 10) & 0x1Fu);
@@ -56,7 +56,7 @@ float apq_fp16_to_float(uint16_t h)
 }
 
 /* Code j of a packed row (LSB-first bit stream). Reads at most the two bytes holding it. */
-static uint32_t apq_get_code(const uint8_t *row, size_t j, int bits)
+static uint32_t apqk_get_code(const uint8_t *row, size_t j, int bits)
 {
     size_t bit = j * (size_t)bits;
     size_t byte = bit >> 3;
@@ -68,30 +68,30 @@ static uint32_t apq_get_code(const uint8_t *row, size_t j, int bits)
     return v & ((1u << bits) - 1u);
 }
 
-int apq_pack_bits(const uint8_t *codes, int rows, int n, int bits, uint8_t *out)
+int apqk_pack_bits(const uint8_t *codes, int rows, int n, int bits, uint8_t *out)
 {
     size_t r, j, row_bytes;
     uint32_t limit;
 
-    if (!apq_bits_ok(bits)) {
-        return APQ_ERR_BITS;
+    if (!apqk_bits_ok(bits)) {
+        return APQK_ERR_BITS;
     }
     if (rows < 0 || n < 0) {
-        return APQ_ERR_SHAPE;
+        return APQK_ERR_SHAPE;
     }
     if (rows == 0 || n == 0) {
-        return APQ_OK;
+        return APQK_OK;
     }
     if (codes == NULL || out == NULL) {
-        return APQ_ERR_NULL;
+        return APQK_ERR_NULL;
     }
     limit = 1u << bits;
     for (j = 0; j < (size_t)rows * (size_t)n; ++j) {
         if ((uint32_t)codes[j] >= limit) {
-            return APQ_ERR_RANGE;
+            return APQK_ERR_RANGE;
         }
     }
-    row_bytes = apq_packed_row_bytes(n, bits);
+    row_bytes = apqk_packed_row_bytes(n, bits);
     for (r = 0; r < (size_t)rows; ++r) {
         const uint8_t *src = codes + r * (size_t)n;
         uint8_t *dst = out + r * row_bytes;
@@ -107,44 +107,44 @@ int apq_pack_bits(const uint8_t *codes, int rows, int n, int bits, uint8_t *out)
             }
         }
     }
-    return APQ_OK;
+    return APQK_OK;
 }
 
-int apq_unpack_bits(const uint8_t *packed, int rows, int n, int bits, uint8_t *codes)
+int apqk_unpack_bits(const uint8_t *packed, int rows, int n, int bits, uint8_t *codes)
 {
     size_t r, j, row_bytes;
 
-    if (!apq_bits_ok(bits)) {
-        return APQ_ERR_BITS;
+    if (!apqk_bits_ok(bits)) {
+        return APQK_ERR_BITS;
     }
     if (rows < 0 || n < 0) {
-        return APQ_ERR_SHAPE;
+        return APQK_ERR_SHAPE;
     }
     if (rows == 0 || n == 0) {
-        return APQ_OK;
+        return APQK_OK;
     }
     if (packed == NULL || codes == NULL) {
-        return APQ_ERR_NULL;
+        return APQK_ERR_NULL;
     }
-    row_bytes = apq_packed_row_bytes(n, bits);
+    row_bytes = apqk_packed_row_bytes(n, bits);
     for (r = 0; r < (size_t)rows; ++r) {
         const uint8_t *src = packed + r * row_bytes;
         uint8_t *dst = codes + r * (size_t)n;
         for (j = 0; j < (size_t)n; ++j) {
-            dst[j] = (uint8_t)apq_get_code(src, j, bits);
+            dst[j] = (uint8_t)apqk_get_code(src, j, bits);
         }
     }
-    return APQ_OK;
+    return APQK_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
  * activations
  * ------------------------------------------------------------------------------------------- */
 
-static int apq_clip_ok(float clip) { return clip > 0.0f && clip <= 1.0f; } /* false for NaN */
+static int apqk_clip_ok(float clip) { return clip > 0.0f && clip <= 1.0f; } /* false for NaN */
 
 /* scale[t] = (amax * clip) / 127.0f, 1.0f where that is 0. */
-static float apq_token_scale(const float *xrow, int K, float clip)
+static float apqk_token_scale(const float *xrow, int K, float clip)
 {
     float amax = 0.0f;
     float s;
@@ -165,7 +165,7 @@ static float apq_token_scale(const float *xrow, int K, float clip)
 
 /* clamp(rint(v / s), -127, 127); rintf rounds half to even in the default rounding mode.
  * Inputs are expected to be finite; a NaN quotient maps to 0 instead of undefined behaviour. */
-static int8_t apq_quant1(float v, float s)
+static int8_t apqk_quant1(float v, float s)
 {
     float r = rintf(v / s);
     if (r > 127.0f) {
@@ -178,117 +178,117 @@ static int8_t apq_quant1(float v, float s)
     return (int8_t)r;
 }
 
-int apq_quantize_activations_per_token(const float *x, int T, int K, float clip,
+int apqk_quantize_activations_per_token(const float *x, int T, int K, float clip,
                                        int8_t *xq, float *scale)
 {
     size_t t;
     int k;
 
     if (T < 0 || K <= 0) {
-        return APQ_ERR_SHAPE;
+        return APQK_ERR_SHAPE;
     }
-    if (!apq_clip_ok(clip)) {
-        return APQ_ERR_CLIP;
+    if (!apqk_clip_ok(clip)) {
+        return APQK_ERR_CLIP;
     }
     if (T == 0) {
-        return APQ_OK;
+        return APQK_OK;
     }
     if (x == NULL || xq == NULL || scale == NULL) {
-        return APQ_ERR_NULL;
+        return APQK_ERR_NULL;
     }
     for (t = 0; t < (size_t)T; ++t) {
         const float *xrow = x + t * (size_t)K;
         int8_t *qrow = xq + t * (size_t)K;
-        float s = apq_token_scale(xrow, K, clip);
+        float s = apqk_token_scale(xrow, K, clip);
         scale[t] = s;
         for (k = 0; k < K; ++k) {
-            qrow[k] = apq_quant1(xrow[k], s);
+            qrow[k] = apqk_quant1(xrow[k], s);
         }
     }
-    return APQ_OK;
+    return APQK_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
  * weights
  * ------------------------------------------------------------------------------------------- */
 
-static int apq_check_layer(const uint8_t *qweight, const uint16_t *scales, int N, int K, int bits,
+static int apqk_check_layer(const uint8_t *qweight, const uint16_t *scales, int N, int K, int bits,
                            int group_size)
 {
-    if (!apq_bits_ok(bits)) {
-        return APQ_ERR_BITS;
+    if (!apqk_bits_ok(bits)) {
+        return APQK_ERR_BITS;
     }
     if (N < 0 || K <= 0 || K % 8 != 0) {
-        return APQ_ERR_SHAPE;
+        return APQK_ERR_SHAPE;
     }
     /* group_size need not divide K: the last group of a row then holds K - (G-1)*g weights. */
-    if (group_size <= 0 || group_size % 8 != 0 || group_size > APQ_MAX_GROUP_SIZE) {
-        return APQ_ERR_GROUP;
+    if (group_size <= 0 || group_size % 8 != 0 || group_size > APQK_MAX_GROUP_SIZE) {
+        return APQK_ERR_GROUP;
     }
     if (N > 0 && (qweight == NULL || scales == NULL)) {
-        return APQ_ERR_NULL;
+        return APQK_ERR_NULL;
     }
-    return APQ_OK;
+    return APQK_OK;
 }
 
 /* G = ceil(K / g) groups per row. */
-static size_t apq_n_groups(size_t K, size_t g) { return (K + g - 1u) / g; }
+static size_t apqk_n_groups(size_t K, size_t g) { return (K + g - 1u) / g; }
 
 /* Length of group grp: g, or K - (G-1)*g for a shorter last group. */
-static size_t apq_group_len(size_t K, size_t g, size_t grp)
+static size_t apqk_group_len(size_t K, size_t g, size_t grp)
 {
     size_t start = grp * g;
     return (K - start < g) ? K - start : g;
 }
 
-static int32_t apq_zero_point(const uint8_t *qzeros, size_t zrow_bytes, size_t n, size_t grp,
+static int32_t apqk_zero_point(const uint8_t *qzeros, size_t zrow_bytes, size_t n, size_t grp,
                               int bits)
 {
     if (qzeros == NULL) {
         return (int32_t)1 << (bits - 1);
     }
-    return (int32_t)apq_get_code(qzeros + n * zrow_bytes, grp, bits);
+    return (int32_t)apqk_get_code(qzeros + n * zrow_bytes, grp, bits);
 }
 
-int apq_dequantize(const uint8_t *qweight, const uint16_t *scales_fp16_bits, const uint8_t *qzeros,
+int apqk_dequantize(const uint8_t *qweight, const uint16_t *scales_fp16_bits, const uint8_t *qzeros,
                    int N, int K, int bits, int group_size, float *w)
 {
     size_t n, grp, j, G, row_bytes, zrow_bytes, g, end;
-    int rc = apq_check_layer(qweight, scales_fp16_bits, N, K, bits, group_size);
+    int rc = apqk_check_layer(qweight, scales_fp16_bits, N, K, bits, group_size);
 
-    if (rc != APQ_OK) {
+    if (rc != APQK_OK) {
         return rc;
     }
     if (N == 0) {
-        return APQ_OK;
+        return APQK_OK;
     }
     if (w == NULL) {
-        return APQ_ERR_NULL;
+        return APQK_ERR_NULL;
     }
     g = (size_t)group_size;
-    G = apq_n_groups((size_t)K, g);
+    G = apqk_n_groups((size_t)K, g);
     row_bytes = (size_t)K * (size_t)bits / 8u;
     zrow_bytes = (G * (size_t)bits + 7u) / 8u;
     for (n = 0; n < (size_t)N; ++n) {
         const uint8_t *qrow = qweight + n * row_bytes;
         float *wrow = w + n * (size_t)K;
         for (grp = 0; grp < G; ++grp) {
-            int32_t z = apq_zero_point(qzeros, zrow_bytes, n, grp, bits);
-            float s = apq_fp16_to_float(scales_fp16_bits[n * G + grp]);
-            end = grp * g + apq_group_len((size_t)K, g, grp);
+            int32_t z = apqk_zero_point(qzeros, zrow_bytes, n, grp, bits);
+            float s = apqk_fp16_to_float(scales_fp16_bits[n * G + grp]);
+            end = grp * g + apqk_group_len((size_t)K, g, grp);
             for (j = grp * g; j < end; ++j) {
-                int32_t d = (int32_t)apq_get_code(qrow, j, bits) - z;
+                int32_t d = (int32_t)apqk_get_code(qrow, j, bits) - z;
                 wrow[j] = (float)d * s;
             }
         }
     }
-    return APQ_OK;
+    return APQK_OK;
 }
 
 /* Exact int32 sum over one group of xq[k] * (q[k] - z), g codes long (g % 8 == 0, also for a
  * shorter last group since K % 8 == 0), the group starting at a byte boundary: every 8 codes fill
  * exactly `bits` bytes, decoded as one little-endian word. */
-static int32_t apq_group_dot(const int8_t *xq, const uint8_t *qgrp, size_t g, int bits, int32_t z)
+static int32_t apqk_group_dot(const int8_t *xq, const uint8_t *qgrp, size_t g, int bits, int32_t z)
 {
     int32_t acc = 0;
     uint64_t mask = ((uint64_t)1 << bits) - 1u;
@@ -307,45 +307,45 @@ static int32_t apq_group_dot(const int8_t *xq, const uint8_t *qgrp, size_t g, in
     return acc;
 }
 
-/* Same as apq_group_dot but quantizes the activations on the fly (groups longer than the stack
+/* Same as apqk_group_dot but quantizes the activations on the fly (groups longer than the stack
  * buffer). */
-static int32_t apq_group_dot_fly(const float *xg, float s, const uint8_t *qgrp, size_t g, int bits,
+static int32_t apqk_group_dot_fly(const float *xg, float s, const uint8_t *qgrp, size_t g, int bits,
                                  int32_t z)
 {
     int32_t acc = 0;
     size_t j;
     for (j = 0; j < g; ++j) {
-        int32_t q = (int32_t)apq_get_code(qgrp, j, bits);
-        acc += (int32_t)apq_quant1(xg[j], s) * (q - z);
+        int32_t q = (int32_t)apqk_get_code(qgrp, j, bits);
+        acc += (int32_t)apqk_quant1(xg[j], s) * (q - z);
     }
     return acc;
 }
 
-int apq_matmul_int8_dynamic(const float *x, int T, int K, const uint8_t *qweight,
+int apqk_matmul_int8_dynamic(const float *x, int T, int K, const uint8_t *qweight,
                             const uint16_t *scales_fp16_bits, const uint8_t *qzeros, int N, int bits,
                             int group_size, float clip, float *y)
 {
-    int8_t xq[APQ_XQ_STACK];
+    int8_t xq[APQK_XQ_STACK];
     size_t t, n, grp, j, G, g, glen, row_bytes, grp_bytes, zrow_bytes;
-    int rc = apq_check_layer(qweight, scales_fp16_bits, N, K, bits, group_size);
+    int rc = apqk_check_layer(qweight, scales_fp16_bits, N, K, bits, group_size);
 
-    if (rc != APQ_OK) {
+    if (rc != APQK_OK) {
         return rc;
     }
     if (T < 0) {
-        return APQ_ERR_SHAPE;
+        return APQK_ERR_SHAPE;
     }
-    if (!apq_clip_ok(clip)) {
-        return APQ_ERR_CLIP;
+    if (!apqk_clip_ok(clip)) {
+        return APQK_ERR_CLIP;
     }
     if (T == 0 || N == 0) {
-        return APQ_OK;
+        return APQK_OK;
     }
     if (x == NULL || y == NULL) {
-        return APQ_ERR_NULL;
+        return APQK_ERR_NULL;
     }
     g = (size_t)group_size;
-    G = apq_n_groups((size_t)K, g);
+    G = apqk_n_groups((size_t)K, g);
     row_bytes = (size_t)K * (size_t)bits / 8u;
     grp_bytes = g * (size_t)bits / 8u;
     zrow_bytes = (G * (size_t)bits + 7u) / 8u;
@@ -353,7 +353,7 @@ int apq_matmul_int8_dynamic(const float *x, int T, int K, const uint8_t *qweight
     for (t = 0; t < (size_t)T; ++t) {
         const float *xrow = x + t * (size_t)K;
         float *yrow = y + t * (size_t)N;
-        float s_tok = apq_token_scale(xrow, K, clip);
+        float s_tok = apqk_token_scale(xrow, K, clip);
 
         for (n = 0; n < (size_t)N; ++n) {
             yrow[n] = 0.0f;
@@ -361,19 +361,19 @@ int apq_matmul_int8_dynamic(const float *x, int T, int K, const uint8_t *qweight
         /* Groups in order 0 .. G-1 for every output: y = y + scale * (float)acc, in float32. */
         for (grp = 0; grp < G; ++grp) {
             const float *xg = xrow + grp * g;
-            glen = apq_group_len((size_t)K, g, grp); /* g, or less for the last group */
-            if (glen <= APQ_XQ_STACK) {
+            glen = apqk_group_len((size_t)K, g, grp); /* g, or less for the last group */
+            if (glen <= APQK_XQ_STACK) {
                 for (j = 0; j < glen; ++j) {
-                    xq[j] = apq_quant1(xg[j], s_tok);
+                    xq[j] = apqk_quant1(xg[j], s_tok);
                 }
             }
             for (n = 0; n < (size_t)N; ++n) {
                 const uint8_t *qgrp = qweight + n * row_bytes + grp * grp_bytes;
-                int32_t z = apq_zero_point(qzeros, zrow_bytes, n, grp, bits);
-                float s_w = apq_fp16_to_float(scales_fp16_bits[n * G + grp]);
-                int32_t acc = (glen <= APQ_XQ_STACK)
-                                  ? apq_group_dot(xq, qgrp, glen, bits, z)
-                                  : apq_group_dot_fly(xg, s_tok, qgrp, glen, bits, z);
+                int32_t z = apqk_zero_point(qzeros, zrow_bytes, n, grp, bits);
+                float s_w = apqk_fp16_to_float(scales_fp16_bits[n * G + grp]);
+                int32_t acc = (glen <= APQK_XQ_STACK)
+                                  ? apqk_group_dot(xq, qgrp, glen, bits, z)
+                                  : apqk_group_dot_fly(xg, s_tok, qgrp, glen, bits, z);
                 float prod = s_w * (float)acc;
                 yrow[n] = yrow[n] + prod;
             }
@@ -382,5 +382,5 @@ int apq_matmul_int8_dynamic(const float *x, int T, int K, const uint8_t *qweight
             yrow[n] = yrow[n] * s_tok;
         }
     }
-    return APQ_OK;
+    return APQK_OK;
 }

@@ -38,7 +38,9 @@
  * arithmetic is IEEE binary32 evaluated in single precision (FLT_EVAL_METHOD == 0, e.g. x86-64
  * SSE, AArch64, Cortex-M4F/M7 with a single-precision FPU) and the default round-to-nearest mode.
  * The kernels use no heap, no global state and only <stdint.h>, <stddef.h>, <math.h>, <string.h>.
- * All arrays are dense, row major. Every function returns APQ_OK (0) or a negative APQ_ERR_*.
+ * All arrays are dense, row major. Every function returns APQK_OK (0) or a negative APQK_ERR_*.
+ * Every name defined here has the prefix apqk_ / APQK_: a C file can include this header and a
+ * package's generated apq_model.h (the C API, prefix apq_ / APQ_) side by side.
  */
 #ifndef APQ_KERNELS_H
 #define APQ_KERNELS_H
@@ -50,47 +52,47 @@
 extern "C" {
 #endif
 
-#define APQ_KERNELS_VERSION 2 /* 2: group_size need not divide K (shorter last group) */
+#define APQK_KERNELS_VERSION 3 /* 2: group_size need not divide K; 3: the apqk_ / APQK_ prefix */
 
-#define APQ_OK 0
-#define APQ_ERR_NULL (-1)       /* a required pointer is NULL */
-#define APQ_ERR_BITS (-2)       /* bits not in {2, 3, 4, 8} */
-#define APQ_ERR_SHAPE (-3)      /* negative size, K <= 0, or K % 8 != 0 (layer kernels) */
-#define APQ_ERR_GROUP (-4)      /* group_size <= 0, not a multiple of 8, or > 65536 */
-#define APQ_ERR_CLIP (-5)       /* clip not in (0, 1] */
-#define APQ_ERR_RANGE (-6)      /* a code >= 2^bits given to apq_pack_bits */
+#define APQK_OK 0
+#define APQK_ERR_NULL (-1)       /* a required pointer is NULL */
+#define APQK_ERR_BITS (-2)       /* bits not in {2, 3, 4, 8} */
+#define APQK_ERR_SHAPE (-3)      /* negative size, K <= 0, or K % 8 != 0 (layer kernels) */
+#define APQK_ERR_GROUP (-4)      /* group_size <= 0, not a multiple of 8, or > 65536 */
+#define APQK_ERR_CLIP (-5)       /* clip not in (0, 1] */
+#define APQK_ERR_RANGE (-6)      /* a code >= 2^bits given to apqk_pack_bits */
 
 /* Largest group size whose int32 group sum cannot overflow: 65536 * 127 * 255 < 2^31. */
-#define APQ_MAX_GROUP_SIZE 65536
+#define APQK_MAX_GROUP_SIZE 65536
 
 /* Bytes one packed row of n b-bit codes occupies: ceil(n*b/8). */
-size_t apq_packed_row_bytes(int n, int bits);
+size_t apqk_packed_row_bytes(int n, int bits);
 
 /* IEEE binary16 bits -> float, exact (normals, subnormals, zeros, infinities, NaN payloads). */
-float apq_fp16_to_float(uint16_t h);
+float apqk_fp16_to_float(uint16_t h);
 
 /*
  * Pack codes [rows, n] (each < 2^bits) into out [rows, ceil(n*bits/8)].
  * n*bits need not be a multiple of 8 here (trailing bits are zero-padded, the qzeros layout).
  */
-int apq_pack_bits(const uint8_t *codes, int rows, int n, int bits, uint8_t *out);
+int apqk_pack_bits(const uint8_t *codes, int rows, int n, int bits, uint8_t *out);
 
 /* Unpack packed [rows, ceil(n*bits/8)] into codes [rows, n]. */
-int apq_unpack_bits(const uint8_t *packed, int rows, int n, int bits, uint8_t *codes);
+int apqk_unpack_bits(const uint8_t *packed, int rows, int n, int bits, uint8_t *codes);
 
 /* Per-token dynamic int8 quantization: x [T, K] -> xq [T, K], scale [T]. */
-int apq_quantize_activations_per_token(const float *x, int T, int K, float clip,
+int apqk_quantize_activations_per_token(const float *x, int T, int K, float clip,
                                        int8_t *xq, float *scale);
 
 /* Dequantize a packed layer into w [N, K] float32. qzeros may be NULL (symmetric). */
-int apq_dequantize(const uint8_t *qweight, const uint16_t *scales_fp16_bits,
+int apqk_dequantize(const uint8_t *qweight, const uint16_t *scales_fp16_bits,
                    const uint8_t *qzeros, int N, int K, int bits, int group_size, float *w);
 
 /*
  * y [T, N] = mixed-bit matmul of x [T, K] with the packed layer, activations quantized per token
  * to int8 on the fly (no workspace needed). qzeros may be NULL (symmetric).
  */
-int apq_matmul_int8_dynamic(const float *x, int T, int K, const uint8_t *qweight,
+int apqk_matmul_int8_dynamic(const float *x, int T, int K, const uint8_t *qweight,
                             const uint16_t *scales_fp16_bits, const uint8_t *qzeros /* NULL if symmetric */,
                             int N, int bits, int group_size, float clip, float *y);
 

@@ -34,7 +34,7 @@ P_I8 = ctypes.POINTER(ctypes.c_int8)
 P_U16 = ctypes.POINTER(ctypes.c_uint16)
 P_F32 = ctypes.POINTER(ctypes.c_float)
 
-APQ_OK, APQ_ERR_NULL, APQ_ERR_BITS, APQ_ERR_SHAPE, APQ_ERR_GROUP, APQ_ERR_CLIP, APQ_ERR_RANGE = (
+APQK_OK, APQK_ERR_NULL, APQK_ERR_BITS, APQK_ERR_SHAPE, APQK_ERR_GROUP, APQK_ERR_CLIP, APQK_ERR_RANGE = (
     0, -1, -2, -3, -4, -5, -6,
 )
 
@@ -88,10 +88,10 @@ def _c_quantize(kern, x, clip):
     t_count, k_count = x.shape
     xq = np.empty((t_count, k_count), np.int8)
     scale = np.empty(t_count, np.float32)
-    rc = kern.apq_quantize_activations_per_token(
+    rc = kern.apqk_quantize_activations_per_token(
         _p(x, P_F32), t_count, k_count, clip, _p(xq, P_I8), _p(scale, P_F32)
     )
-    assert rc == APQ_OK
+    assert rc == APQK_OK
     return xq, scale
 
 
@@ -99,10 +99,10 @@ def _c_dequantize(kern, qw, sc, qz, n_in, bits, group_size):
     n_out = qw.shape[0]
     w = np.empty((n_out, n_in), np.float32)
     sc_bits = np.ascontiguousarray(sc).view(np.uint16)
-    rc = kern.apq_dequantize(
+    rc = kern.apqk_dequantize(
         _p(qw, P_U8), _p(sc_bits, P_U16), _p(qz, P_U8), n_out, n_in, bits, group_size, _p(w, P_F32)
     )
-    assert rc == APQ_OK
+    assert rc == APQK_OK
     return w
 
 
@@ -111,11 +111,11 @@ def _c_matmul(kern, x, qw, sc, qz, bits, group_size, clip):
     n_out = qw.shape[0]
     y = np.full((t_count, n_out), np.nan, np.float32)
     sc_bits = np.ascontiguousarray(sc).view(np.uint16)
-    rc = kern.apq_matmul_int8_dynamic(
+    rc = kern.apqk_matmul_int8_dynamic(
         _p(x, P_F32), t_count, n_in, _p(qw, P_U8), _p(sc_bits, P_U16), _p(qz, P_U8),
         n_out, bits, group_size, clip, _p(y, P_F32),
     )
-    assert rc == APQ_OK
+    assert rc == APQK_OK
     return y
 
 
@@ -183,12 +183,12 @@ def test_pack_unpack_bytes_equal(kern, bits, rows, n):
     rng = np.random.default_rng(bits * 100 + n)
     codes = rng.integers(0, 1 << bits, size=(rows, n), dtype=np.uint8)
     row_bytes = (n * bits + 7) // 8
-    assert kern.apq_packed_row_bytes(n, bits) == row_bytes
+    assert kern.apqk_packed_row_bytes(n, bits) == row_bytes
     c_packed = np.full((rows, row_bytes), 0xAA, np.uint8)  # garbage: the kernel must clear padding
-    assert kern.apq_pack_bits(_p(codes, P_U8), rows, n, bits, _p(c_packed, P_U8)) == APQ_OK
+    assert kern.apqk_pack_bits(_p(codes, P_U8), rows, n, bits, _p(c_packed, P_U8)) == APQK_OK
     np.testing.assert_array_equal(c_packed, pack_bits(codes, bits, pad=True))
     c_codes = np.empty((rows, n), np.uint8)
-    assert kern.apq_unpack_bits(_p(c_packed, P_U8), rows, n, bits, _p(c_codes, P_U8)) == APQ_OK
+    assert kern.apqk_unpack_bits(_p(c_packed, P_U8), rows, n, bits, _p(c_codes, P_U8)) == APQK_OK
     np.testing.assert_array_equal(c_codes, codes)
     np.testing.assert_array_equal(c_codes, unpack_bits(c_packed, bits, n))
 
@@ -200,18 +200,18 @@ def test_pack_unpack_bytes_equal(kern, bits, rows, n):
 def test_c_pack_known_layout(kern, bits, codes, expected):
     c = np.array(codes, np.uint8)
     out = np.zeros(len(expected), np.uint8)
-    assert kern.apq_pack_bits(_p(c, P_U8), 1, len(codes), bits, _p(out, P_U8)) == APQ_OK
+    assert kern.apqk_pack_bits(_p(c, P_U8), 1, len(codes), bits, _p(out, P_U8)) == APQK_OK
     assert out.tolist() == expected
 
 
 def test_c_pack_rejects_bad_input(kern):
     c = np.array([[16, 0]], np.uint8)
     out = np.zeros(1, np.uint8)
-    assert kern.apq_pack_bits(_p(c, P_U8), 1, 2, 4, _p(out, P_U8)) == APQ_ERR_RANGE
-    assert kern.apq_pack_bits(_p(c, P_U8), 1, 2, 5, _p(out, P_U8)) == APQ_ERR_BITS
-    assert kern.apq_pack_bits(_p(c, P_U8), -1, 2, 8, _p(out, P_U8)) == APQ_ERR_SHAPE
-    assert kern.apq_pack_bits(None, 1, 2, 8, _p(out, P_U8)) == APQ_ERR_NULL
-    assert kern.apq_unpack_bits(_p(out, P_U8), 1, 2, 7, _p(c, P_U8)) == APQ_ERR_BITS
+    assert kern.apqk_pack_bits(_p(c, P_U8), 1, 2, 4, _p(out, P_U8)) == APQK_ERR_RANGE
+    assert kern.apqk_pack_bits(_p(c, P_U8), 1, 2, 5, _p(out, P_U8)) == APQK_ERR_BITS
+    assert kern.apqk_pack_bits(_p(c, P_U8), -1, 2, 8, _p(out, P_U8)) == APQK_ERR_SHAPE
+    assert kern.apqk_pack_bits(None, 1, 2, 8, _p(out, P_U8)) == APQK_ERR_NULL
+    assert kern.apqk_unpack_bits(_p(out, P_U8), 1, 2, 7, _p(c, P_U8)) == APQK_ERR_BITS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_c_pack_rejects_bad_input(kern):
 def test_fp16_to_float_all_bit_patterns(kern):
     half_bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     ref = half_bits.view(np.float16).astype(np.float32)
-    f = kern.apq_fp16_to_float
+    f = kern.apqk_fp16_to_float
     got = np.array([f(int(h)) for h in half_bits.tolist()], dtype=np.float32)
     finite = ~np.isnan(ref)
     _bits_equal(got[finite], ref[finite])  # includes zeros, subnormals, normals and infinities
@@ -266,11 +266,11 @@ def test_quantize_activations_rejects_bad_input(kern):
     x = np.ones((2, 4), np.float32)
     xq = np.empty((2, 4), np.int8)
     s = np.empty(2, np.float32)
-    f = kern.apq_quantize_activations_per_token
-    assert f(_p(x, P_F32), 2, 4, 0.0, _p(xq, P_I8), _p(s, P_F32)) == APQ_ERR_CLIP
-    assert f(_p(x, P_F32), 2, 4, 1.5, _p(xq, P_I8), _p(s, P_F32)) == APQ_ERR_CLIP
-    assert f(_p(x, P_F32), 2, 0, 1.0, _p(xq, P_I8), _p(s, P_F32)) == APQ_ERR_SHAPE
-    assert f(_p(x, P_F32), 2, 4, 1.0, None, _p(s, P_F32)) == APQ_ERR_NULL
+    f = kern.apqk_quantize_activations_per_token
+    assert f(_p(x, P_F32), 2, 4, 0.0, _p(xq, P_I8), _p(s, P_F32)) == APQK_ERR_CLIP
+    assert f(_p(x, P_F32), 2, 4, 1.5, _p(xq, P_I8), _p(s, P_F32)) == APQK_ERR_CLIP
+    assert f(_p(x, P_F32), 2, 0, 1.0, _p(xq, P_I8), _p(s, P_F32)) == APQK_ERR_SHAPE
+    assert f(_p(x, P_F32), 2, 4, 1.0, None, _p(s, P_F32)) == APQK_ERR_NULL
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,27 +381,27 @@ def test_matmul_rejects_bad_input(kern):
     x = np.ones((2, 64), np.float32)
     y = np.empty((2, 4), np.float32)
     scb = sc.view(np.uint16)
-    f = kern.apq_matmul_int8_dynamic
+    f = kern.apqk_matmul_int8_dynamic
 
     def call(t=2, k=64, n=4, bits=4, g=32, clip=1.0, xp=_p(x, P_F32)):
         return f(xp, t, k, _p(qw, P_U8), _p(scb, P_U16), _p(qz, P_U8), n, bits, g, clip, _p(y, P_F32))
 
-    assert call() == APQ_OK
-    assert call(g=48) == APQ_OK  # need not divide K: G = ceil(64 / 48) = 2, last group of 16
-    assert call(g=12) == APQ_ERR_GROUP  # not a multiple of 8
-    assert call(g=0) == APQ_ERR_GROUP
-    assert call(g=65536 + 8) == APQ_ERR_GROUP  # int32 group sums could overflow
-    assert call(k=60) == APQ_ERR_SHAPE  # K not a multiple of 8
-    assert call(k=0) == APQ_ERR_SHAPE
-    assert call(bits=5) == APQ_ERR_BITS
-    assert call(clip=0.0) == APQ_ERR_CLIP
-    assert call(t=-1) == APQ_ERR_SHAPE
-    assert call(xp=None) == APQ_ERR_NULL
+    assert call() == APQK_OK
+    assert call(g=48) == APQK_OK  # need not divide K: G = ceil(64 / 48) = 2, last group of 16
+    assert call(g=12) == APQK_ERR_GROUP  # not a multiple of 8
+    assert call(g=0) == APQK_ERR_GROUP
+    assert call(g=65536 + 8) == APQK_ERR_GROUP  # int32 group sums could overflow
+    assert call(k=60) == APQK_ERR_SHAPE  # K not a multiple of 8
+    assert call(k=0) == APQK_ERR_SHAPE
+    assert call(bits=5) == APQK_ERR_BITS
+    assert call(clip=0.0) == APQK_ERR_CLIP
+    assert call(t=-1) == APQK_ERR_SHAPE
+    assert call(xp=None) == APQK_ERR_NULL
     w = np.empty((4, 64), np.float32)
-    assert kern.apq_dequantize(_p(qw, P_U8), None, None, 4, 64, 4, 32, _p(w, P_F32)) == APQ_ERR_NULL
-    deq = kern.apq_dequantize
-    assert deq(_p(qw, P_U8), _p(scb, P_U16), _p(qz, P_U8), 4, 60, 4, 32, _p(w, P_F32)) == APQ_ERR_SHAPE
-    assert deq(_p(qw, P_U8), _p(scb, P_U16), _p(qz, P_U8), 4, 64, 4, 20, _p(w, P_F32)) == APQ_ERR_GROUP
-    assert deq(_p(qw, P_U8), _p(scb, P_U16), _p(qz, P_U8), 4, 64, 4, 48, _p(w, P_F32)) == APQ_OK
+    assert kern.apqk_dequantize(_p(qw, P_U8), None, None, 4, 64, 4, 32, _p(w, P_F32)) == APQK_ERR_NULL
+    deq = kern.apqk_dequantize
+    assert deq(_p(qw, P_U8), _p(scb, P_U16), _p(qz, P_U8), 4, 60, 4, 32, _p(w, P_F32)) == APQK_ERR_SHAPE
+    assert deq(_p(qw, P_U8), _p(scb, P_U16), _p(qz, P_U8), 4, 64, 4, 20, _p(w, P_F32)) == APQK_ERR_GROUP
+    assert deq(_p(qw, P_U8), _p(scb, P_U16), _p(qz, P_U8), 4, 64, 4, 48, _p(w, P_F32)) == APQK_OK
     _bits_equal(w, dequantize(qw, sc, qz, 4, 48, 64))
 
