@@ -4,33 +4,28 @@ Block i is calibrated on the outputs of the already-quantized blocks before it, 
 error compensation sees the errors it must absorb. The output head is quantized last, from the
 final hidden states; a tied embedding shares the quantized head weights.
 
-A quantized model directory holds `model.safetensors` (packed codes, float16 scales, packed zero
-points; every other tensor as it was), `config.json`, the tokenizer files and `plan.json`.
+The result is written as a quantized checkpoint (apq_sdk.checkpoint: packed codes, float16 scales,
+packed zero points, every other tensor as it was, config, tokenizer and plan).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from .blockwise import (HessianCollector, block_linears, capture_block_inputs, compute_dtype,
                         run_block)
-from .errors import ApqError, ModelLoadError
-from .fsutil import atomic_directory
+from .checkpoint import load_quantized, write_checkpoint  # noqa: F401  (load_quantized re-exported)
+from .errors import ApqError
 from .model_io import ModelInfo
 from .placement import replace_module
-from .plan_file import Plan, load_plan, save_plan
+from .plan_file import Plan
 from .progress import progress_bar
 from .quant.modules import Float16Linear, QuantLinear
-from .quant.weights import GptqTask, QuantizedWeight, gptq_quantize, gptq_quantize_many, quantize_rtn
-
-MODEL_FILE = "model.safetensors"
-PLAN_FILE = "plan.json"
+from .quant.weights import GptqTask, gptq_quantize, gptq_quantize_many, quantize_rtn
 
 
 def _check_plan_matches(plan: Plan, info: ModelInfo) -> None:
@@ -180,78 +175,6 @@ def _collect_tensors(model: nn.Module, plan: Plan) -> dict[str, np.ndarray]:
 
 
 def save_quantized(model: nn.Module, tokenizer, plan: Plan, out_dir) -> Path:
-    """Write the quantized model directory atomically (temp dir + rename)."""
-    tensors = _collect_tensors(model, plan)
-
-    def write(tmp: Path) -> None:
-        save_file(dict(sorted(tensors.items())), str(tmp / MODEL_FILE),
-                  # one key: safetensors writes metadata from a hash map, whose order varies
-                  # from process to process, so several keys would break byte-identical files
-                  metadata={"format": f"apq-quantized/plan-v{plan.version}"})
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config.pop("transformers_version", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_plan(plan, tmp / PLAN_FILE)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-
-    return atomic_directory(Path(out_dir), write, tag="tmp")
-
-
-def load_quantized(path, device: str = "cpu", device_map: str | None = None,
-                   max_memory: dict | None = None) -> nn.Module:
-    """A torch module (transformers model) with the quantized layers of `path`, on `device` or
-    spread over the devices of `device_map` (placement.py)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    for required in (MODEL_FILE, PLAN_FILE, "config.json"):
-        if not (path / required).is_file():
-            raise ModelLoadError(f"{path} is not a quantized model directory: {required} is missing "
-                                 f"(expected the output of apq-sdk quantize)")
-    plan = load_plan(path / PLAN_FILE)
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.eval().requires_grad_(False)
-    try:
-        tensors = load_file(str(path / MODEL_FILE))
-    except Exception as exc:
-        raise ModelLoadError(f"could not read {path / MODEL_FILE}: {exc}; the file may be "
-                             f"truncated or corrupt") from exc
-    for name, entry in plan.modules.items():
-        original = model.get_output_embeddings() if name == "lm_head" else model.get_submodule(name)
-        bias = tensors.get(f"{name}.bias")
-        bias_t = None if bias is None else torch.from_numpy(bias)
-        if entry.bits == 16:
-            replacement = Float16Linear(torch.from_numpy(tensors[f"{name}.weight"]).float(), bias_t,
-                                        entry.activation, entry.act_clip)
-        else:
-            arrays = {k: tensors[f"{name}.{k}"] for k in ("qweight", "scales", "qzeros")
-                      if f"{name}.{k}" in tensors}
-            if "qweight" not in arrays:
-                raise ModelLoadError(f"{path / MODEL_FILE} lacks {name}.qweight required by the plan")
-            qweight = QuantizedWeight.from_packed(arrays, entry.bits, entry.group_size, entry.shape)
-            replacement = QuantLinear(qweight, bias_t, entry.activation, entry.act_clip)
-        del original
-        replace_module(model, name, replacement)
-    rest = {k: torch.from_numpy(v) for k, v in tensors.items()
-            if not any(k.startswith(f"{n}.") for n in plan.modules)}
-    missing, _unexpected = model.load_state_dict(rest, strict=False)
-    tied_embedding = next((f"{n}.weight" for n, m in model.named_modules()
-                           if m is model.get_input_embeddings()), None)
-    planned_prefixes = tuple(f"{n}." for n in plan.modules)  # rebuilt from their packed arrays
-    missing = [k for k in missing if not k.startswith(planned_prefixes)
-               and not (config.tie_word_embeddings and k == tied_embedding)]
-    if missing:
-        raise ModelLoadError(f"{path / MODEL_FILE} lacks {len(missing)} tensors the model needs, "
-                             f"e.g. {missing[0]}; the file is incomplete: quantize again")
-    if config.tie_word_embeddings and "lm_head" in plan.modules:
-        model.get_input_embeddings().weight = nn.Parameter(model.get_output_embeddings().weight,
-                                                           requires_grad=False)
-    model.apq_plan = plan
-    if device_map:
-        from .placement import place_model, resolve_device_map
-
-        return place_model(model, resolve_device_map(model, device_map, max_memory))
-    return model.to(device)
+    """Write the quantized checkpoint directory atomically (apq_sdk.checkpoint)."""
+    return write_checkpoint(out_dir, _collect_tensors(model, plan), model.config.to_dict(), plan,
+                            tokenizer)

@@ -126,7 +126,7 @@ def test_mixed_plan_beats_uniform_rtn_on_tiny(tiny_llama):
 
 
 def test_failed_save_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
-    from apq_sdk import quantizer as quantize_mod
+    from apq_sdk import plan_file as plan_file_mod
 
     model, tok, info, ids, sens = _profile(tiny_llama)
     plan = make_plan(sens, Budget(bits_per_weight=4.0))
@@ -135,7 +135,7 @@ def test_failed_save_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     def broken_save_plan(plan, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(quantize_mod, "save_plan", broken_save_plan)
+    monkeypatch.setattr(plan_file_mod, "save_plan", broken_save_plan)
     with pytest.raises(OSError, match="disk full"):
         save_quantized(model, tok, plan, tmp_path / "q")
     assert list(tmp_path.iterdir()) == []
@@ -164,6 +164,6 @@ def test_incomplete_quantized_file_is_refused(tiny_llama, tmp_path):
     tensors = load_file(str(out / "model.safetensors"))
     dropped = next(k for k in tensors if k.endswith("norm.weight"))
     del tensors[dropped]
-    save_file(tensors, str(out / "model.safetensors"))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "apq-quantized/plan-v1"})
     with pytest.raises(ModelLoadError, match="lacks 1 tensors the model needs"):
         load_quantized(out)
