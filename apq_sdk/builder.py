@@ -11,31 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .errors import ApqError, UsageError
-from .fsutil import atomic_directory, atomic_write_text, cache_dir, sha256_file
-
-PACKAGE_FORMAT = "apq-package"
-PACKAGE_VERSION = 1
-MANIFEST = "manifest.json"
-VERIFY_FILE = "verify.json"
-REPORT_FILE = "report.html"
-AFTER_MANIFEST = (VERIFY_FILE, REPORT_FILE)
-
+from .fsutil import atomic_directory, atomic_write_text, cache_dir
+from .package import PACKAGE_FORMAT, PACKAGE_VERSION, safe_name, write_manifest, write_verify
 
 def _json_sha(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def safe_name(text: str) -> str:
-    """A directory-name-safe form of a model or target name."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model"
-    return cleaned[:80]
 
 
 @dataclass
@@ -166,54 +152,9 @@ def _quantized_cached(model, tok, info, plan, ids, req, log) -> Path:
     return save_quantized(model, tok, plan, path)
 
 
-def write_manifest(package_dir: Path, data: dict) -> dict:
-    files = []
-    for path in sorted(p for p in package_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(package_dir).as_posix()
-        if rel in (MANIFEST, *AFTER_MANIFEST):
-            continue
-        files.append({"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size})
-    manifest = {**data, "files": files, "written_after_manifest": list(AFTER_MANIFEST)}
-    (package_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return manifest
-
-
-def check_manifest(package_dir: Path) -> list[str]:
-    """Problems with the package's files against its manifest (empty when all match)."""
-    path = package_dir / MANIFEST
-    if not path.is_file():
-        return [f"{path} is missing: not an apq-sdk package"]
-    manifest = json.loads(path.read_text())
-    problems = []
-    listed = set()
-    for entry in manifest["files"]:
-        listed.add(entry["path"])
-        file = package_dir / entry["path"]
-        if not file.is_file():
-            problems.append(f"{entry['path']}: missing")
-        elif file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
-            problems.append(f"{entry['path']}: sha256 differs from the manifest")
-    for file in package_dir.rglob("*"):
-        rel = file.relative_to(package_dir).as_posix()
-        if file.is_file() and rel not in listed and rel not in (MANIFEST, *AFTER_MANIFEST):
-            problems.append(f"{rel}: not listed in the manifest")
-    return problems
-
-
-def runtime_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def build(req: BuildRequest, log=print) -> Path:
     """Build one target; returns the package directory."""
+    from .checkpoint import read_checkpoint
     from .model_io import load_model
     from .plan_file import plan_sha256, save_plan
     from .targets.base import BuildContext, get_target
@@ -229,35 +170,35 @@ def build(req: BuildRequest, log=print) -> Path:
     started = time.time()
     model, tok, info = load_model(req.model, device=req.device)
     plan, ids, sens = resolve_plan(req, target_cls, model, tok, info, log)
-    quantized_dir = _quantized_cached(model, tok, info, plan, ids, req, log)
+    checkpoint = read_checkpoint(_quantized_cached(model, tok, info, plan, ids, req, log))
     del model
     package_name = f"{safe_name(info.name)}-{target_cls.name}"
     final = Path(req.output) / package_name
 
     def fill(tmp: Path) -> None:
         target = target_cls()
-        target.lower(BuildContext(package_dir=tmp, quantized_dir=quantized_dir, plan=plan,
-                                  model_name=info.name, package_name=package_name))
+        target.lower(BuildContext(package_dir=tmp, checkpoint=checkpoint, model_name=info.name,
+                                  package_name=package_name))
         save_plan(plan, tmp / "plan.json")
         measured = None
         result = None
         if req.verify:
-            result = _run_verify(target, tmp, quantized_dir, req.verify_windows)
+            result = _run_verify(target, tmp, checkpoint, req.verify_windows).to_dict()
             measured = {k: v for k, v in result.items() if k != "timings"}
         manifest = write_manifest(tmp, {
             "format": PACKAGE_FORMAT, "version": PACKAGE_VERSION, "sdk_version": __version__,
             "target": {"name": target_cls.name, "capabilities": target_cls.capabilities.to_dict()},
             "model": _plan_model(plan),
             "plan": {"file": "plan.json", "sha256": plan_sha256(plan)},
-            "reference": {"quantized_cache_key": quantized_dir.name},
-            "runtimes": runtime_versions(),
+            "reference": {"quantized_cache_key": checkpoint.path.name},
+            "runtimes": target_cls.runtime_versions(),
             "size": {"planned_bytes": plan.totals.bytes,
                      "linear_bits_per_weight": plan.totals.linear_bits_per_weight,
                      "bits_per_weight": plan.totals.bits_per_weight},
             "measured_at_build": measured,
         })
         if result is not None:
-            _write_verify(tmp, result, problems=[])
+            write_verify(tmp, result, problems=[])
         from .report import write_package_report
 
         write_package_report(tmp, plan, manifest, result, sens)
@@ -274,43 +215,11 @@ def _plan_model(plan) -> dict:
     return json.loads(plan.to_json())["model"]
 
 
-def _run_verify(target, package_dir: Path, reference_dir: Path, windows: int) -> dict:
+def _run_verify(target, package_dir: Path, checkpoint, windows: int):
     from .calibration import eval_text_path
 
     try:
         text = eval_text_path()
     except ApqError:
         text = None
-    return target.verify(package_dir, reference_dir=reference_dir, text_path=text, windows=windows)
-
-
-def _write_verify(package_dir: Path, result: dict, problems: list[str]) -> None:
-    data = {**result, "manifest_problems": problems}
-    atomic_write_text(package_dir / VERIFY_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def verify_package(package_dir: Path, reference: Path | None = None, windows: int = 8) -> dict:
-    """Check every hash, run the package here, compare with the torch reference; write verify.json."""
-    from .targets.base import get_target
-
-    package_dir = Path(package_dir)
-    problems = check_manifest(package_dir)
-    if problems and problems[0].endswith("not an apq-sdk package"):
-        raise ApqError(problems[0])
-    manifest = json.loads((package_dir / MANIFEST).read_text())
-    target_cls = get_target(manifest["target"]["name"])
-    reference = Path(reference) if reference else \
-        cache_dir() / "quantized" / manifest["reference"]["quantized_cache_key"]
-    if not (reference / "model.safetensors").is_file():
-        raise ApqError(f"the torch reference of this package is not in the cache ({reference}); "
-                       f"pass --reference QUANTIZED_DIR (from apq-sdk quantize with the same plan)")
-    result = {"passed": False}
-    if not problems:
-        result = _run_verify(target_cls(), package_dir, reference, windows)
-    _write_verify(package_dir, result, problems)
-    if problems:
-        raise ApqError("manifest check failed:\n  " + "\n  ".join(problems))
-    if not result.get("passed", False):
-        raise ApqError(f"package output does not match the torch reference: "
-                       f"{json.dumps({k: v for k, v in result.items() if k != 'timings'})[:600]}")
-    return result
+    return target.verify(package_dir, checkpoint=checkpoint, text_path=text, windows=windows)

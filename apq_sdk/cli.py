@@ -142,20 +142,6 @@ def _load(model: str, device: str, device_map: str | None = None, max_memory: st
     return (*load_model(model, device=device), device)
 
 
-def _capabilities(target: str | None):
-    """The capability table of `--target` (the generic core set without one)."""
-    from .capabilities import GENERIC
-
-    if target is None:
-        return GENERIC
-    from .targets.base import get_target
-
-    try:
-        return get_target(target).capabilities
-    except KeyError as exc:
-        raise UsageError(str(exc.args[0])) from None
-
-
 def _parse_groups(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -167,20 +153,6 @@ def _parse_groups(text: str | None) -> tuple[int, ...] | None:
     if not groups or any(g < 8 or g % 8 for g in groups):
         raise UsageError(f"--group-sizes: expected positive multiples of 8, found {text!r}")
     return groups
-
-
-def _profile(model, tok, info, calib, samples, seq_len, seed, device, settings):
-    from .calibration import load_calibration
-    from .sensitivity import profile_model
-
-    from .builder import profile_cache_path, store_profile
-
-    ids, calib_info = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
-    fit, _ = load_calibration(tok, calib, num_samples=settings.fit_samples, seq_len=seq_len,
-                              seed=seed + 1)
-    sens = profile_model(model, info, ids, calib_info, settings, device, fit_samples=fit)
-    store_profile(sens, profile_cache_path(info, calib_info, settings))  # apq-sdk build reuses it
-    return sens, ids
 
 
 @main.command()
@@ -201,40 +173,19 @@ def _profile(model, tok, info, calib, samples, seq_len, seed, device, settings):
 def profile(model, calib, samples, seq_len, seed, device, device_map, max_memory, target,
             group_sizes, symmetric, output):
     """Stage 1: measure each layer's (and head's) sensitivity to every candidate bit-width."""
+    from . import api
     from .report import sensitivity_heatmap
-    from .sensitivity import ProfileSettings
 
-    overrides = {"seed": seed}
-    if _parse_groups(group_sizes) is not None:
-        overrides["group_sizes"] = _parse_groups(group_sizes)
-    if symmetric is not None:
-        overrides["symmetric"] = symmetric
-    settings = ProfileSettings.for_capabilities(_capabilities(target), **overrides)
+    groups = _parse_groups(group_sizes)
     m, tok, info, device = _load(model, device, device_map, max_memory)
     start = time.time()
-    sens, _ = _profile(m, tok, info, calib, samples, seq_len, seed, device, settings)
+    sens = api.profile(model, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+                       target=target, group_sizes=groups, symmetric=symmetric, device=device,
+                       loaded=(m, tok, info))
     out = Path(output)
     _write_json_atomic(out, sens.to_dict())
     png = sensitivity_heatmap(sens, out.with_suffix(".png"))
     click.echo(f"wrote {out} and {png} ({time.time() - start:.0f} s)")
-
-
-def _budget(bits_per_weight, memory_reduction, max_loss):
-    from .planning import Budget, parse_relative
-
-    return Budget(bits_per_weight=bits_per_weight, memory_reduction=memory_reduction,
-                  max_loss=parse_relative(max_loss) if max_loss is not None else None)
-
-
-def _load_sensitivity(path: str):
-    from .sensitivity import SensitivityMap
-
-    try:
-        return SensitivityMap.from_dict(json.loads(Path(path).read_text()))
-    except FileNotFoundError:
-        raise ApqError(f"sensitivity map {path} does not exist; run apq-sdk profile first") from None
-    except (json.JSONDecodeError, KeyError, ValueError) as exc:
-        raise ApqError(f"{path} is not a valid sensitivity map ({exc}); run apq-sdk profile again") from exc
 
 
 @main.group(invoke_without_command=True, cls=ApqGroup)
@@ -257,19 +208,13 @@ def plan(ctx, sensitivity, bits_per_weight, memory_reduction, max_loss, activati
     """
     if ctx.invoked_subcommand is not None:
         return
+    from . import api
     from .plan_file import save_plan
-    from .planning import make_plan
 
-    budget = _budget(bits_per_weight, memory_reduction, max_loss)
-    sens = _load_sensitivity(sensitivity)
     start = time.time()
-    from dataclasses import replace
-
-    caps = _capabilities(target)
-    if not share_fused:
-        caps = replace(caps, name=f"{caps.name}-unfused", fused=())
-    result = make_plan(sens, budget, caps=caps, activation=activations or "none",
-                       head_bits=head_bits)
+    result = api.plan(sensitivity, bits_per_weight=bits_per_weight,
+                      memory_reduction=memory_reduction, max_loss=max_loss, target=target,
+                      activations=activations, head_bits=head_bits, share_fused=share_fused)
     save_plan(result, Path(output))
     t = result.totals
     click.echo(f"wrote {output}: linear layers {t.linear_bits_per_weight:.3f} bits/weight, "
@@ -309,18 +254,12 @@ def plan_show(plan_file):
 def quantize(model, plan_file, calib, samples, seq_len, seed, device, device_map, max_memory,
              method, output):
     """Stage 3: apply a plan (GPTQ at the planned bits) and write packed low-bit weights."""
-    from .calibration import load_calibration
-    from .plan_file import PlanError, load_plan
-    from .quantizer import quantize_model, save_quantized
+    from . import api
 
-    try:
-        loaded = load_plan(Path(plan_file))
-    except PlanError as exc:
-        raise ApqError(str(exc)) from exc
+    loaded = api._plan(plan_file)
     m, tok, info, device = _load(model, device, device_map, max_memory)
-    ids, _ = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
-    quantize_model(m, info, loaded, ids, device, method=method)
-    out = save_quantized(m, tok, loaded, Path(output))
+    out = api.quantize(model, loaded, Path(output), calib=calib, samples=samples, seq_len=seq_len,
+                       seed=seed, method=method, device=device, loaded=(m, tok, info))
     click.echo(f"wrote {out}")
 
 
@@ -344,8 +283,7 @@ def eval_cmd(quantized, model, text, windows, window_len, device, device_map, ma
 
     from .calibration import eval_text_path, eval_windows
     from .evaluate import evaluate
-    from .quantizer import load_quantized
-
+    from .checkpoint import load_quantized
     from .placement import parse_max_memory
 
     ref, tok, _, device = _load(model, device, device_map, max_memory)
@@ -450,10 +388,10 @@ def build_cmd(target, model, plan_file, bits_per_weight, memory_reduction, max_l
 @click.option("--windows", type=click.IntRange(1), default=8, show_default=True)
 def verify_cmd(package, reference, windows):
     """Check every hash in the manifest, run the package here, compare with the torch reference."""
-    from .builder import verify_package
+    from .verification import verify_package
 
     result = verify_package(Path(package), Path(reference) if reference else None, windows)
-    click.echo(json.dumps(result, indent=2, sort_keys=True))
+    click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
 
 
 def run() -> None:

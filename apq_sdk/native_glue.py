@@ -16,15 +16,15 @@ escaping filters, chosen by the language of the spot they land in:
 ``c_int``          an integer literal (refuses anything that is not an int)
 =================  ==========================================================================
 
-`export_tokenizer(tokenizer_json, out_dir)` converts a Hugging Face byte-level BPE
-`tokenizer.json` into the plain-text files described in `TOKENIZER_FORMAT`.
+Several template sets can be rendered in order, later sets replacing files of the same path:
+every target renders `common` (the C API header, tokenizer and command-line runner, which hold no
+runtime code) and then its own set (the runtime implementation, build files, README). The
+tokenizer files the C++ runner reads come from `apq_sdk.tokenizer_export`.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import json
 import keyword
 import re
 import shutil
@@ -35,8 +35,7 @@ import jinja2
 import jinja2.meta
 
 __all__ = ["render_templates", "template_sets", "template_variables", "make_environment",
-           "export_tokenizer", "TokenizerExportError", "TemplateContextError", "TOKENIZER_DIR",
-           "TOKENIZER_FILES", "c_string", "c_identifier", "c_comment", "cmake_string",
+           "TemplateContextError", "c_string", "c_identifier", "c_comment", "cmake_string",
            "shell_single", "markdown_text", "c_int"]
 
 def _templates_root() -> Path:
@@ -49,16 +48,10 @@ def _templates_root() -> Path:
 
 
 TEMPLATES_ROOT = _templates_root()
-TOKENIZER_DIR = "tokenizer"  # where a package keeps the exported tokenizer files (runtime contract)
-TOKENIZER_FILES = ("tokenizer.txt", "vocab.txt", "merges.txt", "added_tokens.txt", "unicode.txt")
 
 
 class TemplateContextError(ValueError):
     """The context lacks keys the template set uses, or the template set does not exist."""
-
-
-class TokenizerExportError(ValueError):
-    """The tokenizer.json is not a byte-level BPE tokenizer the C++ runner can reproduce exactly."""
 
 
 # ----------------------------------------------------------------------------- escaping filters
@@ -127,11 +120,18 @@ def c_comment(value) -> str:
     return text
 
 
+def invisible(ch: str) -> bool:
+    """Control, format (bidi overrides, zero-width), private-use, surrogate and line/paragraph
+    separator characters: never written raw into generated files, where they would hide or
+    reorder what a reader sees ("Trojan Source")."""
+    return unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cs", "Zl", "Zp")
+
+
 def cmake_string(value) -> str:
     """Body of a quoted CMake argument: `\\`, `"`, `$`, `;` escaped, newlines as `\\n`.
 
-    Other control characters have no CMake escape and become `?`. `@` is left alone (quoted
-    arguments are not `configure_file` input)."""
+    Other control and invisible characters have no CMake escape and become `?`. `@` is left
+    alone (quoted arguments are not `configure_file` input)."""
     out = []
     for ch in _text(value):
         if ch in '\\"$;':
@@ -142,7 +142,7 @@ def cmake_string(value) -> str:
             out.append("\\r")
         elif ch == "\t":
             out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F or 0xD800 <= ord(ch) <= 0xDFFF:
+        elif invisible(ch):
             out.append("?")
         else:
             out.append(ch)
@@ -150,14 +150,19 @@ def cmake_string(value) -> str:
 
 
 def shell_single(value) -> str:
-    """One bash word with its own quoting: `'...'`, single quotes as `'\\''`, and control
-    characters as ANSI-C `$'\\xHH'` pieces so the snippet stays on one line."""
+    """One bash word with its own quoting: `'...'`, single quotes as `'\\''`, and control and
+    invisible characters as ANSI-C `$'\\xHH'` / `$'\\uHHHH'` pieces, so the snippet stays on one
+    visible line and still passes the exact value."""
     parts = ["'"]
     for ch in _text(value):
         if ch == "'":
             parts.append("'\\''")
         elif ord(ch) < 0x20 or ord(ch) == 0x7F:
             parts.append("'$'\\x%02x''" % ord(ch))
+        elif invisible(ch) and not 0xD800 <= ord(ch) <= 0xDFFF:
+            parts.append("'$'\\U%08x''" % ord(ch))
+        elif invisible(ch):
+            parts.append("?")
         else:
             parts.append(ch)
     parts.append("'")
@@ -168,13 +173,16 @@ _MD_SPECIALS = set("\\`*_{}[]()#+-.!|~")
 
 
 def markdown_text(value) -> str:
-    """Inline Markdown: one line, Markdown punctuation backslash-escaped, `& < > "` as entities."""
+    """Inline Markdown: one line, Markdown punctuation backslash-escaped, `& < > "` as entities,
+    invisible characters (bidi overrides, zero-width) written out as `U+XXXX`."""
     out = []
     for ch in _text(value):
         if ch in "\r\n\t":
             out.append(" ")
         elif ord(ch) < 0x20 or ord(ch) == 0x7F:
             continue
+        elif invisible(ch):
+            out.append("U+%04X" % ord(ch))  # shown, never acting on the text around it
         elif ch in _MD_SPECIALS:
             out.append("\\" + ch)
         elif ch == "&":
@@ -240,309 +248,51 @@ def make_environment(root: Path) -> jinja2.Environment:
     return env
 
 
-def template_variables(template_set: str) -> set[str]:
-    """Every top-level context key the set's templates reference."""
-    root = _set_dir(template_set)
-    env = make_environment(root)
+def _sets(template_set) -> list[str]:
+    return [template_set] if isinstance(template_set, str) else list(template_set)
+
+
+def template_variables(template_set) -> set[str]:
+    """Every top-level context key the set's (or the sets') templates reference."""
     names: set[str] = set()
-    for rel in _template_files(root):
-        if rel.suffix == ".j2":
-            source = (root / rel).read_text(encoding="utf-8")
-            names |= jinja2.meta.find_undeclared_variables(env.parse(source))
+    for name in _sets(template_set):
+        root = _set_dir(name)
+        env = make_environment(root)
+        for rel in _template_files(root):
+            if rel.suffix == ".j2":
+                source = (root / rel).read_text(encoding="utf-8")
+                names |= jinja2.meta.find_undeclared_variables(env.parse(source))
     return names
 
 
-def render_templates(template_set: str, context: dict, out_dir: Path) -> list[Path]:
-    """Render `templates/<template_set>/` into `out_dir`; returns the written paths, sorted.
+def render_templates(template_set, context: dict, out_dir: Path) -> list[Path]:
+    """Render `templates/<set>/` (or several sets in order, a later set's file replacing an
+    earlier one of the same path) into `out_dir`; returns the written paths, sorted.
 
     Raises TemplateContextError naming every missing key before anything is written."""
-    root = _set_dir(template_set)
-    missing = sorted(template_variables(template_set) - set(context))
+    sets = _sets(template_set)
+    roots = [_set_dir(name) for name in sets]
+    missing = sorted(template_variables(sets) - set(context))
     if missing:
-        raise TemplateContextError(f"template set {template_set!r} needs context keys "
+        raise TemplateContextError(f"template set {'+'.join(sets)!r} needs context keys "
                                    f"{', '.join(missing)}; the context has "
                                    f"{', '.join(sorted(context)) or 'none'}")
-    env = make_environment(root)
+    sources: dict[Path, tuple[Path, Path]] = {}  # output path -> (set root, template path)
+    for root in roots:
+        for rel in _template_files(root):
+            out_rel = rel.with_suffix("") if rel.suffix == ".j2" else rel
+            sources[out_rel] = (root, rel)
     out_dir = Path(out_dir)
     written = []
-    for rel in _template_files(root):
+    for out_rel, (root, rel) in sorted(sources.items()):
+        dest = out_dir / out_rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
         if rel.suffix == ".j2":
-            dest = out_dir / rel.with_suffix("")
-            text = env.get_template(rel.as_posix()).render(**context)
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            text = make_environment(root).get_template(rel.as_posix()).render(**context)
             dest.write_bytes(text.encode("utf-8"))
         else:
-            dest = out_dir / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / rel, dest)
         written.append(dest)
     return sorted(written)
 
 
-# ---------------------------------------------------------------------------- tokenizer export
-
-TOKENIZER_FORMAT = """\
-All files are UTF-8/ASCII text, '\\n' line ends, first line a header `apq-<kind> 1 ...`.
-tokenizer.txt     `key value...` lines: pretokenize (steps, in order), ignore_merges, unk_id,
-                  fuse_unk, prefix_ids / suffix_ids (post-processor specials around one
-                  sequence), bos_id, eos_id (-1: none).
-vocab.txt         line k after the header is token id k: `x<HEX>` bytes the decoder emits, then
-                  either nothing (BPE vocabulary bytes are the same), `-` (not in the BPE
-                  vocabulary) or `x<HEX>` (BPE vocabulary bytes); `-` alone: unused id.
-merges.txt        line k after the header is the merge of rank k: `LEFT_ID RIGHT_ID MERGED_ID`.
-added_tokens.txt  `ID SPECIAL NORMALIZED LSTRIP RSTRIP SINGLE_WORD x<HEX content>`.
-unicode.txt       `L|N FIRST LAST` hex code point ranges of the letter / number categories.
-"""
-
-_KNOWN_SPLIT_PATTERNS = {
-    "gpt2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
-    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-}
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte <-> printable character map (the ByteLevel alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-@functools.lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
-    return {c: b for b, c in _byte_to_unicode().items()}
-
-
-def _bytelevel_bytes(token: str) -> bytes | None:
-    """Bytes of a byte-level token string, or None if a character is outside the alphabet."""
-    table = _unicode_to_byte()
-    try:
-        return bytes(table[ch] for ch in token)
-    except KeyError:
-        return None
-
-
-def _decode_bytes(token: str) -> bytes:
-    """What the ByteLevel decoder emits for one token (tokenizers: mapped bytes, or the raw UTF-8
-    of the token when any character is outside the alphabet)."""
-    mapped = _bytelevel_bytes(token)
-    return mapped if mapped is not None else token.encode("utf-8")
-
-
-def _hex(data: bytes) -> str:
-    return "x" + data.hex()
-
-
-def _pretokenize_steps(pre, where: str) -> list[str]:
-    if pre is None:
-        raise TokenizerExportError(f"{where}: no pre_tokenizer; a byte-level BPE tokenizer needs a "
-                                   f"ByteLevel pre-tokenizer")
-    kind = pre.get("type")
-    if kind == "Sequence":
-        steps = []
-        for i, sub in enumerate(pre.get("pretokenizers", [])):
-            steps += _pretokenize_steps(sub, f"{where}.pretokenizers[{i}]")
-        return steps
-    if kind == "ByteLevel":
-        steps = ["prefix_space"] if pre.get("add_prefix_space") else []
-        if pre.get("use_regex", True):
-            steps.append("regex:gpt2")
-        return steps + ["bytelevel"]
-    if kind == "Split":
-        pattern = pre.get("pattern", {})
-        regex = pattern.get("Regex")
-        name = next((k for k, v in _KNOWN_SPLIT_PATTERNS.items() if v == regex), None)
-        if name is None or pre.get("behavior") != "Isolated" or pre.get("invert"):
-            raise TokenizerExportError(
-                f"{where}: Split pre-tokenizer {json.dumps(pre)[:300]} is not supported; the C++ "
-                f"runner knows behavior=Isolated, invert=false with the regex of "
-                f"{', '.join(sorted(_KNOWN_SPLIT_PATTERNS))}")
-        return [f"regex:{name}"]
-    if kind == "Digits":
-        return ["digits:individual" if pre.get("individual_digits") else "digits:contiguous"]
-    raise TokenizerExportError(f"{where}: pre-tokenizer type {kind!r} is not byte-level BPE "
-                               f"(supported: ByteLevel, Split with a known regex, Digits, Sequence)")
-
-
-def _post_ids(post, specials_by_name: dict[str, int], where: str) -> tuple[list[int], list[int]]:
-    if post is None:
-        return [], []
-    kind = post.get("type")
-    if kind == "ByteLevel":
-        return [], []
-    if kind == "Sequence":
-        prefix, suffix = [], []
-        for i, sub in enumerate(post.get("processors", [])):
-            p, s = _post_ids(sub, specials_by_name, f"{where}.processors[{i}]")
-            prefix, suffix = prefix + p, suffix + s
-        return prefix, suffix
-    if kind == "TemplateProcessing":
-        prefix, suffix, seen_a = [], [], False
-        tokens = post.get("special_tokens", {})
-        for piece in post.get("single", []):
-            if "Sequence" in piece:
-                if piece["Sequence"].get("id") != "A" or seen_a:
-                    raise TokenizerExportError(f"{where}: single template {post['single']} unsupported")
-                seen_a = True
-            elif "SpecialToken" in piece:
-                name = piece["SpecialToken"]["id"]
-                ids = tokens.get(name, {}).get("ids") or (
-                    [specials_by_name[name]] if name in specials_by_name else None)
-                if not ids:
-                    raise TokenizerExportError(f"{where}: special token {name!r} has no id")
-                (suffix if seen_a else prefix).extend(int(i) for i in ids)
-        return prefix, suffix
-    raise TokenizerExportError(f"{where}: post-processor type {kind!r} is not supported "
-                               f"(supported: TemplateProcessing, ByteLevel, Sequence, none)")
-
-
-@functools.lru_cache(maxsize=1)
-def _unicode_ranges() -> tuple[str, ...]:
-    lines = []
-    for cls in ("L", "N"):
-        start = None
-        for cp in range(0x110001):
-            inside = cp <= 0x10FFFF and unicodedata.category(chr(cp))[0] == cls
-            if inside and start is None:
-                start = cp
-            elif not inside and start is not None:
-                lines.append(f"{cls} {start:x} {cp - 1:x}")
-                start = None
-    return tuple(lines)
-
-
-def _token_id(config: dict, key: str, ids_by_content: dict[str, int]) -> int:
-    token = config.get(key)
-    if isinstance(token, dict):
-        token = token.get("content")
-    return ids_by_content.get(token, -1) if isinstance(token, str) else -1
-
-
-def export_tokenizer(tokenizer_json: Path, out_dir: Path) -> list[Path]:
-    """Write the C++ runner's tokenizer files (see TOKENIZER_FORMAT) for a HF byte-level BPE
-    `tokenizer.json`; bos/eos come from a `tokenizer_config.json` beside it when there is one.
-
-    Refuses (TokenizerExportError) anything the runner could not reproduce id for id: other
-    models (Unigram, WordPiece, WordLevel), normalizers, non-byte-level pre-tokenizers or
-    decoders, unknown split regexes, BPE dropout or subword prefixes/suffixes."""
-    tokenizer_json = Path(tokenizer_json)
-    try:
-        spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TokenizerExportError(f"cannot read {tokenizer_json}: {exc}") from exc
-    where = str(tokenizer_json)
-    model = spec.get("model") or {}
-    if model.get("type", "BPE") != "BPE":
-        raise TokenizerExportError(f"{where}: model type {model.get('type')!r} is not BPE; only "
-                                   f"byte-level BPE tokenizers (GPT-2/Llama-3/SmolLM2 style) export")
-    if spec.get("normalizer") is not None:
-        raise TokenizerExportError(f"{where}: normalizer {spec['normalizer'].get('type')!r} is not "
-                                   f"supported; byte-level BPE tokenizers have none")
-    decoder = spec.get("decoder") or {}
-    if decoder.get("type") != "ByteLevel":
-        raise TokenizerExportError(f"{where}: decoder {decoder.get('type')!r} is not ByteLevel: "
-                                   f"not a byte-level BPE tokenizer")
-    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
-        if model.get(key):
-            raise TokenizerExportError(f"{where}: BPE {key}={model[key]!r} is not supported")
-    if model.get("byte_fallback"):
-        raise TokenizerExportError(f"{where}: BPE byte_fallback is for SentencePiece-style "
-                                   f"tokenizers, not byte-level BPE")
-    steps = _pretokenize_steps(spec.get("pre_tokenizer"), f"{where}: pre_tokenizer")
-    if steps.count("bytelevel") != 1:
-        raise TokenizerExportError(f"{where}: expected exactly one ByteLevel pre-tokenizer, found "
-                                   f"{steps.count('bytelevel')}")
-    steps.remove("bytelevel")  # the C++ side works on raw bytes: the byte map is implicit
-
-    vocab: dict[str, int] = model.get("vocab") or {}
-    if not vocab:
-        raise TokenizerExportError(f"{where}: empty BPE vocabulary")
-    model_bytes: dict[int, bytes] = {}
-    for token, idx in vocab.items():
-        data = _bytelevel_bytes(token)
-        if data is not None:
-            model_bytes[int(idx)] = data
-    if len(model_bytes) < len(vocab) // 2:
-        raise TokenizerExportError(f"{where}: most vocabulary entries are outside the ByteLevel "
-                                   f"alphabet: not a byte-level BPE tokenizer")
-    added = sorted(spec.get("added_tokens") or [], key=lambda t: t["id"])
-    added_by_id = {int(t["id"]): t["content"] for t in added}
-    id_to_token = {int(i): t for t, i in vocab.items()}
-    id_to_token.update(added_by_id)
-    size = max(id_to_token) + 1
-
-    vocab_lines = [f"apq-vocab 1 {size}"]
-    for idx in range(size):
-        token = id_to_token.get(idx)
-        if token is None:
-            vocab_lines.append("-")
-            continue
-        shown = _decode_bytes(token)
-        bpe = model_bytes.get(idx)
-        if bpe is None:
-            vocab_lines.append(f"{_hex(shown)} -")
-        elif bpe == shown:
-            vocab_lines.append(_hex(shown))
-        else:
-            vocab_lines.append(f"{_hex(shown)} {_hex(bpe)}")
-
-    merge_lines = []
-    for rank, merge in enumerate(model.get("merges") or []):
-        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
-        try:
-            merge_lines.append(f"{vocab[left]} {vocab[right]} {vocab[left + right]}")
-        except KeyError as exc:
-            raise TokenizerExportError(f"{where}: merge #{rank} {left!r} {right!r} uses a token "
-                                       f"missing from the vocabulary ({exc})") from None
-    merge_lines.insert(0, f"apq-merges 1 {len(merge_lines)}")
-
-    added_lines = [f"apq-added 1 {len(added)}"]
-    for tok in added:
-        flags = [int(bool(tok.get(k))) for k in ("special", "normalized", "lstrip", "rstrip",
-                                                  "single_word")]
-        added_lines.append(" ".join([str(tok["id"])] + [str(f) for f in flags] +
-                                    [_hex(tok["content"].encode("utf-8"))]))
-
-    ids_by_content = {t: i for i, t in id_to_token.items()}
-    specials_by_name = {t["content"]: int(t["id"]) for t in added}
-    prefix, suffix = _post_ids(spec.get("post_processor"), specials_by_name,
-                               f"{where}: post_processor")
-    config_path = tokenizer_json.with_name("tokenizer_config.json")
-    config = {}
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            config = {}
-    unk = model.get("unk_token")
-    config_lines = [
-        "apq-tokenizer 1",
-        "pretokenize " + (" ".join(steps) if steps else "none"),
-        f"ignore_merges {int(bool(model.get('ignore_merges')))}",
-        f"unk_id {vocab.get(unk, -1) if unk else -1}",
-        f"fuse_unk {int(bool(model.get('fuse_unk')))}",
-        "prefix_ids " + " ".join(str(i) for i in prefix),
-        "suffix_ids " + " ".join(str(i) for i in suffix),
-        f"bos_id {_token_id(config, 'bos_token', ids_by_content)}",
-        f"eos_id {_token_id(config, 'eos_token', ids_by_content)}",
-    ]
-    unicode_lines = [f"apq-unicode 1 {unicodedata.unidata_version}", *_unicode_ranges()]
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, lines in (("tokenizer.txt", config_lines), ("vocab.txt", vocab_lines),
-                        ("merges.txt", merge_lines), ("added_tokens.txt", added_lines),
-                        ("unicode.txt", unicode_lines)):
-        path = out_dir / name
-        path.write_text("\n".join(lines) + "\n", encoding="ascii", newline="\n")
-        written.append(path)
-    return written

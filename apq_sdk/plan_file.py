@@ -557,8 +557,9 @@ class Plan:
         }
 
     def to_json(self) -> str:
-        """Canonical JSON: sorted keys, 2-space indent, trailing newline."""
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=False,
+        """Canonical JSON: sorted keys, 2-space indent, ASCII only (other characters as \\u escapes,
+        so no invisible or reordering character is ever written raw), trailing newline."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=True,
                           allow_nan=False) + "\n"
 
     @classmethod

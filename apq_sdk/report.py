@@ -111,8 +111,6 @@ def write_package_report(package_dir, plan, manifest: dict, verify: dict | None,
     Self-contained (images inline, no scripts, no network), so it renders offline. Everything but
     the timings section is a function of the inputs, so rebuilds reproduce it.
     """
-    from html import escape
-
     t = plan.totals
     fp16_mb = t.fp16_bytes / 1e6
     rows = "".join(
@@ -153,6 +151,15 @@ td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left}}img
     path = Path(package_dir) / "report.html"
     path.write_text(html)
     return path
+
+
+def escape(text: str) -> str:
+    """HTML text with invisible characters (bidi overrides, zero-width) shown as U+XXXX."""
+    import html
+
+    from .native_glue import invisible
+
+    return html.escape("".join(f"U+{ord(c):04X}" if invisible(c) else c for c in str(text)))
 
 
 def _fmt(value) -> str:

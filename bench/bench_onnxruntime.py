@@ -1,6 +1,6 @@
 """The arm64-linux (onnxruntime) package beside an FP32 ONNX export of the same model, same runtime.
 
-Both graphs come from targets/onnx_lowering.py (same decoder, attention and KV cache): the package
+Both graphs come from targets/onnx_graph.py (same decoder, attention and KV cache): the package
 from a quantized directory made for this target (MatMulNBits weights), the FP32 export from the
 float model (plain MatMul on float32 weights). Measured side by side in one process: model file
 size, perplexity on the first N non-overlapping windows of wikitext2-test, prefill latency of a
@@ -38,9 +38,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def perplexity(runner, windows: np.ndarray) -> float:
-    from apq_sdk.targets.onnxruntime_target import _nll
+    from apq_sdk.verification import nll as window_nll
 
-    nll = sum(_nll(runner.full(row), row) for row in windows)
+    nll = sum(window_nll(runner.full(row), row) for row in windows)
     return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
@@ -58,13 +58,14 @@ def build_fp32(model_spec: str, out_dir: Path) -> tuple[Path, str]:
     import torch
 
     from apq_sdk.model_io import load_model
-    from apq_sdk.targets.onnx_lowering import build_decoder, float_weights_from_model, save_model
+    from apq_sdk.targets.onnx_graph import build_decoder, float_weights_from_model, save_model
+    from apq_sdk.targets.onnxruntime.linears import MatMulNBitsLowering
 
     model, tok, info = load_model(model_spec)
     with torch.no_grad():
         config, tensors, modules = float_weights_from_model(model)
-        graph = build_decoder(config, tensors, modules, metadata={"apq.model": info.name,
-                                                                  "apq.variant": "fp32"})
+        graph = build_decoder(config, tensors, modules, MatMulNBitsLowering(),
+                              metadata={"apq.model": info.name, "apq.variant": "fp32"})
     del model
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(graph, out_dir / "model.onnx")
@@ -98,13 +99,15 @@ def main() -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from apq_sdk.calibration import eval_text_path, eval_windows
-    from apq_sdk.plan_file import load_plan
+    from apq_sdk.checkpoint import read_checkpoint
     from apq_sdk.targets.base import BuildContext
-    from apq_sdk.targets.onnxruntime_target import OnnxDecoder, OnnxRuntimeTarget, _package_bytes
+    from apq_sdk.targets.onnxruntime.target import OnnxDecoder, OnnxRuntimeTarget
+    from apq_sdk.verification import measure_timings
 
     started = time.time()
     quantized = resolve_quantized(Path(args.quantized))
-    plan = load_plan(quantized / "plan.json")
+    checkpoint = read_checkpoint(quantized)
+    plan = checkpoint.plan
     text = Path(args.text) if args.text else eval_text_path()
     config = AutoConfig.from_pretrained(quantized)
     window_len = min(args.window_len, config.max_position_embeddings)
@@ -117,16 +120,17 @@ def main() -> None:
         tmp = Path(tmp)
         target = OnnxRuntimeTarget()
         t = time.time()
-        target.lower(BuildContext(package_dir=tmp / "quantized", quantized_dir=quantized, plan=plan,
+        target.lower(BuildContext(package_dir=tmp / "quantized", checkpoint=checkpoint,
                                   model_name=plan.model.name, package_name="bench"))
         lower_s = time.time() - t
         check = None
         if args.verify_windows > 0:
-            v = target.verify(tmp / "quantized", reference_dir=quantized, text_path=text,
-                              windows=args.verify_windows, seq_len=window_len, threads=args.threads)
+            v = target.verify(tmp / "quantized", checkpoint=checkpoint, text_path=text,
+                              windows=args.verify_windows, seq_len=window_len,
+                              threads=args.threads).to_dict()
             check = {"windows": args.verify_windows, "passed": v["passed"],
                      "logits_relative": v["logits"]["relative"], "kl_mean": v["logits"]["kl_mean"],
-                     "ppl_onnx": round(v["perplexity"]["onnx"], 4),
+                     "ppl_onnx": round(v["perplexity"]["package"], 4),
                      "ppl_torch": round(v["perplexity"]["torch"], 4), "failures": v["failures"],
                      "float_twin": v.get("float_twin")}
             print(json.dumps({"verify": check}), flush=True)
@@ -137,9 +141,11 @@ def main() -> None:
                                         ("apq-matmulnbits", tmp / "quantized", lower_s)):
             runner = OnnxDecoder(package / "model.onnx", threads=args.threads)
             ppl = perplexity(runner, windows)
-            timing = runner.timings(windows[0], prefill_tokens=prefill,
-                                    decode_tokens=args.decode_tokens, runs=args.runs)
-            row = {"model": label, "model_file_bytes": _package_bytes(package), "perplexity": ppl,
+            timing = measure_timings(runner, windows[0], prefill_tokens=prefill,
+                                     decode_tokens=args.decode_tokens, runs=args.runs)
+            row = {"model": label,
+                   "model_file_bytes": sum(p.stat().st_size for p in target.model_files(package)),
+                   "perplexity": ppl,
                    "prefill_tokens": timing["prefill_tokens"],
                    "prefill_ms_median": timing["prefill_ms_median"],
                    "decode_tokens_per_s_median": timing["decode_tokens_per_s_median"],

@@ -1,21 +1,40 @@
-"""The target interface: capabilities in one table, tools, plan checks, lowering and verification.
+"""The target interface: a capability table, tools, lowering, and what verify needs to run it.
 
-Every backend is a subclass of `Target`, registered by its `name` through `__init_subclass__`. A
-build checks the plan against `capabilities` before any work starts; a plan that asks for something
-the target cannot run is refused with the modules and the fix, or re-planned with `--replan`.
-Targets never re-quantize: they lower the core's integers, scales and zero points bit for bit.
+A target is one folder under `targets/` holding a `Target` subclass, one entry in `BUILTIN_TARGETS`
+below (name -> module, imported only when needed, so a missing runtime never breaks the others), and
+its templates under `templates/<name>/` layered over `templates/common/`. A subclass declares:
+
+* `capabilities`: the one table profile, plan and check obey (apq_sdk.capabilities);
+* `tools`: what it needs on the build machine, and `runtime_packages`: the Python distributions
+  whose versions go into the package manifest;
+* `lower(ctx)`: write the artifact, native glue and README from `ctx.checkpoint` (the core's integers
+  and scales, bit for bit: targets never re-quantize);
+* `runner(package_dir)`: the artifact running here, for the shared verify
+  (apq_sdk.verification); optionally `read_weights` (the artifact's weights in checkpoint layout,
+  for the bit-exact check of every build), `float_twin` (the artifact with float activations) and
+  `model_files`.
+
+A build checks the plan against `capabilities` before any work starts; a plan that asks for
+something the target cannot run is refused with the modules and the fix, or re-planned with
+`--replan`.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import shutil
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import ClassVar
 
 from apq_sdk.capabilities import Capabilities, Violation  # noqa: F401  (re-exported)
 
+#: every built-in target: name -> module under apq_sdk.targets that defines (registers) it
+BUILTIN_TARGETS = {
+    "arm64-linux": "onnxruntime.target",
+}
 TARGETS: dict[str, type["Target"]] = {}
 
 
@@ -36,14 +55,17 @@ class Tool:
 
 @dataclass
 class BuildContext:
-    """What a target's `lower` gets: the quantized model and where to write."""
+    """What a target's `lower` gets: the checkpoint to lower and where to write."""
 
     package_dir: Path  # write every package file under here (a temporary directory)
-    quantized_dir: Path  # output of apq_sdk.quantizer.save_quantized (model.safetensors, plan.json, ...)
-    plan: object  # apq_sdk.plan_file.Plan
+    checkpoint: object  # apq_sdk.checkpoint.QuantizedCheckpoint (its .plan is the build's plan)
     model_name: str
     package_name: str
-    extra: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # target-specific build options
+
+    @property
+    def plan(self):
+        return self.checkpoint.plan
 
 
 class Target:
@@ -51,12 +73,17 @@ class Target:
     description: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     tools: ClassVar[tuple[Tool, ...]] = ()
+    runtime_packages: ClassVar[tuple[str, ...]] = ()  # versions recorded in the manifest
+    template_sets: ClassVar[tuple[str, ...]] = ()  # rendered in order over templates/common
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if getattr(cls, "name", None):
-            if cls.name in TARGETS:
+            if cls.name in TARGETS and TARGETS[cls.name] is not cls:
                 raise TypeError(f"target {cls.name!r} registered twice")
+            if cls.capabilities.name != cls.name:
+                raise TypeError(f"target {cls.name!r}: its capability table is named "
+                                f"{cls.capabilities.name!r}; give it the target's name")
             TARGETS[cls.name] = cls
 
     @classmethod
@@ -67,14 +94,61 @@ class Target:
     def check_plan(cls, plan) -> list[Violation]:
         return cls.capabilities.check_plan(plan)
 
+    @classmethod
+    def runtime_versions(cls) -> dict[str, str]:
+        """Versions of torch, transformers and the target's runtime packages installed here."""
+        out = {}
+        for name in ("torch", "transformers", *cls.runtime_packages):
+            try:
+                out[name] = version(name)
+            except PackageNotFoundError:
+                pass
+        return out
+
+    # -- what every target implements ---------------------------------------------------------------
+
     def lower(self, ctx: BuildContext) -> None:
         """Write the model artifact, native glue and package README into ctx.package_dir."""
         raise NotImplementedError
 
-    def verify(self, package_dir: Path, *, reference_dir: Path, text_path: Path | None,
-               windows: int) -> dict:
-        """Run the package's artifact here and compare it with the torch reference."""
+    def runner(self, package_dir: Path, *, threads: int = 1):
+        """The package's artifact running here (apq_sdk.verification.Runner)."""
         raise NotImplementedError
+
+    def model_files(self, package_dir: Path) -> list[Path]:
+        """The artifact's files (their bytes are the package's model size)."""
+        raise NotImplementedError
+
+    # -- optional ----------------------------------------------------------------------------------
+
+    def read_weights(self, package_dir: Path, plan) -> dict | None:
+        """Every planned module's weights as the artifact stores them, in checkpoint layout
+        (apq_sdk.checkpoint.CheckpointModule), or None when the format cannot be read here."""
+        return None
+
+    def float_twin(self, package_dir: Path, workdir: Path, *, threads: int = 1):
+        """A Runner of the artifact with float activations (for int8-per-block plans), or None."""
+        return None
+
+    # -- shared ------------------------------------------------------------------------------------
+
+    def verify(self, package_dir: Path, *, checkpoint, text_path: Path | None, windows: int,
+               threads: int = 1, **options):
+        """Run the package here and compare it with the torch reference (apq_sdk.verification)."""
+        import tempfile
+
+        from apq_sdk.verification import verify_runner
+
+        package_dir = Path(package_dir)
+        with tempfile.TemporaryDirectory(prefix="apq-verify-") as work:
+            return verify_runner(
+                target=self.name, runner=self.runner(package_dir, threads=threads),
+                checkpoint=checkpoint, package_dir=package_dir, text_path=text_path,
+                windows=windows, max_context=self.capabilities.max_context,
+                model_bytes=sum(p.stat().st_size for p in self.model_files(package_dir)),
+                read_weights=lambda: self.read_weights(package_dir, checkpoint.plan),
+                float_twin=lambda: self.float_twin(package_dir, Path(work), threads=threads),
+                threads=threads, **options)
 
 
 def get_target(name: str) -> type[Target]:
@@ -87,6 +161,6 @@ def get_target(name: str) -> type[Target]:
 
 
 def load_builtin_targets() -> dict[str, type[Target]]:
-    from . import onnxruntime_target  # noqa: F401  (registers itself)
-
+    for module in BUILTIN_TARGETS.values():
+        importlib.import_module(f"{__package__}.{module}")
     return TARGETS

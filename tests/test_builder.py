@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from apq_sdk.builder import BuildRequest, build, check_manifest, verify_package
+from apq_sdk.builder import BuildRequest, build
+from apq_sdk.package import check_manifest
+from apq_sdk.verification import verify_package
 from apq_sdk.errors import ApqError, UsageError
 from apq_sdk.targets.base import TARGETS, get_target, load_builtin_targets
 
@@ -105,7 +107,7 @@ def test_manifest_check_catches_tampering(built_package, tmp_path):
 
 def test_verify_command_passes_on_a_good_package(built_package):
     result = verify_package(built_package, windows=1)
-    assert result["passed"] is True
+    assert result.passed is True
 
 
 def test_rebuild_is_byte_identical(built_package, tiny_model_factory, tmp_path):

@@ -18,16 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from apq_sdk.native_glue import (_KNOWN_SPLIT_PATTERNS, c_identifier, export_tokenizer,
-                          render_templates)
+from apq_sdk.native_glue import c_identifier, render_templates
+from apq_sdk.tokenizer_export import _KNOWN_SPLIT_PATTERNS, export_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
+SETS = ("common", "onnxruntime")  # what the arm64-linux target renders
 HOSTILE_PACKAGE = 'evil"pkg\\ */ /* ??= ??/ $(rm -rf /); `id` ${HOME} ü 日本 </script> # *md* [a](b)\nnext'
 HOSTILE_MODEL = "Model \"X\" '; DROP --\\\\n */ ??' ;; ${CMAKE_COMMAND} \U0001F600 <b>bold</b>\r\n\ttab"
 NUMBERS = dict(vocab_size=384, num_layers=2, num_kv_heads=2, head_dim=16, max_context=256,
                eos_token_id=2, bos_token_id=-1)
 HOSTILE_CONTEXT = dict(package_name=HOSTILE_PACKAGE, model_name=HOSTILE_MODEL,
-                       target='arm64-linux"; ??= */', sdk_version="0.1.0 $(x) \\ ;", **NUMBERS)
+                       target='arm64-linux"; ??= */', sdk_version="0.1.0 $(x) \\ ;",
+                       runtime='ONNX "Runtime" */ ??=', **NUMBERS)
 
 GXX = shutil.which("g++")
 GCC = shutil.which("gcc")
@@ -71,7 +73,7 @@ def c_hex_dump_program(macros: list[str]) -> str:
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hostile") / "pkg"
-    written = render_templates("onnxruntime", HOSTILE_CONTEXT, out)
+    written = render_templates(SETS, HOSTILE_CONTEXT, out)
     assert {p.relative_to(out).as_posix() for p in written} == {
         "CMakeLists.txt", "README.md", "include/apq_model.h", "src/apq_model.cpp",
         "src/apq_run.cpp", "src/tokenizer.cpp", "src/tokenizer.hpp"}
@@ -82,7 +84,7 @@ def hostile(tmp_path_factory) -> Path:
 
 def test_rendering_is_deterministic(hostile, tmp_path):
     again = tmp_path / "again"
-    render_templates("onnxruntime", HOSTILE_CONTEXT, again)
+    render_templates(SETS, HOSTILE_CONTEXT, again)
     for path in hostile.rglob("*"):
         if path.is_file():
             assert (again / path.relative_to(hostile)).read_bytes() == path.read_bytes()
@@ -244,6 +246,9 @@ SAMPLES = [
     "Ω≈ç√∫˜µ≤≥÷ العربية עברית हिन्दी ไทย", "١٢٣ ٤٥ Ⅻ ½ ²³", "mixed123abc456 7_8-9",
     "<s>special</s> <unk> tok<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
     "a <|tool|>  b  <|tool|>c word words sword word_ x",
+    # NFC: decomposed accents, reordered marks, Hangul jamo, singletons and exclusions
+    "cafe\u0301 e\u0301\u0323 a\u0323\u0301 o\u0308\u0304 \u1100\u1161\u11a8 \u1100\u1161 \uac00\u11a8",
+    "\u212b \u2126 \u0958 \u0915\u093c \u0344 \u1e9b\u0323 q\u0307\u0323 \u0301a ñ n\u0303",
 ]
 
 DRIVER = r"""
@@ -285,7 +290,7 @@ int main(int argc, char** argv) {
 
 def build_driver(compiler: str, out_dir: Path, extra=()) -> Path:
     src = out_dir / "src"
-    render_templates("onnxruntime", HOSTILE_CONTEXT, out_dir)
+    render_templates(SETS, HOSTILE_CONTEXT, out_dir)
     (src / "driver.cpp").write_text(DRIVER)
     exe = out_dir / "tokenize"
     run([compiler, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{src}",
@@ -386,6 +391,9 @@ VARIANTS = {  # the tiny vocabulary under the other pre-tokenizers and options t
     "digits-contiguous-prefix": dict(pre=_seq({"type": "Digits", "individual_digits": False},
                                               _bytelevel(prefix=True, regex=True))),
     "prefix-space": dict(pre=_bytelevel(prefix=True, regex=True)),
+    # Qwen2 / Qwen3: NFC before the split, on text and on normalized added tokens
+    "qwen2-nfc": dict(pre=_seq(_split("qwen2"), _bytelevel()), added=EXTRA_ADDED,
+                      normalizer={"type": "NFC"}),
 }
 
 
@@ -398,6 +406,7 @@ def test_tokenizer_variants_match_tokenizers(driver, tiny_tokenizer_dir, tmp_pat
     if "post" in v:
         spec["post_processor"] = v["post"]
     spec["model"]["ignore_merges"] = v.get("ignore_merges", False)
+    spec["normalizer"] = v.get("normalizer")
     spec["added_tokens"] += v.get("added", [])
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(spec), encoding="utf-8")
@@ -428,6 +437,7 @@ def test_demo_tokenizer_matches_transformers(driver, tmp_path):
 
 # ------------------------------------------------------------------------- (c) aarch64 + qemu
 
+@pytest.mark.slow
 @needs_cross
 def test_tokenizer_on_aarch64_under_qemu(tiny_tokenizer_dir, tmp_path):
     exe = build_driver(CROSS, tmp_path / "arm64")
@@ -545,6 +555,7 @@ int main(int argc, char** argv) {
 """
 
 
+@pytest.mark.slow
 @needs_cmake
 @needs_gxx
 def test_generated_project_builds_and_runs_with_onnxruntime(hostile, tiny_tokenizer_dir,
@@ -588,6 +599,7 @@ def test_generated_project_builds_and_runs_with_onnxruntime(hostile, tiny_tokeni
         assert [int(x) for x in out] == ids[:3]
 
 
+@pytest.mark.slow
 @needs_cmake
 @pytest.mark.skipif(CROSS is None, reason="aarch64 cross toolchain missing: "
                                           "apt-get install g++-aarch64-linux-gnu")

@@ -19,15 +19,17 @@ from onnx import numpy_helper  # noqa: E402
 
 from apq_sdk.calibration import builtin_text, load_calibration  # noqa: E402
 from apq_sdk.model_io import load_model  # noqa: E402
+from apq_sdk.checkpoint import CheckpointModule, read_checkpoint  # noqa: E402
 from apq_sdk.plan_file import Plan, compute_totals, load_plan  # noqa: E402
-from apq_sdk.planning import Budget, make_plan  # noqa: E402
+from apq_sdk.planning import Budget, make_plan, uniform_plan  # noqa: E402
 from apq_sdk.sensitivity import ProfileSettings, profile_model  # noqa: E402
 from apq_sdk.quant.packing import stored_bytes  # noqa: E402
 from apq_sdk.quantizer import quantize_model, save_quantized  # noqa: E402
 from apq_sdk.targets.base import BuildContext, get_target  # noqa: E402
-from apq_sdk.targets.onnx_lowering import (build_decoder, float_weights_from_model,  # noqa: E402
-                                           nbits_nodes, save_model)
-from apq_sdk.targets.onnxruntime_target import OnnxDecoder, OnnxRuntimeTarget  # noqa: E402
+from apq_sdk.targets.onnx_graph import build_decoder, float_weights_from_model, save_model  # noqa: E402
+from apq_sdk.targets.onnxruntime.linears import (MatMulNBitsLowering, nbits_initializers,  # noqa: E402
+                                                 nbits_nodes)
+from apq_sdk.targets.onnxruntime.target import OnnxDecoder, OnnxRuntimeTarget  # noqa: E402
 
 INT8 = "int8-per-token-dynamic"
 BLOCK = "int8-per-block-dynamic"
@@ -97,10 +99,9 @@ def _quantized(tiny_model_factory, work, family, activation, head_bits="8", symm
     return _QUANTIZED[key]
 
 
-def _lower(quantized: Path, out: Path, **extra) -> Path:
-    OnnxRuntimeTarget().lower(BuildContext(package_dir=out, quantized_dir=quantized,
-                                           plan=load_plan(quantized / "plan.json"),
-                                           model_name="tiny", package_name="tiny", extra=extra))
+def _lower(quantized: Path, out: Path, **options) -> Path:
+    OnnxRuntimeTarget().lower(BuildContext(package_dir=out, checkpoint=read_checkpoint(quantized),
+                                           model_name="tiny", package_name="tiny", options=options))
     return out
 
 
@@ -113,9 +114,9 @@ def _package(tiny_model_factory, work, family, activation, **kwargs):
 
 
 def _verify(package, quantized, text, **kwargs):
-    return OnnxRuntimeTarget().verify(package, reference_dir=quantized, text_path=text, windows=1,
-                                      seq_len=96, timing_runs=1, prefill_tokens=32, decode_tokens=4,
-                                      **kwargs)
+    return OnnxRuntimeTarget().verify(package, checkpoint=read_checkpoint(quantized), text_path=text,
+                                      windows=1, seq_len=96, timing_runs=1, prefill_tokens=32,
+                                      decode_tokens=4, **kwargs).to_dict()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,11 +130,12 @@ def test_capabilities_and_registry(tiny_model_factory):
     assert caps.group_sizes == (32, 64, 128, 256)
     assert set(caps.activation_modes) == {INT8, BLOCK, "none"} and caps.head_bits == (4, 8, 16)
     assert caps.default_activation == BLOCK
-    assert {t.name for t in OnnxRuntimeTarget.tools} == {"onnx", "onnxruntime", "onnxscript"}
+    assert {t.name for t in OnnxRuntimeTarget.tools} == {"onnx", "onnxruntime"}
     _, _, sens = _profile(tiny_model_factory, "llama")
-    generic = make_plan(sens, Budget(bits_per_weight=3.0))
-    if any(m.bits == 3 for m in generic.modules.values()):
-        assert any(v.field == "bits" and v.found == 3 for v in OnnxRuntimeTarget.check_plan(generic))
+    three_bit = uniform_plan(sens, 3, 128)
+    refused = {v.module for v in OnnxRuntimeTarget.check_plan(three_bit)
+               if v.field == "bits" and v.found == 3}
+    assert refused == {n for n, m in three_bit.modules.items() if m.kind == "linear"}
     planned = make_plan(sens, Budget(bits_per_weight=3.0), caps=CAP)
     assert not OnnxRuntimeTarget.check_plan(planned)
 
@@ -323,7 +325,6 @@ def test_accuracy_level_4_is_the_per_block_reference(bits, block, k):
 
     from apq_sdk.quant.modules import QuantLinear
     from apq_sdk.quant.weights import quantize_rtn
-    from apq_sdk.targets.onnx_lowering import ModuleWeights, nbits_initializers
 
     g = torch.Generator().manual_seed(bits * k)
     weight = torch.randn(24, k, generator=g)
@@ -331,8 +332,8 @@ def test_accuracy_level_4_is_the_per_block_reference(bits, block, k):
     layer = QuantLinear(q, None, BLOCK)
     x = torch.randn(7, k, generator=g) * torch.exp(torch.randn(k, generator=g))  # uneven channels
     x[2, :block] = 0  # an all-zero block
-    arrays = nbits_initializers(ModuleWeights("w", "nbits", (24, k), q.to_packed(), bits, block,
-                                              activation=BLOCK))
+    arrays = nbits_initializers(CheckpointModule("w", "packed", (24, k), q.to_packed(), bits, block,
+                                                 activation=BLOCK))
     inits = [numpy_helper.from_array(arrays[n], n) for n in ("B", "scales", "zero_points")]
     node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y"],
                             domain="com.microsoft", K=k, N=24, bits=bits, block_size=block,
@@ -355,7 +356,7 @@ def test_fp32_export_matches_the_float_model(tiny_model_factory, work):
     path = tiny_model_factory("mistral")
     model, _, _ = load_model(path)
     config, tensors, modules = float_weights_from_model(model)
-    save_model(build_decoder(config, tensors, modules), work / "fp32.onnx")
+    save_model(build_decoder(config, tensors, modules, MatMulNBitsLowering()), work / "fp32.onnx")
     runner = OnnxDecoder(work / "fp32.onnx")
     ids = np.arange(5, 69, dtype=np.int64)
     with torch.no_grad():
@@ -374,7 +375,7 @@ def test_bench_runs_on_a_tiny_model(tiny_model_factory, work, text_file, monkeyp
 
     quantized, _ = _package(tiny_model_factory, work, "llama", INT8)
     out = work / "bench" / "onnxruntime"
-    bench = Path(__file__).resolve().parents[2] / "bench" / "bench_onnxruntime.py"
+    bench = Path(__file__).resolve().parents[3] / "bench" / "bench_onnxruntime.py"
     monkeypatch.setattr(sys, "argv", [str(bench), "--model", str(tiny_model_factory("llama")),
                                       "--quantized", str(quantized), "--text", str(text_file),
                                       "--windows", "1", "--runs", "1", "--decode-tokens", "4",

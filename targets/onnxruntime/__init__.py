@@ -1,0 +1,1 @@
+"""The arm64-linux target: ONNX Runtime with MatMulNBits weights."""

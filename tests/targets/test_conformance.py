@@ -1,0 +1,235 @@
+"""The checks every target must pass, written once against the Target interface.
+
+Parametrized over every registered target (apq_sdk.targets.base.BUILTIN_TARGETS) and every model
+family (apq_sdk.families), through the real build path (profile, plan within the target's table,
+quantize, lower, verify) on tiny random models whose directory name is hostile, so the model name
+reaches every generated file. A target joins by registering; a target whose tools are missing here
+is skipped with the reason.
+
+Per target and family: the artifact's weights equal the checkpoint's byte for byte; verify passes;
+a corrupted weight fails verify; a rebuild is byte-identical; decode through the KV cache matches
+the full sequence. Per target: a plan outside its capability table is refused naming the module
+and the fix; generated files are valid in their language and carry no control, bidi-override or
+zero-width characters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import subprocess
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from apq_sdk.builder import BuildRequest, build
+from apq_sdk.calibration import builtin_text
+from apq_sdk.checkpoint import read_checkpoint
+from apq_sdk.errors import ApqError
+from apq_sdk.fsutil import cache_dir
+from apq_sdk.plan_file import compute_totals, load_plan, save_plan
+from apq_sdk.quant.packing import stored_bytes
+from apq_sdk.targets.base import BUILTIN_TARGETS, get_target
+from apq_sdk.testing import FAMILIES, make_tiny_model
+from apq_sdk.verification import compare_weights
+
+TARGETS = sorted(BUILTIN_TARGETS)
+# a model directory name that tries to break out of every language the glue is written in ("/"
+# cannot be part of a directory name, so no "*/" here: tests/templates covers it in package names)
+HOSTILE = 'evil"m \'x\' ??= $(id) `id` ${HOME} ;; <b>x<b> [a](b) \\ \u202eRLO\u200bZW ü'
+SMALL = dict(samples=8, seq_len=48, verify_windows=1)
+_BUILDS: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _isolated_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("APQ_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "conformance-cache"))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(builtin_text()[:60_000])
+    return path
+
+
+def _target(name):
+    cls = get_target(name)
+    missing = cls.missing_tools("build") + cls.missing_tools("verify")
+    if missing:
+        pytest.skip(f"{name}: missing " + "; ".join(f"{t.name} ({t.how_to_get})" for t in missing))
+    return cls
+
+
+def _model(tmp_path_factory, family) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp(f"conf-{family}") / f"{HOSTILE}-{family}", family)
+
+
+def _build(name, family, tmp_path_factory, calib) -> tuple[Path, Path, Path]:
+    """(model dir, package dir, checkpoint dir) of the target's default build of the family."""
+    if (name, family) not in _BUILDS:
+        model = _model(tmp_path_factory, family)
+        out = tmp_path_factory.mktemp(f"pkg-{name}-{family}")
+        package = build(BuildRequest(target=name, model=str(model), output=out, bits_per_weight=4.0,
+                                     calib=str(calib), **SMALL), log=lambda _: None)
+        manifest = json.loads((package / "manifest.json").read_text())
+        checkpoint = cache_dir() / "quantized" / manifest["reference"]["quantized_cache_key"]
+        _BUILDS[name, family] = (model, package, checkpoint)
+    return _BUILDS[name, family]
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", TARGETS)
+def test_weights_are_the_checkpoints_bit_for_bit(name, family, tmp_path_factory, calib):
+    cls = _target(name)
+    _, package, ckpt_dir = _build(name, family, tmp_path_factory, calib)
+    checkpoint = read_checkpoint(ckpt_dir)
+    read = cls().read_weights(package, checkpoint.plan)
+    assert read is not None, f"{name} must read its artifact's weights back for this check"
+    result = compare_weights(checkpoint, read)
+    assert result["mismatched"] == 0, result["examples"]
+    assert set(read) == set(checkpoint.plan.modules)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", TARGETS)
+def test_verify_passes_and_decode_matches_the_full_sequence(name, family, tmp_path_factory, calib):
+    _target(name)
+    _, package, _ = _build(name, family, tmp_path_factory, calib)
+    result = json.loads((package / "verify.json").read_text())
+    assert result["passed"], result["failures"]
+    checks = {c["name"]: c for c in result["checks"]}
+    assert checks["weights equal the checkpoint (modules differing)"]["measured"] == 0
+    kv = [c for n, c in checks.items() if n.startswith("KV cache")]
+    assert kv and all(c["passed"] for c in kv)
+    assert result["kv_cache"]["decode_steps"] > 0
+    assert result["inputs"] == "text"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", TARGETS)
+def test_a_corrupted_weight_fails_verify(name, family, tmp_path_factory, calib, tmp_path):
+    cls = _target(name)
+    _, package, ckpt_dir = _build(name, family, tmp_path_factory, calib)
+    checkpoint = read_checkpoint(ckpt_dir)
+    broken = tmp_path / "broken"
+    shutil.copytree(package, broken)
+    # flip bits of one quantized layer's codes where the artifact stores them
+    module = next(m for n, m in sorted(checkpoint.modules.items())
+                  if m.kind == "packed" and n != "lm_head")
+    needle = module.arrays["qweight"][0, :32].tobytes()
+    for path in cls().model_files(broken):
+        data = bytearray(path.read_bytes())
+        at = data.find(needle)
+        if at >= 0:
+            assert data.find(needle, at + 1) < 0, "the needle must be unique"
+            data[at:at + len(needle)] = bytes(b ^ 0x11 for b in needle)
+            path.write_bytes(bytes(data))
+            break
+    else:
+        pytest.fail(f"{name}: {module.name}'s codes are not stored as raw bytes in "
+                    f"{[p.name for p in cls().model_files(broken)]}")
+    result = cls().verify(broken, checkpoint=checkpoint, text_path=calib, windows=1, seq_len=48,
+                          timing_runs=1, prefill_tokens=8, decode_tokens=2)
+    assert not result.passed
+    assert any(module.name in f for f in result.failures), result.failures
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", TARGETS)
+def test_a_rebuild_is_byte_identical(name, family, tmp_path_factory, calib, tmp_path):
+    _target(name)
+    model, package, _ = _build(name, family, tmp_path_factory, calib)
+    again = build(BuildRequest(target=name, model=str(model), output=tmp_path, bits_per_weight=4.0,
+                               calib=str(calib), **SMALL), log=lambda _: None)
+    first, second = _digests(package), _digests(again)
+    assert first.keys() == second.keys()
+    differing = sorted(k for k in first if first[k] != second[k])
+    assert set(differing) <= {"verify.json", "report.html"}, differing
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_a_plan_outside_the_table_is_refused_with_the_module_and_the_fix(name, tmp_path_factory,
+                                                                          calib, tmp_path):
+    cls = _target(name)
+    model, package, _ = _build(name, "llama", tmp_path_factory, calib)
+    plan = load_plan(package / "plan.json")
+    victim = "model.layers.1.self_attn.o_proj"
+    old = plan.modules[victim]
+    group = 8 if 8 not in cls.capabilities.group_sizes else 24
+    bits = 4 if 4 in cls.capabilities.weight_bits else next(
+        b for b in cls.capabilities.weight_bits if b != 16)
+    changed = dataclasses.replace(old, bits=bits, group_size=group, symmetric=old.symmetric,
+                                  bytes=stored_bytes(*old.shape, bits, group, old.symmetric))
+    modules = {**plan.modules, victim: changed}
+    bad = dataclasses.replace(plan, modules=modules, totals=compute_totals(modules))
+    path = save_plan(bad, tmp_path / "bad-plan.json")
+    with pytest.raises(ApqError) as info:
+        build(BuildRequest(target=name, model=str(model), plan_path=path, output=tmp_path / "out",
+                           calib=str(calib), **SMALL), log=lambda _: None)
+    message = str(info.value)
+    assert victim in message and f"group_size={group}" in message
+    assert "--replan" in message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# -- generated files: valid in their language, no invisible or control characters -----------------
+
+_FORBIDDEN = {"Cc", "Cf", "Co", "Cs"}  # control, format (bidi overrides, zero width), private, surrogate
+_TEXT_SUFFIXES = {".h", ".hpp", ".c", ".cpp", ".txt", ".md", ".json", ".cmake", ".kts", ".kt",
+                  ".swift", ".gradle", ".sh", ".py", ".xml", ".properties", ".html"}
+
+
+def _generated_text_files(package: Path) -> list[Path]:
+    return [p for p in sorted(package.rglob("*")) if p.is_file() and p.suffix in _TEXT_SUFFIXES
+            and "tokenizer" not in p.relative_to(package).parts[0]  # the tokenizer's own data
+            and not p.name.startswith("tokenizer")]
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_generated_files_carry_no_invisible_or_control_characters(name, tmp_path_factory, calib):
+    _target(name)
+    _, package, _ = _build(name, "llama", tmp_path_factory, calib)
+    files = _generated_text_files(package)
+    assert files
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        bad = sorted({f"U+{ord(ch):04X}" for ch in text
+                      if ch not in "\n\t" and unicodedata.category(ch) in _FORBIDDEN})
+        assert not bad, f"{path.relative_to(package)}: {bad}"
+        if path.suffix == ".json":
+            json.loads(text)
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["model"]["name"] == f"{HOSTILE}-llama"  # the name reached the package
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_generated_c_sources_compile_with_the_hostile_name(name, tmp_path_factory, calib, tmp_path):
+    _target(name)
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not installed")
+    _, package, _ = _build(name, "llama", tmp_path_factory, calib)
+    headers = sorted(package.rglob("*.h"))
+    assert headers, f"{name} generates no C header"
+    for header in headers:
+        for lang, std in (("c", "-std=c89"), ("c++", "-std=c++17")):
+            probe = tmp_path / f"probe.{'c' if lang == 'c' else 'cpp'}"
+            probe.write_text(f'#include "{header}"\nint main(void) {{ return 0; }}\n')
+            result = subprocess.run([gxx, "-x", lang, std, "-Wall", "-Werror", "-fsyntax-only",
+                                     str(probe)], capture_output=True, text=True)
+            assert result.returncode == 0, f"{header.name} ({lang}): {result.stderr[-2000:]}"
