@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apq_sdk.calibration import eval_text_path, eval_windows, load_calibration  # noqa: E402
-from apq_sdk.evaluate import compare_to_cached, reference_log_probs  # noqa: E402
+from apq_sdk.evaluate import reference_log_probs  # noqa: E402
 from apq_sdk.model_io import load_model  # noqa: E402
 from apq_sdk.planning import Budget, make_plan, uniform_plan  # noqa: E402
 from apq_sdk.sensitivity import ProfileSettings, SensitivityMap, profile_model  # noqa: E402

@@ -12,6 +12,13 @@ os.environ.setdefault("APQ_NO_PROGRESS", "1")
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every demo-model test is slow too: `pytest -m "not slow"` is the fast developer suite."""
+    for item in items:
+        if item.get_closest_marker("demo") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
     from apq_sdk.testing import make_tiny_model

@@ -53,7 +53,9 @@ def test_corrupt_plan_names_the_field(tmp_path):
     plan = tmp_path / "p.json"
     plan.write_text('{"format": "apq-plan", "version": 1}')
     result = _run(["plan", "show", str(plan)])
-    assert result.exit_code == 1 and "error" in result.output
+    assert result.exit_code == 1
+    assert f"{plan}: sdk_version: missing required field" in result.output
+    assert "fix: add \"sdk_version\"" in result.output and "(and 7 more problems)" in result.output
 
 
 def test_unfused_plan_lets_qkv_differ(tiny_llama, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import numpy as np
 import pytest
@@ -259,16 +258,13 @@ def _llama_like_units(seed: int, *, distinct: bool) -> list[Unit]:
 
 
 @pytest.mark.parametrize("distinct", [False, True])
-def test_llama_sized_problem_is_fast(distinct):
+def test_llama_sized_problem_is_solved(distinct):
+    # how fast: bench/bench_planner.py (timings do not belong in unit tests)
     units = _llama_like_units(0, distinct=distinct)
     fp16 = sum(u.options[-1].bytes for u in units)
     budget = fp16 * 3 // 16  # 3 bits per weight
-    t0 = time.perf_counter()
     a = minimize_loss(units, budget)
-    dt = time.perf_counter() - t0
     assert a.total_bytes <= budget
-    # generous bound for a shared CI machine; bench/bench_planner.py measures the real time
-    assert dt < 10.0
     # minimize_bytes at the optimum's loss cannot find a smaller plan
     b = minimize_bytes(units, a.total_loss)
     assert (b.total_bytes, b.total_loss) == (a.total_bytes, a.total_loss)
