@@ -145,6 +145,27 @@ def test_source_compiles_warning_free(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_kernels_and_a_package_c_api_share_one_c_file(tmp_path):
+    """Firmware links the kernels and includes a package's C API in the same source: the
+    kernels' apqk_/APQK_ names must not collide with the C API's apq_/APQ_ ones."""
+    from apq_sdk.native_glue import render_templates
+
+    cc = _compiler_or_skip()
+    render_templates("common", {"package_name": "p", "model_name": "m", "target": "t",
+                                "runtime": "r", "sdk_version": "0", "vocab_size": 8,
+                                "num_layers": 1, "num_kv_heads": 1, "head_dim": 8,
+                                "max_context": 16, "eos_token_id": 1, "bos_token_id": -1},
+                     tmp_path / "pkg")
+    probe = tmp_path / "both.c"
+    probe.write_text('#include "apq_model.h"\n#include "apq_kernels.h"\n'
+                     "int main(void) { return APQ_OK + APQK_OK + (int)apqk_packed_row_bytes(8, 4); }\n")
+    proc = subprocess.run(
+        [cc, "-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror", f"-I{tmp_path / 'pkg' / 'include'}",
+         f"-I{kernel_source_dir()}", "-c", str(probe), "-o", str(tmp_path / "both.o")],
+        capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_build_is_cached_and_honours_cache_dir(tmp_path, monkeypatch):
     _compiler_or_skip()
     monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
