@@ -84,21 +84,32 @@ def _sensitivity(value):
 
 
 def plan(sensitivity, *, bits_per_weight: float | None = None,
-         memory_reduction: float | None = None, max_loss=None, target=None,
-         activations: str | None = None, head_bits="8", share_fused: bool = True):
+         linear_bits_per_weight: float | None = None, memory_reduction: float | None = None,
+         max_loss=None, target=None, activations: str | None = None, head_bits="auto",
+         share_fused: bool = True):
     """Stage 2: the plan of least predicted loss within one budget (apq_sdk.plan_file.Plan).
 
+    `bits_per_weight` and `memory_reduction` count the whole model (llama.cpp's bits per weight);
+    `linear_bits_per_weight` the decoder linears only (then fix the head with `head_bits`).
     `max_loss` is a relative perplexity increase (0.005 or "0.5%"). `target` (a name or a
     Capabilities table) limits the plan to what it runs; `activations` defaults to weight-only.
     """
     from dataclasses import replace
 
+    from .errors import UsageError
     from .planning import Budget, make_plan, parse_relative
 
     if isinstance(max_loss, str):
         max_loss = parse_relative(max_loss)
+    if linear_bits_per_weight is not None:
+        if bits_per_weight is not None:
+            raise UsageError("give one budget: --bits-per-weight (whole model) or "
+                             "--linear-bits-per-weight (decoder linears), not both")
+        bits_per_weight, scope = linear_bits_per_weight, "linear"
+    else:
+        scope = "model"
     budget = Budget(bits_per_weight=bits_per_weight, memory_reduction=memory_reduction,
-                    max_loss=max_loss)
+                    max_loss=max_loss, scope=scope)
     caps = _capabilities(target)
     if not share_fused:
         caps = replace(caps, name=f"{caps.name}-unfused", fused=())
@@ -154,9 +165,11 @@ def build(target: str, model="demo", *, output="apq-out", plan=None, **options) 
     return run_build(request, log=lambda _: None)
 
 
-def verify(package, *, reference=None, windows: int = 8):
+def verify(package, *, reference=None, windows: int = 8, text=None, model=None):
     """Re-check a package's hashes and run it against the torch reference here
-    (apq_sdk.verification.VerifyResult); raises ApqError when it does not pass."""
+    (apq_sdk.verification.VerifyResult); raises ApqError when it does not pass. `model` is the
+    unquantized model for the accuracy checks (default: the one the manifest names)."""
     from .verification import verify_package
 
-    return verify_package(Path(package), None if reference is None else Path(reference), windows)
+    return verify_package(Path(package), None if reference is None else Path(reference), windows,
+                          None if text is None else Path(text), model)

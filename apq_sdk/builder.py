@@ -1,10 +1,12 @@
-"""`apq-sdk build` and `apq-sdk verify`: from a model and a budget (or a plan) to a device package.
+"""`apq-sdk build`: from a model and a budget (or a plan) to a verified device package.
 
-A build checks the plan against the target's capabilities before any work starts, profiles only when
-no cached profile of the same model, calibration and settings exists (the cache key is a content
+A build checks the request (budget, target, plan) before it loads anything, profiles only when no
+cached profile of the same model, calibration and settings exists (the cache key is a content
 hash), quantizes once per plan (cached too, as the reference that `verify` compares against), lets
-the target lower the quantized model, and writes `DIR/<model>-<target>/` through a temporary
-directory renamed into place, so an interrupted build leaves nothing half-written.
+the target lower the checkpoint, verifies the package here, and writes `DIR/<model>-<target>/`
+through a temporary directory renamed into place, so an interrupted build leaves nothing
+half-written. A package that fails verification is kept as `DIR/<model>-<target>.failed/` with
+its verify.json, never under the final name.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ApqError, UsageError
-from .fsutil import atomic_directory, atomic_write_text, cache_dir
-from .package import PACKAGE_FORMAT, PACKAGE_VERSION, safe_name, write_manifest, write_verify
+from .fsutil import KeepAs, atomic_directory, atomic_write_text, cache_dir
+from .package import (PACKAGE_FORMAT, PACKAGE_VERSION, VERIFY_FILE, safe_name, write_manifest,
+                      write_verify)
+
+DEFAULT_BITS_PER_WEIGHT = 4.0
+
 
 def _json_sha(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -29,14 +35,16 @@ class BuildRequest:
     target: str
     model: str = "demo"
     plan_path: Path | None = None
-    bits_per_weight: float | None = None
+    bits_per_weight: float | None = None  # whole model (the default budget: 4.0)
+    linear_bits_per_weight: float | None = None  # decoder linears only, head fixed
     memory_reduction: float | None = None
     max_loss: str | None = None
     activations: str | None = None  # None: the target's default activation mode
-    head_bits: str = "8"
+    head_bits: str = "auto"
     output: Path = Path("apq-out")
     replan: bool = False
     verify: bool = True
+    verify_text: Path | None = None  # None: the verification text shipped with apq-sdk
     calib: str | None = None
     samples: int = 128
     seq_len: int = 512
@@ -45,9 +53,55 @@ class BuildRequest:
     verify_windows: int = 8
 
 
+def request_budget(req: BuildRequest):
+    """The request's budget (None with --plan), checked before any work starts."""
+    from .planning import Budget, parse_relative
+
+    given = {"--bits-per-weight": req.bits_per_weight,
+             "--linear-bits-per-weight": req.linear_bits_per_weight,
+             "--memory-reduction": req.memory_reduction, "--max-loss": req.max_loss}
+    named = [flag for flag, value in given.items() if value is not None]
+    if req.plan_path is not None:
+        if named:
+            raise UsageError(f"--plan carries its own budget; {', '.join(named)} would be "
+                             f"ignored: drop {'it' if len(named) == 1 else 'them'} (with --replan "
+                             f"the plan is re-planned under its own budget)")
+        return None
+    if len(named) > 1:
+        raise UsageError(f"give one budget, found {', '.join(named)}")
+    if req.linear_bits_per_weight is not None:
+        return Budget(bits_per_weight=req.linear_bits_per_weight, scope="linear")
+    return Budget(
+        bits_per_weight=req.bits_per_weight if named else DEFAULT_BITS_PER_WEIGHT,
+        memory_reduction=req.memory_reduction,
+        max_loss=parse_relative(req.max_loss) if req.max_loss is not None else None)
+
+
+def check_request(req: BuildRequest, target_cls):
+    """Everything that can be checked before loading the model; returns the budget."""
+    budget = request_budget(req)
+    caps = target_cls.capabilities
+    if req.head_bits != "auto" and int(req.head_bits) not in caps.head_bits:
+        raise UsageError(f"--head-bits {req.head_bits}: target {target_cls.name!r} runs head bits "
+                         f"{caps.head_bits}; choose one of them or 'auto'")
+    if budget is not None and budget.scope == "linear" and req.head_bits == "auto":
+        raise UsageError("--linear-bits-per-weight budgets the decoder linears only, so the head "
+                         "must be fixed: pass --head-bits 4, 8 or 16 (or use --bits-per-weight, "
+                         "which budgets the whole model)")
+    if req.activations is not None and req.activations not in caps.activation_modes:
+        raise UsageError(f"--activations {req.activations}: target {target_cls.name!r} runs "
+                         f"{', '.join(caps.activation_modes)}")
+    if req.verify_text is not None and not Path(req.verify_text).is_file():
+        raise UsageError(f"--verify-text {req.verify_text}: no such file")
+    return budget
+
+
 def profile_cache_path(info, calib, settings) -> Path:
     """Where the sensitivity map of (model, calibration, settings) is cached: a content hash."""
-    key = _json_sha({"sdk": __version__, "weights": info.weights_sha256, "config": info.config_sha256,
+    from .sensitivity import SENSITIVITY_VERSION
+
+    key = _json_sha({"sdk": __version__, "format": SENSITIVITY_VERSION,
+                     "weights": info.weights_sha256, "config": info.config_sha256,
                      "calibration": calib.to_dict(), "settings": settings.to_dict()})
     return cache_dir() / "profiles" / f"{key}.json"
 
@@ -67,12 +121,14 @@ def _profile_cached(model, tok, info, req: BuildRequest, caps, log):
     path = profile_cache_path(info, calib, settings)
     if path.is_file():
         log(f"profile: cached ({path.name[:12]}…)")
-        return SensitivityMap.from_dict(json.loads(path.read_text())), ids
+        return SensitivityMap.from_dict(json.loads(path.read_text())), ids, calib
+    log(f"profile: {req.samples} x {req.seq_len} calibration tokens from {calib.source}, groups "
+        f"{list(settings.group_sizes)}{', symmetric' if settings.symmetric else ''}")
     fit, _ = load_calibration(tok, req.calib, num_samples=settings.fit_samples, seq_len=req.seq_len,
                               seed=req.seed + 1)
     sens = profile_model(model, info, ids, calib, settings, req.device, fit_samples=fit)
     store_profile(sens, path)
-    return sens, ids
+    return sens, ids, calib
 
 
 def _refusal(target_cls, violations) -> str:
@@ -84,13 +140,14 @@ def _refusal(target_cls, violations) -> str:
             f"a plan for it (apq-sdk build without --plan plans for the target's capabilities).")
 
 
-def resolve_plan(req: BuildRequest, target_cls, model, tok, info, log):
-    """(plan, calibration ids): the given plan (checked, or re-planned) or a new one."""
+def resolve_plan(req: BuildRequest, target_cls, budget, model, tok, info, log):
+    """(plan, calibration ids, sensitivity map or None): the given plan (checked, or
+    re-planned) or a new one."""
+    from .calibration import load_calibration
     from .plan_file import PlanError, load_plan
-    from .planning import Budget, make_plan, parse_relative
+    from .planning import Budget, make_plan
 
     caps = target_cls.capabilities
-    budget_given = any(v is not None for v in (req.bits_per_weight, req.memory_reduction, req.max_loss))
     if req.plan_path is not None:
         try:
             plan = load_plan(Path(req.plan_path))
@@ -102,8 +159,6 @@ def resolve_plan(req: BuildRequest, target_cls, model, tok, info, log):
                            f"{info.weights_sha256[:12]}…); make a plan for this model")
         violations = target_cls.check_plan(plan)
         if not violations:
-            from .calibration import load_calibration
-
             ids, _ = load_calibration(tok, req.calib, num_samples=req.samples,
                                       seq_len=req.seq_len, seed=req.seed)
             return plan, ids, None
@@ -111,45 +166,47 @@ def resolve_plan(req: BuildRequest, target_cls, model, tok, info, log):
             raise ApqError(_refusal(target_cls, violations))
         objective = plan.objective
         budget = Budget(bits_per_weight=objective.bits_per_weight,
-                        memory_reduction=objective.memory_reduction, max_loss=objective.max_loss)
-        if budget_given:
-            raise UsageError("--replan keeps the plan's own budget; do not pass another one")
+                        memory_reduction=objective.memory_reduction, max_loss=objective.max_loss,
+                        scope=objective.scope)
         activation = next((m.activation for m in plan.modules.values()
                            if m.kind == "linear" and m.bits != 16), None)
         if activation not in caps.activation_modes:
             activation = req.activations or caps.default_activation
         head = plan.modules.get("lm_head")
-        head_bits = str(head.bits) if head is not None else req.head_bits
+        head_bits = str(head.bits) if head is not None and objective.scope == "linear" \
+            else req.head_bits
         log(f"re-planning for {target_cls.name} under the plan's budget "
             f"({len(violations)} modules were not runnable)")
     else:
-        budget = Budget(
-            bits_per_weight=req.bits_per_weight if budget_given else 4.0,
-            memory_reduction=req.memory_reduction,
-            max_loss=parse_relative(req.max_loss) if req.max_loss is not None else None)
         activation = req.activations or caps.default_activation
         head_bits = req.head_bits
-    sens, ids = _profile_cached(model, tok, info, req, caps, log)
+    sens, ids, _ = _profile_cached(model, tok, info, req, caps, log)
     plan = make_plan(sens, budget, caps=caps, activation=activation, head_bits=head_bits)
     left = target_cls.check_plan(plan)
     if left:
         raise ApqError(_refusal(target_cls, left))
+    t = plan.totals
+    log(f"plan: whole model {t.model_bits_per_weight:.3f} bits/weight ({_mb(t.model_bytes)}), "
+        f"decoder linears {t.linear_bits_per_weight:.3f}, head "
+        f"{plan.modules['lm_head'].bits}-bit, predicted KL {t.predicted_loss:.4f}")
     return plan, ids, sens
 
 
-def _quantized_cached(model, tok, info, plan, ids, req, log) -> Path:
-    """The quantized model directory of `plan` (cached by plan hash and calibration)."""
+def _quantized_cached(model, tok, info, plan, ids, calib_sha: str, req, log) -> tuple[Path, bool]:
+    """The quantized checkpoint of `plan` (cached by plan hash and calibration content), and
+    whether `model` was quantized in place to make it (then it is no longer the float model)."""
     from .plan_file import plan_sha256
     from .quantizer import quantize_model, save_quantized
 
-    key = _json_sha({"plan": plan_sha256(plan), "calib": [req.calib, req.samples, req.seq_len, req.seed],
-                     "sdk": __version__})
+    key = _json_sha({"plan": plan_sha256(plan), "calibration": calib_sha,
+                     "samples": [req.samples, req.seq_len, req.seed], "sdk": __version__})
     path = cache_dir() / "quantized" / key
     if (path / "model.safetensors").is_file():
         log(f"quantize: cached ({key[:12]}…)")
-        return path
+        return path, False
+    log("quantize: GPTQ at the planned bits, block by block")
     quantize_model(model, info, plan, ids, req.device)
-    return save_quantized(model, tok, plan, path)
+    return save_quantized(model, tok, plan, path), True
 
 
 def build(req: BuildRequest, log=print) -> Path:
@@ -163,63 +220,89 @@ def build(req: BuildRequest, log=print) -> Path:
         target_cls = get_target(req.target)
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
-    missing = target_cls.missing_tools("build")
+    missing = target_cls.missing_tools("build") + (target_cls.missing_tools("verify")
+                                                   if req.verify else [])
     if missing:
         raise ApqError(f"target {target_cls.name!r} needs " + "; ".join(
             f"{t.name} ({t.how_to_get})" for t in missing))
+    budget = check_request(req, target_cls)
     started = time.time()
+    log(f"model: loading {req.model}")
     model, tok, info = load_model(req.model, device=req.device)
-    plan, ids, sens = resolve_plan(req, target_cls, model, tok, info, log)
-    checkpoint = read_checkpoint(_quantized_cached(model, tok, info, plan, ids, req, log))
-    del model
+    plan, ids, sens = resolve_plan(req, target_cls, budget, model, tok, info, log)
+    calib_sha = plan.calibration.sha256 if req.plan_path is None else \
+        _json_sha([req.calib, req.samples, req.seq_len, req.seed])
+    quantized, in_place = _quantized_cached(model, tok, info, plan, ids, calib_sha, req, log)
+    checkpoint = read_checkpoint(quantized)
+    if in_place and req.verify:  # verify's accuracy checks need the unquantized model
+        del model
+        model, _, _ = load_model(req.model, device=req.device)
     package_name = f"{safe_name(info.name)}-{target_cls.name}"
     final = Path(req.output) / package_name
+    failed = final.with_name(final.name + ".failed")
 
     def fill(tmp: Path) -> None:
         target = target_cls()
+        log(f"lower: {target_cls.name} ({target_cls.description})")
         target.lower(BuildContext(package_dir=tmp, checkpoint=checkpoint, model_name=info.name,
                                   package_name=package_name))
         save_plan(plan, tmp / "plan.json")
-        measured = None
         result = None
         if req.verify:
-            result = _run_verify(target, tmp, checkpoint, req.verify_windows).to_dict()
-            measured = {k: v for k, v in result.items() if k != "timings"}
+            log(f"verify: the package against the torch reference on {req.verify_windows} "
+                f"windows of {req.verify_text or 'the shipped verification text'}")
+            result = target.verify(tmp, checkpoint=checkpoint, text_path=req.verify_text,
+                                   windows=req.verify_windows, float_model=model)
+        measured = None if result is None else \
+            {k: v for k, v in result.to_dict().items() if k != "timings"}
+        model_bytes = sum(p.stat().st_size for p in target.model_files(tmp))
+        t = plan.totals
         manifest = write_manifest(tmp, {
             "format": PACKAGE_FORMAT, "version": PACKAGE_VERSION, "sdk_version": __version__,
             "target": {"name": target_cls.name, "capabilities": target_cls.capabilities.to_dict()},
-            "model": _plan_model(plan),
+            "model": {**_plan_model(plan), "spec": str(req.model)},
             "plan": {"file": "plan.json", "sha256": plan_sha256(plan)},
             "reference": {"quantized_cache_key": checkpoint.path.name},
             "runtimes": target_cls.runtime_versions(),
-            "size": {"planned_bytes": plan.totals.bytes,
-                     "linear_bits_per_weight": plan.totals.linear_bits_per_weight,
-                     "bits_per_weight": plan.totals.bits_per_weight},
+            "size": {"model_bits_per_weight": t.model_bits_per_weight,
+                     "linear_bits_per_weight": t.linear_bits_per_weight,
+                     "planned_bits_per_weight": t.bits_per_weight,
+                     "model_bytes_planned": t.model_bytes, "model_params": t.model_params,
+                     "fp16_bytes": t.model_fp16_bytes, "model_files_bytes": model_bytes,
+                     "model_files_bits_per_weight": 8 * model_bytes / t.model_params,
+                     "budget": {"scope": plan.objective.scope,
+                                "bits_per_weight": plan.objective.bits_per_weight,
+                                "memory_reduction": plan.objective.memory_reduction,
+                                "max_loss": plan.objective.max_loss}},
             "measured_at_build": measured,
         })
         if result is not None:
-            write_verify(tmp, result, problems=[])
+            write_verify(tmp, result.to_dict(), problems=[])
         from .report import write_package_report
 
-        write_package_report(tmp, plan, manifest, result, sens)
-        if result is not None and not result.get("passed", False):
-            raise ApqError(f"verification failed for {target_cls.name}: "
-                           f"{json.dumps(measured, sort_keys=True)[:600]}")
+        write_package_report(tmp, plan, manifest, None if result is None else result.to_dict(),
+                             sens)
+        if result is not None and not result.passed:
+            raise KeepAs(failed, ApqError(
+                f"verification failed for {target_cls.name}:\n{result.table()}\n"
+                f"The package was kept for inspection in {failed}/ (full report: "
+                f"{failed / VERIFY_FILE}). Fix what the failed checks name, or build without "
+                f"verification with --no-verify."))
+        if result is not None:
+            log(f"verify: passed\n{result.table()}")
 
     out = atomic_directory(final, fill)
+    if failed.exists():  # an older failed attempt of the same package is stale now
+        import shutil
+
+        shutil.rmtree(failed)
     log(f"built {out} in {time.time() - started:.0f} s")
     return out
 
 
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
 def _plan_model(plan) -> dict:
     return json.loads(plan.to_json())["model"]
-
-
-def _run_verify(target, package_dir: Path, checkpoint, windows: int):
-    from .calibration import eval_text_path
-
-    try:
-        text = eval_text_path()
-    except ApqError:
-        text = None
-    return target.verify(package_dir, checkpoint=checkpoint, text_path=text, windows=windows)

@@ -134,6 +134,9 @@ def _module_docstrings(module_name: str) -> list[str]:
     return [p for p in parts if p]
 
 
+_warned_builtin: list[bool] = []
+
+
 def resolve_calibration_text(calib: str | os.PathLike | None) -> tuple[str, str, str]:
     """(text, source, kind) by the documented order of sources."""
     if calib is not None:
@@ -142,9 +145,11 @@ def resolve_calibration_text(calib: str | os.PathLike | None) -> tuple[str, str,
     folder = data_dir()
     if folder is not None and (folder / CALIB_FILE).is_file():
         return read_text_file(folder / CALIB_FILE), f"data-dir:{CALIB_FILE}", "data-dir"
-    log.warning("no calibration text found (no --calib, no $APQ_DATA, no ../shared/data): using "
-                "the built-in Python standard-library docstrings. Calibration text should match "
-                "the deployment domain; pass --calib PATH for real use.")
+    if not _warned_builtin:  # once per process, however many samples are drawn from it
+        _warned_builtin.append(True)
+        log.warning("no calibration text found (no --calib, no $APQ_DATA, no ../shared/data): "
+                    "using the built-in Python standard-library docstrings. Calibration text "
+                    "should match the deployment domain; pass --calib PATH for real use.")
     return builtin_text(), f"builtin:python-{sys.version_info.major}.{sys.version_info.minor}-stdlib-docstrings", "builtin"
 
 

@@ -235,6 +235,11 @@ def load_quantized(path, device: str = "cpu", device_map: str | None = None,
     model.eval().requires_grad_(False)
     for name, module in ckpt.modules.items():
         bias = None if module.bias is None else torch.from_numpy(module.bias)
+        if plan.modules[name].kind == "embedding":  # a float16 table (the input embedding)
+            embedding = model.get_submodule(name)
+            embedding.weight = nn.Parameter(torch.from_numpy(module.arrays["weight"]).float(),
+                                            requires_grad=False)
+            continue
         if module.kind == "packed":
             qweight = QuantizedWeight.from_packed(module.arrays, module.bits, module.group_size,
                                                   module.shape)

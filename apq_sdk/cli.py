@@ -75,11 +75,14 @@ calib_options = [
 ]
 budget_options = [
     click.option("--bits-per-weight", type=float, default=None,
-                 help="Memory budget: average bits per weight of the decoder linear layers "
-                      "(scales and zero points included), e.g. 4.0."),
+                 help="Memory budget for the whole model: every stored weight byte (linears, "
+                      "head, embeddings, norms; scales and zero points included) over every "
+                      "parameter, as llama.cpp reports it; e.g. 4.0."),
+    click.option("--linear-bits-per-weight", type=float, default=None,
+                 help="Memory budget for the decoder linear layers only (the figure GPTQ papers "
+                      "compare); the head is fixed by --head-bits."),
     click.option("--memory-reduction", type=float, default=None,
-                 help="Memory budget: fraction saved against float16 for all planned tensors, "
-                      "e.g. 0.6."),
+                 help="Memory budget: fraction of the whole model's float16 size saved, e.g. 0.7."),
     click.option("--max-loss", type=str, default=None,
                  help="Accuracy budget: relative perplexity increase, e.g. '0.5%'. Minimizes memory."),
     click.option("--activations",
@@ -90,7 +93,7 @@ budget_options = [
                       "clip), or 'int8-per-block-dynamic' (one scale per token and weight group, "
                       "what int8 kernels such as MatMulNBits accuracy_level 4 compute). Default: "
                       "'none' for `plan`; the target's own default for `build` (see `targets`)."),
-    click.option("--head-bits", type=click.Choice(["auto", "4", "8", "16"]), default="8",
+    click.option("--head-bits", type=click.Choice(["auto", "4", "8", "16"]), default="auto",
                  show_default=True,
                  help="Bits of the output head (and a tied embedding); 'auto' lets the optimizer "
                       "choose within the budget."),
@@ -200,8 +203,8 @@ def profile(model, calib, samples, seq_len, seed, device, device_map, max_memory
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="plan.json",
               show_default=True, help="Plan file to write.")
 @click.pass_context
-def plan(ctx, sensitivity, bits_per_weight, memory_reduction, max_loss, activations, head_bits,
-         target, share_fused, output):
+def plan(ctx, sensitivity, bits_per_weight, linear_bits_per_weight, memory_reduction, max_loss,
+         activations, head_bits, target, share_fused, output):
     """Stage 2: choose bits per layer (exact DP) under a memory or accuracy budget.
 
     `apq-sdk plan show PLAN` prints a plan as a table.
@@ -213,13 +216,15 @@ def plan(ctx, sensitivity, bits_per_weight, memory_reduction, max_loss, activati
 
     start = time.time()
     result = api.plan(sensitivity, bits_per_weight=bits_per_weight,
+                      linear_bits_per_weight=linear_bits_per_weight,
                       memory_reduction=memory_reduction, max_loss=max_loss, target=target,
                       activations=activations, head_bits=head_bits, share_fused=share_fused)
     save_plan(result, Path(output))
     t = result.totals
-    click.echo(f"wrote {output}: linear layers {t.linear_bits_per_weight:.3f} bits/weight, "
-               f"all planned {t.bytes / 1e6:.2f} MB ({t.bits_per_weight:.3f} bits/weight), "
-               f"predicted KL {t.predicted_loss:.4f} (solved in {time.time() - start:.2f} s)")
+    click.echo(f"wrote {output}: whole model {t.model_bytes / 1e6:.2f} MB = "
+               f"{t.model_bits_per_weight:.3f} bits/weight, decoder linears "
+               f"{t.linear_bits_per_weight:.3f} bits/weight, head {result.modules['lm_head'].bits}-"
+               f"bit, predicted KL {t.predicted_loss:.4f} (solved in {time.time() - start:.2f} s)")
 
 
 @plan.command("show")
@@ -280,6 +285,7 @@ def eval_cmd(quantized, model, text, windows, window_len, device, device_map, ma
     """Perplexity, KL divergence and top-1 agreement against the unquantized model."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from .calibration import eval_text_path, eval_windows
     from .evaluate import evaluate
@@ -292,14 +298,15 @@ def eval_cmd(quantized, model, text, windows, window_len, device, device_map, ma
     ids = eval_windows(tok, Path(text) if text else eval_text_path(), window_len, windows)
     result = evaluate(qmodel, ids, reference=ref, device=device)
     totals = qmodel.apq_plan.totals
-    data = {**result.to_dict(), "weight_bytes": totals.bytes,
-            "bits_per_weight": totals.bits_per_weight,
-            "linear_bits_per_weight": totals.linear_bits_per_weight}
-    table = Table(title=f"eval of {quantized}")
+    data = {**result.to_dict(), "model_bytes": totals.model_bytes,
+            "model_bits_per_weight": totals.model_bits_per_weight,
+            "linear_bits_per_weight": totals.linear_bits_per_weight,
+            "planned_bits_per_weight": totals.bits_per_weight}
+    table = Table(title=Text(f"eval of {quantized}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in data.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else Text(str(value)))
     Console().print(table)
     if output:
         _write_json_atomic(Path(output), data)
@@ -348,15 +355,17 @@ def targets():
               help="Packages are written to OUTPUT/<model>-<target>/.")
 @click.option("--no-verify", is_flag=True, help="Skip running the package against the torch reference.")
 @click.option("--verify-windows", type=click.IntRange(1), default=8, show_default=True,
-              help="wikitext2-test windows used by verification for perplexity.")
+              help="Windows of the verification text that verification runs.")
+@click.option("--verify-text", type=click.Path(dir_okay=False), default=None,
+              help="Text to verify on (default: the WikiText-2 excerpt shipped with apq-sdk).")
 @_apply(calib_options)
 @device_option
-def build_cmd(target, model, plan_file, bits_per_weight, memory_reduction, max_loss, activations,
-              head_bits, replan, output, no_verify, verify_windows, calib, samples, seq_len, seed,
-              device):
+def build_cmd(target, model, plan_file, bits_per_weight, linear_bits_per_weight, memory_reduction,
+              max_loss, activations, head_bits, replan, output, no_verify, verify_windows,
+              verify_text, calib, samples, seq_len, seed, device):
     """Build a device package: profile (cached), plan for the target, quantize, lower, verify.
 
-    Without a budget or plan the default is --bits-per-weight 4.0.
+    Without a budget or plan the default is --bits-per-weight 4.0 (the whole model).
     """
     from .builder import BuildRequest, build
     from .targets.base import load_builtin_targets
@@ -373,9 +382,12 @@ def build_cmd(target, model, plan_file, bits_per_weight, memory_reduction, max_l
                 names.append(name)
     for name in names:
         req = BuildRequest(target=name, model=model, plan_path=Path(plan_file) if plan_file else None,
-                           bits_per_weight=bits_per_weight, memory_reduction=memory_reduction,
-                           max_loss=max_loss, activations=activations, head_bits=head_bits,
-                           output=Path(output), replan=replan, verify=not no_verify,
+                           bits_per_weight=bits_per_weight,
+                           linear_bits_per_weight=linear_bits_per_weight,
+                           memory_reduction=memory_reduction, max_loss=max_loss,
+                           activations=activations, head_bits=head_bits, output=Path(output),
+                           replan=replan, verify=not no_verify,
+                           verify_text=Path(verify_text) if verify_text else None,
                            calib=calib, samples=samples, seq_len=seq_len, seed=seed,
                            device=_device(device), verify_windows=verify_windows)
         build(req, log=lambda msg: click.echo(msg, err=True))
@@ -386,12 +398,20 @@ def build_cmd(target, model, plan_file, bits_per_weight, memory_reduction, max_l
 @click.option("--reference", type=click.Path(file_okay=False), default=None,
               help="Quantized model directory of the same plan (default: the build cache).")
 @click.option("--windows", type=click.IntRange(1), default=8, show_default=True)
-def verify_cmd(package, reference, windows):
+@click.option("--verify-text", type=click.Path(dir_okay=False), default=None,
+              help="Text to verify on (default: the WikiText-2 excerpt shipped with apq-sdk).")
+@click.option("--model", "-m", default=None,
+              help="The unquantized model, for the accuracy checks of int8 packages (default: "
+                   "the one the manifest names).")
+def verify_cmd(package, reference, windows, verify_text, model):
     """Check every hash in the manifest, run the package here, compare with the torch reference."""
     from .verification import verify_package
 
-    result = verify_package(Path(package), Path(reference) if reference else None, windows)
-    click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    result = verify_package(Path(package), Path(reference) if reference else None, windows,
+                            Path(verify_text) if verify_text else None, model,
+                            log=lambda msg: click.echo(msg, err=True))
+    click.echo(result.table())
+    click.echo(f"passed; full report: {Path(package) / 'verify.json'}")
 
 
 def run() -> None:

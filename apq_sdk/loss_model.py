@@ -32,7 +32,7 @@ def kl_for_relative_ppl(rel: float, loss_model: dict) -> float:
 
 @torch.no_grad()
 def fit_loss_model(model, info, sens, fit_samples: torch.Tensor, settings, device: str) -> dict:
-    from .sensitivity import parse_candidate_key
+    from .progress import progress_bar
 
     # bfloat16 matmuls (autocast keeps RoPE and softmax in float32) make these forwards ~1.6x
     # faster on CPU; on the demo model they move KL by 1e-3 nats, against fit points of 0.3 to 2.
@@ -42,12 +42,31 @@ def fit_loss_model(model, info, sens, fit_samples: torch.Tensor, settings, devic
         return torch.autocast(device_type=torch.device(device).type,
                               dtype=getattr(torch, settings.compute_dtype))
 
-    with forwards():
-        cached = reference_log_probs(model, fit_samples, device)
+    candidates = fit_candidates(settings.group_sizes)
+    with progress_bar() as bar:
+        task = bar.add_task("fitting the loss model", total=len(candidates) + 1)
+        with forwards():
+            cached = reference_log_probs(model, fit_samples, device)
+        bar.advance(task)
+        points = _fit_points(model, info, sens, fit_samples, settings, device, cached, candidates,
+                             forwards, bar, task)
+    if not points:
+        raise RuntimeError("no candidate of the loss-model fit was profiled")
+    log_alpha = sum(math.log(p["kl"] / p["predicted_raw"]) for p in points) / len(points)
+    kappa = sum(p["delta_ce"] * p["kl"] for p in points) / sum(p["kl"] ** 2 for p in points)
+    return {"kind": "rtn-uniform-fit", "alpha": math.exp(log_alpha), "kappa": max(kappa, 1e-3),
+            "points": points, "fit_tokens": int(fit_samples.numel())}
+
+
+def _fit_points(model, info, sens, fit_samples, settings, device, cached, candidates, forwards,
+                bar, task):
+    from .sensitivity import parse_candidate_key
+
     linears = {li.name: model.get_submodule(li.name) for li in info.linears}
     points = []
-    for key in fit_candidates(settings.group_sizes):
+    for key in candidates:
         if not all(key in sens.modules[n]["rtn_errors"] for n in linears):
+            bar.advance(task)
             continue
         bits, group = parse_candidate_key(key)
         originals = {}
@@ -66,9 +85,5 @@ def fit_loss_model(model, info, sens, fit_samples: torch.Tensor, settings, devic
             for name, module in linears.items():
                 module.weight.data = originals[name]
         points.append({"candidate": key, "predicted_raw": raw, "kl": kl, "delta_ce": dce})
-    if not points:
-        raise RuntimeError("no candidate of the loss-model fit was profiled")
-    log_alpha = sum(math.log(p["kl"] / p["predicted_raw"]) for p in points) / len(points)
-    kappa = sum(p["delta_ce"] * p["kl"] for p in points) / sum(p["kl"] ** 2 for p in points)
-    return {"kind": "rtn-uniform-fit", "alpha": math.exp(log_alpha), "kappa": max(kappa, 1e-3),
-            "points": points, "fit_tokens": int(fit_samples.numel())}
+        bar.advance(task)
+    return points

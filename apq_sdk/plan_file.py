@@ -2,7 +2,8 @@
 
 A plan says, for one model, calibration set, objective and target capability set, which bit-width,
 group size, symmetry and activation mode each module gets, with its size as stored and its predicted
-loss. Its JSON form is described by ``apq_sdk/schemas/plan-v1.schema.json`` (JSON Schema 2020-12).
+loss. Its JSON form is described by ``apq_sdk/schemas/plan-v2.schema.json`` (JSON Schema 2020-12);
+version 1 plans (``plan-v1.schema.json``) are read and upgraded.
 
 * :class:`Plan` and its parts are frozen dataclasses whose ``__post_init__`` checks every field
   and the rules a schema cannot express (bytes consistent with shape/bits/group via
@@ -18,8 +19,10 @@ loss. Its JSON form is described by ``apq_sdk/schemas/plan-v1.schema.json`` (JSO
 * :func:`render_plan_table` draws the plan for ``apq-sdk plan show``.
 
 Totals are plain sums over ``modules`` (every module entry is one stored tensor);
-``bits_per_weight = 8 * bytes / params`` and ``fp16_bytes = 2 * params``. :func:`compute_totals`
-builds them.
+``bits_per_weight = 8 * bytes / params`` and ``fp16_bytes = 2 * params``. The whole model adds the
+tensors outside the plan (``fixed_params``, stored as float32 in ``fixed_bytes``: norms, biases):
+``model_bits_per_weight = 8 * model_bytes / model_params`` is bits per weight as llama.cpp reports
+it. :func:`compute_totals` builds them.
 """
 
 from __future__ import annotations
@@ -58,12 +61,13 @@ __all__ = [
 ]
 
 PLAN_FORMAT = "apq-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 MODULE_KINDS = ("linear", "embedding", "lm_head")
 ACTIVATIONS = ("int8-per-token-dynamic", "int8-per-block-dynamic", "none")
 CALIBRATION_KINDS = ("file", "data-dir", "builtin")
 OBJECTIVE_MODES = ("memory", "loss")
+BUDGET_SCOPES = ("model", "linear")
 SCALE_DTYPES = ("float16",)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -81,14 +85,14 @@ class PlanError(ValueError):
         self.path = path
 
 
-def schema_path() -> Path:
-    """Location of the JSON Schema of the current plan version."""
-    return Path(__file__).resolve().parent / "schemas" / f"plan-v{PLAN_VERSION}.schema.json"
+def schema_path(version: int = PLAN_VERSION) -> Path:
+    """Location of the JSON Schema of a plan version (the current one by default)."""
+    return Path(__file__).resolve().parent / "schemas" / f"plan-v{version}.schema.json"
 
 
-@lru_cache(maxsize=1)
-def _schema() -> dict:
-    with open(schema_path(), encoding="utf-8") as f:
+@lru_cache(maxsize=2)
+def _schema(version: int = PLAN_VERSION) -> dict:
+    with open(schema_path(version), encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -258,9 +262,12 @@ class CalibrationInfo:
 @dataclass(frozen=True, kw_only=True)
 class Objective:
     """``memory``: least predicted loss within ``budget_bytes`` (derived from ``bits_per_weight`` or
-    ``memory_reduction`` when those are given); ``loss``: fewest bytes within ``max_loss``."""
+    ``memory_reduction`` when those are given); ``loss``: fewest bytes within ``max_loss``.
+    ``scope`` says what ``bits_per_weight`` and ``memory_reduction`` count: ``model`` (every stored
+    weight byte over every parameter) or ``linear`` (the decoder's linear layers only)."""
 
     mode: str
+    scope: str = "model"
     bits_per_weight: float | None = None
     memory_reduction: float | None = None
     max_loss: float | None = None
@@ -270,6 +277,7 @@ class Objective:
     def __post_init__(self) -> None:
         p = self._path
         _enum(self, "mode", p, OBJECTIVE_MODES)
+        _enum(self, "scope", p, BUDGET_SCOPES)
         _num(self, "bits_per_weight", p, exclusive_min=0, nullable=True)
         _num(self, "memory_reduction", p, exclusive_min=0, nullable=True)
         _num(self, "max_loss", p, minimum=0, nullable=True)
@@ -421,18 +429,31 @@ class Totals:
     linear_bytes: int
     linear_params: int
     linear_bits_per_weight: float
+    fixed_params: int = 0
+    fixed_bytes: int = 0
+    model_params: int
+    model_bytes: int
+    model_bits_per_weight: float
     _path: str = field(default="totals", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         p = self._path
-        for n in ("bytes", "params", "fp16_bytes", "linear_bytes", "linear_params"):
+        for n in ("bytes", "params", "fp16_bytes", "linear_bytes", "linear_params", "fixed_params",
+                  "fixed_bytes", "model_params", "model_bytes"):
             _int(self, n, p, minimum=0)
-        for n in ("bits_per_weight", "predicted_loss", "linear_bits_per_weight"):
+        for n in ("bits_per_weight", "predicted_loss", "linear_bits_per_weight",
+                  "model_bits_per_weight"):
             _num(self, n, p, minimum=0)
 
+    @property
+    def model_fp16_bytes(self) -> int:
+        return 2 * self.model_params
 
-def compute_totals(modules: Mapping[str, ModulePlan]) -> Totals:
-    """The totals of a set of modules (plain sums; losses summed in sorted module-name order)."""
+
+def compute_totals(modules: Mapping[str, ModulePlan], fixed_params: int = 0,
+                   fixed_bytes: int = 0) -> Totals:
+    """The totals of a set of modules (plain sums; losses summed in sorted module-name order) and
+    of the whole model, with `fixed_params` more parameters stored in `fixed_bytes`."""
     names = sorted(modules)
     total_b = sum(modules[n].bytes for n in names)
     params = sum(modules[n].params for n in names)
@@ -451,6 +472,12 @@ def compute_totals(modules: Mapping[str, ModulePlan]) -> Totals:
         linear_bytes=lin_b,
         linear_params=lin_p,
         linear_bits_per_weight=8.0 * lin_b / lin_p if lin_p else 0.0,
+        fixed_params=fixed_params,
+        fixed_bytes=fixed_bytes,
+        model_params=params + fixed_params,
+        model_bytes=total_b + fixed_bytes,
+        model_bits_per_weight=8.0 * (total_b + fixed_bytes) / (params + fixed_params)
+        if params + fixed_params else 0.0,
     )
 
 
@@ -520,13 +547,15 @@ class Plan:
                         f"and group_size {_REGENERATE}",
                     )
         # totals equal the sums
-        want = compute_totals(self.modules)
         t = self.totals
-        for attr in ("bytes", "params", "fp16_bytes", "linear_bytes", "linear_params"):
+        want = compute_totals(self.modules, t.fixed_params, t.fixed_bytes)
+        for attr in ("bytes", "params", "fp16_bytes", "linear_bytes", "linear_params",
+                     "model_params", "model_bytes"):
             if getattr(t, attr) != getattr(want, attr):
                 raise _fail(_join("totals", attr), f"{getattr(want, attr)} (the sum over modules)",
                             getattr(t, attr), f"set it to {getattr(want, attr)} {_REGENERATE}")
-        for attr in ("bits_per_weight", "predicted_loss", "linear_bits_per_weight"):
+        for attr in ("bits_per_weight", "predicted_loss", "linear_bits_per_weight",
+                     "model_bits_per_weight"):
             if not _close(getattr(t, attr), getattr(want, attr)):
                 raise _fail(_join("totals", attr), f"{getattr(want, attr)!r} (from the modules)",
                             getattr(t, attr), f"set it to {getattr(want, attr)!r} {_REGENERATE}")
@@ -567,6 +596,9 @@ class Plan:
         """Build from parsed JSON: version check, then the schema, then the semantic checks."""
         if isinstance(doc, dict) and "version" in doc:
             _check_version(doc["version"])
+            if doc["version"] == 1:
+                _validate_schema(doc, 1)
+                doc = _upgrade_v1(doc)
         _validate_schema(doc)
         modules = {
             name: ModulePlan(**m, _path=_join("modules", name, mapping=True))
@@ -599,6 +631,18 @@ class Plan:
                 f"fix: pass the plan.json written by `apq-sdk plan`"
             ) from None
         return cls.from_dict(doc)
+
+
+def _upgrade_v1(doc: dict) -> dict:
+    """A version 1 plan as version 2: its budget counted the decoder linears (with the head fixed)
+    and it recorded nothing outside the plan, so the whole-model totals are the planned ones."""
+    doc = json.loads(json.dumps(doc))
+    doc["version"] = 2
+    doc["objective"]["scope"] = "linear" if doc["objective"].get("bits_per_weight") else "model"
+    t = doc["totals"]
+    t.update(fixed_params=0, fixed_bytes=0, model_params=t["params"], model_bytes=t["bytes"],
+             model_bits_per_weight=t["bits_per_weight"])
+    return doc
 
 
 def _check_version(v: Any) -> None:
@@ -698,10 +742,10 @@ def _describe(err) -> tuple[str, str]:
     return path, f"{path or '(plan)'}: expected {exp}, found {found}; fix: {fix} {_REGENERATE}"
 
 
-def _validate_schema(doc: Any) -> None:
+def _validate_schema(doc: Any, version: int = PLAN_VERSION) -> None:
     from jsonschema import Draft202012Validator
 
-    validator = Draft202012Validator(_schema())
+    validator = Draft202012Validator(_schema(version))
     errors = list(validator.iter_errors(doc))
     if not errors:
         return
@@ -775,20 +819,32 @@ def _human_bytes(n: int) -> str:
 
 
 def render_plan_table(plan: Plan):
-    """A rich Table of the plan (one row per module, totals in the caption)."""
+    """A rich Table of the plan (one row per module, totals in the caption). Every string from
+    the plan goes through rich.text.Text, so names are never read as rich markup."""
     from rich.table import Table
+    from rich.text import Text
 
     t = plan.totals
+    o = plan.objective
+    if o.bits_per_weight is not None:
+        budget = f"{o.bits_per_weight:g} bits/weight ({o.scope})"
+    elif o.memory_reduction is not None:
+        budget = f"{o.memory_reduction:.0%} smaller than fp16 ({o.scope})"
+    elif o.max_loss is not None:
+        budget = f"max loss {o.max_loss:g}"
+    else:
+        budget = f"{o.budget_bytes:,} bytes"
     table = Table(
-        title=f"{plan.model.name}: apq-plan v{plan.version} ({plan.objective.mode} objective, "
-              f"capabilities {plan.capabilities.name})",
-        caption=(
-            f"{len(plan.modules)} modules, {t.params:,} params: {t.bytes:,} bytes "
-            f"({_human_bytes(t.bytes)}) = {t.bits_per_weight:.3f} bits/weight, "
-            f"{t.bytes / t.fp16_bytes if t.fp16_bytes else 0:.1%} of fp16 "
-            f"({_human_bytes(t.fp16_bytes)}); "
-            f"linear layers {t.linear_bits_per_weight:.3f} bits/weight; "
-            f"predicted loss {t.predicted_loss:.4g}"
+        title=Text(f"{plan.model.name}: apq-plan v{plan.version} ({o.mode} objective, budget "
+                   f"{budget}, capabilities {plan.capabilities.name})"),
+        caption=Text(
+            f"whole model: {t.model_params:,} params, {t.model_bytes:,} bytes "
+            f"({_human_bytes(t.model_bytes)}) = {t.model_bits_per_weight:.3f} bits/weight, "
+            f"{t.model_bytes / t.model_fp16_bytes if t.model_params else 0:.1%} of fp16 "
+            f"({_human_bytes(t.model_fp16_bytes)}); decoder linear layers "
+            f"{t.linear_bits_per_weight:.3f} bits/weight; {len(plan.modules)} planned modules "
+            f"{t.bits_per_weight:.3f} bits/weight, outside the plan {t.fixed_params:,} params "
+            f"(float32); predicted loss {t.predicted_loss:.4g}"
         ),
     )
     table.add_column("module", no_wrap=True)
@@ -802,7 +858,7 @@ def render_plan_table(plan: Plan):
     table.add_column("predicted loss", justify="right")
     for name, m in plan.modules.items():
         table.add_row(
-            name,
+            Text(name),
             m.kind,
             f"{m.shape[0]}x{m.shape[1]}",
             str(m.bits),

@@ -3,13 +3,16 @@
 Each linear layer becomes a decision unit whose options are the profiled candidates (bits, group
 size) plus float16; layers a runtime fuses (q/k/v, gate/up) are merged into one unit so they share
 bits and group size. The output head (tied to the embedding or not) has its own options: fixed by
-`head_bits`, or left to the optimizer with `head_bits="auto"`.
+`head_bits`, or left to the optimizer with `head_bits="auto"` (the default). An untied input
+embedding is a table lookup kept at float16; norms and biases stay float32 outside the plan.
 
-Budgets:
-* `bits_per_weight`: bytes of the decoder linears <= X/8 * their parameters (the head, when fixed,
-  is stated apart, as llama.cpp and GPTQ reports do); with a head left to the optimizer, the budget
-  covers the head too.
-* `memory_reduction`: bytes of all planned tensors <= (1 - R) * their float16 bytes.
+Budgets (one of):
+* `bits_per_weight` with scope "model" (the default): every stored weight byte of the whole model
+  (planned modules, head, embedding, norms, biases) <= X/8 * every parameter: bits per weight as
+  llama.cpp reports it, so the budget is what the package weighs;
+* `bits_per_weight` with scope "linear": bytes of the decoder linears <= X/8 * their parameters,
+  with the head fixed by `head_bits` (the figure GPTQ and most papers compare);
+* `memory_reduction`: the whole model <= (1 - R) * its float16 bytes;
 * `max_loss`: relative perplexity increase, turned into a KL budget by the profiled loss model.
 """
 
@@ -33,8 +36,14 @@ class Budget:
     bits_per_weight: float | None = None
     memory_reduction: float | None = None
     max_loss: float | None = None  # relative perplexity increase, 0.005 = +0.5 %
+    scope: str = "model"  # what bits_per_weight counts: "model" or "linear"
 
     def __post_init__(self):
+        if self.scope not in ("model", "linear"):
+            raise UsageError(f"budget scope: expected 'model' or 'linear', found {self.scope!r}")
+        if self.scope == "linear" and self.bits_per_weight is None:
+            raise UsageError("a linear-only budget is a bits-per-weight budget: pass "
+                             "--linear-bits-per-weight X")
         given = [v for v in (self.bits_per_weight, self.memory_reduction, self.max_loss) if v is not None]
         if len(given) != 1:
             raise UsageError("give exactly one budget: --bits-per-weight X, --memory-reduction R "
@@ -96,7 +105,7 @@ def build_units(sens: SensitivityMap, caps: Capabilities, activation: str, symme
     members: dict[str, list[str]] = {}
     tables: dict[str, dict[str, tuple[int, float]]] = {}
     for name, entry in sens.modules.items():
-        if entry["kind"] != "linear" and head_bits != "auto":
+        if entry["kind"] == "embedding" or entry["kind"] != "linear" and head_bits != "auto":
             continue
         options = _module_options(entry, caps, activation, alpha, symmetric)
         if not options:
@@ -161,27 +170,39 @@ def head_group_for(sens: SensitivityMap, caps: Capabilities) -> int:
 
 
 def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENERIC,
-              activation: str = ACT_NONE, symmetric: bool | None = None, head_bits: str = "8",
+              activation: str = ACT_NONE, symmetric: bool | None = None, head_bits: str = "auto",
               head_group: int | None = None) -> Plan:
     """The plan of least predicted loss within `budget` (or fewest bytes within a loss budget),
     choosing only what `caps` runs. `symmetric` defaults to the table's (symmetric-only tables
     plan symmetric groups); `head_bits` fixes the output head or, with "auto", lets the
     optimizer choose it among the table's head bits."""
     symmetric = caps.symmetric if symmetric is None else bool(symmetric)
+    head_bits = str(head_bits)
     head_group = head_group_for(sens, caps) if head_group is None else head_group
     _check_request(sens, caps, activation, symmetric, head_bits, head_group)
+    if budget.scope == "linear" and head_bits == "auto":
+        raise UsageError("--linear-bits-per-weight budgets the decoder linears only, so the head "
+                         "must be fixed: pass --head-bits 4, 8 or 16 (or use --bits-per-weight, "
+                         "which budgets the whole model and lets the planner choose the head)")
     units, members, tables = build_units(sens, caps, activation, symmetric, head_bits)
     linear_params = sum(n * k for e in sens.modules.values() if e["kind"] == "linear"
                         for n, k in [e["shape"]])
-    planned_params = sum(e["shape"][0] * e["shape"][1] for name, e in sens.modules.items()
-                         if name in tables)
-    if budget.bits_per_weight is not None:
-        params = planned_params if head_bits == "auto" else linear_params
-        max_bytes = int(budget.bits_per_weight * params / 8)
+    all_params = sum(e["shape"][0] * e["shape"][1] for e in sens.modules.values())
+    model_params = all_params + sens.fixed["params"]
+    # bytes that are not the solver's to choose: tensors outside the plan, a fixed head, the
+    # untied embedding's float16 table
+    fixed = sens.fixed["bytes"] + sum(e["shape"][0] * e["shape"][1] * 2
+                                      for e in sens.modules.values() if e["kind"] == "embedding")
+    if head_bits != "auto":
+        fixed += _fixed_head_bytes(sens, head_bits, head_group, symmetric)
+    if budget.bits_per_weight is not None and budget.scope == "linear":
+        max_bytes = int(budget.bits_per_weight * linear_params / 8)
+    elif budget.bits_per_weight is not None:
+        max_bytes = _left_for_the_plan(int(budget.bits_per_weight * model_params / 8), fixed,
+                                       f"--bits-per-weight {budget.bits_per_weight:g}")
     elif budget.memory_reduction is not None:
-        fixed_head = 0 if head_bits == "auto" else _fixed_head_bytes(sens, head_bits, head_group, symmetric)
-        all_params = sum(e["shape"][0] * e["shape"][1] for e in sens.modules.values())
-        max_bytes = int((1 - budget.memory_reduction) * 2 * all_params) - fixed_head
+        max_bytes = _left_for_the_plan(int((1 - budget.memory_reduction) * 2 * model_params), fixed,
+                                       f"--memory-reduction {budget.memory_reduction:g}")
     else:
         max_bytes = None
     try:
@@ -207,8 +228,11 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENE
         key = candidate_key(bits, group)
         loss = entry["errors"].get(key, 0.0) if bits != 16 else 0.0
         modules["lm_head"] = _module_plan(entry, bits, group, symmetric, activation, loss, None)
+    for name, entry in sens.modules.items():
+        if entry["kind"] == "embedding":
+            modules[name] = _module_plan(entry, 16, None, symmetric, ACT_NONE, 0.0, None)
     objective = Objective(
-        mode="memory" if max_bytes is not None else "loss",
+        mode="memory" if max_bytes is not None else "loss", scope=budget.scope,
         bits_per_weight=budget.bits_per_weight, memory_reduction=budget.memory_reduction,
         max_loss=budget.max_loss, budget_bytes=max_bytes)
     loss_model = LossModel(kind=sens.loss_model["kind"], coefficients={
@@ -218,7 +242,15 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENE
                 objective=objective,
                 capabilities=CapabilitiesRef(name=caps.name, sha256=caps.sha256()),
                 loss_model=loss_model, modules=dict(sorted(modules.items())),
-                totals=compute_totals(modules))
+                totals=compute_totals(modules, sens.fixed["params"], sens.fixed["bytes"]))
+
+
+def _left_for_the_plan(total: int, fixed: int, what: str) -> int:
+    if total <= fixed:
+        raise UsageError(f"{what} allows {total:,} bytes for the whole model, but {fixed:,} bytes "
+                         f"are fixed (norms, biases, the float16 embedding table, a fixed head); "
+                         f"raise the budget")
+    return total - fixed
 
 
 def _fixed_head_bytes(sens, head_bits: str, head_group: int, symmetric: bool) -> int:
@@ -238,7 +270,7 @@ def _activation_of(kind: str, activation: str, bits: int) -> str:
 def _module_plan(entry: dict, bits: int, group: int | None, symmetric: bool, activation: str,
                  loss: float, tie_group: str | None) -> ModulePlan:
     n, k = entry["shape"]
-    kind = "linear" if entry["kind"] == "linear" else "lm_head"
+    kind = entry["kind"] if entry["kind"] in ("linear", "embedding") else "lm_head"
     return ModulePlan(kind=kind, shape=(n, k), bits=bits, group_size=group, symmetric=symmetric,
                       activation=_activation_of(kind, activation, bits),
                       act_clip=float(entry.get("act_clip", 1.0)) if activation == ACT_INT8 else 1.0,
@@ -259,11 +291,15 @@ def uniform_plan(sens: SensitivityMap, bits: int, group: int, *, activation: str
     hg = None if head_bits == 16 else head_group
     modules["lm_head"] = _module_plan(sens.modules["lm_head"], head_bits, hg, symmetric, ACT_NONE,
                                       0.0, None)
+    for name, entry in sens.modules.items():
+        if entry["kind"] == "embedding":
+            modules[name] = _module_plan(entry, 16, None, symmetric, ACT_NONE, 0.0, None)
     return Plan(model=ModelInfo(**sens.model), calibration=CalibrationInfo(**sens.calibration),
-                objective=Objective(mode="memory", bits_per_weight=None, budget_bytes=sum(
-                    m.bytes for m in modules.values())),
+                objective=Objective(mode="memory", scope="linear", bits_per_weight=None,
+                                    budget_bytes=sum(m.bytes for m in modules.values())),
                 capabilities=CapabilitiesRef(name=f"uniform-b{bits}g{group}",
                                               sha256=GENERIC.sha256()),
                 loss_model=LossModel(kind=sens.loss_model["kind"], coefficients={
                     "alpha": alpha, "kappa": sens.loss_model["kappa"]}),
-                modules=dict(sorted(modules.items())), totals=compute_totals(modules))
+                modules=dict(sorted(modules.items())),
+                totals=compute_totals(modules, sens.fixed["params"], sens.fixed["bytes"]))

@@ -123,6 +123,10 @@ def quantize_model(model: nn.Module, info: ModelInfo, plan: Plan, samples: torch
                 batches = [type(b)(o, b.kwargs) for b, o in zip(batches, outputs)]
             bar.advance(task)
         _quantize_head(model, info, plan, batches, method, act_order)
+        for name, entry in plan.modules.items():  # an untied embedding: a float16 table
+            if entry.kind == "embedding":
+                table = model.get_submodule(name).weight
+                table.data = table.data.half().to(table.dtype)
         bar.advance(task)
     return model
 
@@ -158,8 +162,8 @@ def _collect_tensors(model: nn.Module, plan: Plan) -> dict[str, np.ndarray]:
             if isinstance(module, QuantLinear):
                 for key, array in module.quantized.to_packed().items():
                     tensors[f"{name}.{key}"] = np.ascontiguousarray(array)
-            elif isinstance(module, Float16Linear):
-                tensors[f"{name}.weight"] = module.weight.half().cpu().numpy()
+            elif isinstance(module, (Float16Linear, nn.Embedding)):  # 16-bit: float16 storage
+                tensors[f"{name}.weight"] = module.weight.detach().half().cpu().numpy()
             if getattr(module, "bias", None) is not None:
                 tensors[f"{name}.bias"] = module.bias.detach().float().cpu().numpy()
     skip_prefixes = tuple(f"{p}." for p in planned)

@@ -49,7 +49,7 @@ from .quant.weights import GptqTask, gptq_quantize_many, output_error, quantize_
 log = logging.getLogger("apq_sdk")
 
 SENSITIVITY_FORMAT = "apq-sensitivity"
-SENSITIVITY_VERSION = 1
+SENSITIVITY_VERSION = 2  # 2: parameters outside the plan ("fixed") and the untied embedding
 DEFAULT_BITS = (2, 3, 4, 8)
 DEFAULT_GROUPS = (64, 128)
 HEAD_BITS = (4, 8)
@@ -107,20 +107,23 @@ class SensitivityMap:
     modules: dict[str, dict] = field(default_factory=dict)
     heads: dict[str, dict] = field(default_factory=dict)
     loss_model: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=lambda: {"params": 0, "bytes": 0})  # norms, biases
 
     def to_dict(self) -> dict:
         return {"format": SENSITIVITY_FORMAT, "version": SENSITIVITY_VERSION, "model": self.model,
                 "calibration": self.calibration, "settings": self.settings,
-                "loss_model": self.loss_model, "modules": self.modules, "heads": self.heads}
+                "loss_model": self.loss_model, "modules": self.modules, "heads": self.heads,
+                "fixed": self.fixed}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SensitivityMap":
         if data.get("format") != SENSITIVITY_FORMAT:
             raise ValueError(f"format: expected {SENSITIVITY_FORMAT!r}, found {data.get('format')!r}")
         if data.get("version") != SENSITIVITY_VERSION:
-            raise ValueError(f"version: expected {SENSITIVITY_VERSION}, found {data.get('version')!r}")
+            raise ValueError(f"version: expected {SENSITIVITY_VERSION}, found {data.get('version')!r} "
+                             f"(written by another apq-sdk: profile again)")
         return cls(data["model"], data["calibration"], data["settings"], data["modules"],
-                   data.get("heads", {}), data.get("loss_model", {}))
+                   data.get("heads", {}), data.get("loss_model", {}), data["fixed"])
 
     def predicted(self, name: str, key: str) -> float:
         entry = self.modules[name]
@@ -264,6 +267,7 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
     candidate (3 bits, largest group) for those layers, for validating the predictions.
     """
     sens = SensitivityMap(info.to_plan_model(), calib.to_dict(), settings.to_dict())
+    _record_outside_the_plan(model, info, sens)
     layers = model.get_submodule(info.layers_path)
     roles = {li.name: li for li in info.linears}
     cdt = getattr(torch, settings.compute_dtype)
@@ -343,6 +347,29 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
 
         sens.loss_model = fit_loss_model(model, info, sens, fit_samples, settings, device)
     return sens
+
+
+def _record_outside_the_plan(model: nn.Module, info: ModelInfo, sens: SensitivityMap) -> None:
+    """The untied embedding (a 16-bit module of the plan: a table lookup keeps its float16 rows)
+    and the parameters no plan entry covers (norms, biases: stored as float32), so budgets can
+    count the whole model."""
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    planned = {id(model.get_submodule(li.name).weight) for li in info.linears} | {id(head.weight)}
+    if not info.tie_word_embeddings:
+        name = next(n for n, m in model.named_modules() if m is embedding)
+        sens.modules[name] = {"kind": "embedding", "layer": -1, "role": "embedding",
+                              "shape": list(embedding.weight.shape), "errors": {},
+                              "rtn_errors": {}, "gain": 1.0, "act_clip": 1.0, "act_error": 0.0}
+        planned.add(id(embedding.weight))
+    seen: set[int] = set()
+    fixed = 0
+    for tensor in model.state_dict(keep_vars=True).values():
+        if id(tensor) in seen or id(tensor) in planned:
+            continue
+        seen.add(id(tensor))
+        fixed += tensor.numel()
+    sens.fixed = {"params": int(fixed), "bytes": int(4 * fixed)}
 
 
 @torch.no_grad()

@@ -57,7 +57,9 @@ def build_plan(name: str, sens: SensitivityMap):
             value = arg.removeprefix("maxloss-")
             budget = Budget(max_loss=float(value.rstrip("%")) / 100)
         else:
-            budget = Budget(bits_per_weight=float(arg))
+            # the decoder linears' bits per weight (the figure GPTQ and the anchors report),
+            # head kept in float16: the rows of docs/results.md
+            budget = Budget(bits_per_weight=float(arg), scope="linear")
         return make_plan(sens, budget, activation=activation, head_bits="16"), "gptq"
     raise SystemExit(f"unknown configuration {name!r}")
 

@@ -43,7 +43,7 @@ def pipeline(path, device: str, samples: int = 16, seq_len: int = 64, device_map
     fit, _ = load_calibration(tok, num_samples=4, seq_len=seq_len, seed=1)
     t = time.time()
     sens = profile_model(model, info, ids, calib, ProfileSettings(batch_size=8), device, fit_samples=fit)
-    plan = make_plan(sens, Budget(bits_per_weight=4.0))
+    plan = make_plan(sens, Budget(bits_per_weight=4.0, scope="linear"), head_bits="8")
     quantize_model(model, info, plan, ids, device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

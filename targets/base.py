@@ -133,8 +133,9 @@ class Target:
     # -- shared ------------------------------------------------------------------------------------
 
     def verify(self, package_dir: Path, *, checkpoint, text_path: Path | None, windows: int,
-               threads: int = 1, **options):
-        """Run the package here and compare it with the torch reference (apq_sdk.verification)."""
+               threads: int = 1, float_model=None, **options):
+        """Run the package here and compare it with the torch reference (apq_sdk.verification);
+        `float_model` (the unquantized torch model) enables the accuracy checks of int8 plans."""
         import tempfile
 
         from apq_sdk.verification import verify_runner
@@ -148,7 +149,7 @@ class Target:
                 model_bytes=sum(p.stat().st_size for p in self.model_files(package_dir)),
                 read_weights=lambda: self.read_weights(package_dir, checkpoint.plan),
                 float_twin=lambda: self.float_twin(package_dir, Path(work), threads=threads),
-                threads=threads, **options)
+                float_model=float_model, threads=threads, **options)
 
 
 def get_target(name: str) -> type[Target]:

@@ -42,7 +42,7 @@ EXTERNAL_DATA_FILE = "model.onnx.data"
 # protobuf refuses messages of 2 GiB; above this many initializer bytes the weights go to
 # EXTERNAL_DATA_FILE (a fixed choice per model, so rebuilds stay byte-identical)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-MODULES_DOC_PREFIX = "apq:modules="  # doc_string of every quantized matmul: the modules it holds
+MODULES_DOC_PREFIX = "apq:modules="  # doc_string of every linear's output node (linear_doc)
 ACT_INT8 = "int8-per-token-dynamic"
 ACT_INT8_BLOCK = "int8-per-block-dynamic"
 ACT_NONE = "none"
@@ -122,6 +122,33 @@ class GraphBuilder:
         return outs[0] if len(outs) == 1 else outs
 
 
+def linear_doc(members: list[CheckpointModule], x: str) -> str:
+    """The doc_string of the node that produces a linear layer's output: the modules it computes
+    and the tensor that feeds the layer (before any activation quantization), so verification can
+    record both and check the layer against the torch reference on the same inputs."""
+    return f"{MODULES_DOC_PREFIX}{','.join(m.name for m in members)};input={x}"
+
+
+def parse_linear_doc(doc: str) -> tuple[list[str], str | None]:
+    """(modules, input tensor) of a node written with linear_doc; ([], None) for other nodes."""
+    if not doc.startswith(MODULES_DOC_PREFIX):
+        return [], None
+    fields = dict(part.split("=", 1) for part in doc.split(";") if "=" in part)
+    return fields["apq:modules"].split(","), fields.get("input")
+
+
+def linear_nodes(model) -> list[dict]:
+    """Every node written with linear_doc: its name, modules, input (before activation
+    quantization) and output tensor names."""
+    found = []
+    for node in model.graph.node:
+        modules, source = parse_linear_doc(node.doc_string)
+        if modules:
+            found.append({"node": node.name, "modules": modules, "input": source,
+                          "output": node.output[0]})
+    return found
+
+
 class LinearLowering:
     """How one runtime writes block-quantized weights. Subclass per runtime; the graph calls:
 
@@ -139,7 +166,9 @@ class LinearLowering:
         return False
 
     def packed_linear(self, graph: "DecoderGraph", a: str, members: list[CheckpointModule],
-                      name: str, bias: str | None, output) -> str:
+                      name: str, bias: str | None, output, doc: str) -> str:
+        """The output of a packed linear (or fused group) on `a`; the node that produces it
+        carries `doc` (linear_doc)."""
         raise NotImplementedError
 
     def tied_embedding(self, graph: "DecoderGraph", head: CheckpointModule) -> str:
@@ -219,8 +248,9 @@ class DecoderGraph:
         if first.bias is not None:
             bias = g.init(f"{name}.bias", np.concatenate([m.bias for m in members]).astype(np.float32))
         out_name = [output] if output and len(members) == 1 else 1
+        doc = linear_doc(members, x)
         if packed:
-            y = self.lowering.packed_linear(self, a, members, name, bias, out_name)
+            y = self.lowering.packed_linear(self, a, members, name, bias, out_name, doc)
         else:
             if first.kind == "float16":
                 w = g.init(f"{name}.weight", np.concatenate([m.arrays["weight"] for m in members])
@@ -231,9 +261,10 @@ class DecoderGraph:
                            .astype(np.float32))
             wt = g.op("Transpose", [w], name, perm=[1, 0])
             if bias is None:
-                y = g.op("MatMul", [a, wt], name, outputs=out_name)
+                y = g.op("MatMul", [a, wt], name, outputs=out_name, doc=doc)
             else:
-                y = g.op("Add", [g.op("MatMul", [a, wt], name), bias], name, outputs=out_name)
+                y = g.op("Add", [g.op("MatMul", [a, wt], name), bias], name, outputs=out_name,
+                         doc=doc)
         if len(members) == 1:
             return [y]
         return self.split(y, [m.shape[0] for m in members], name)
@@ -385,6 +416,9 @@ class DecoderGraph:
                                                    head.arrays["weight"].astype(np.float16))
             table = g.op("Cast", [self.shared["lm_head.weight"]], s, to=1)
             x = g.op("Gather", [table, "input_ids"], s, axis=0)
+        elif s in self.modules and self.modules[s].kind == "float16":  # planned: float16 table
+            table = g.init(f"{s}.weight", self.modules[s].arrays["weight"].astype(np.float16))
+            x = g.op("Gather", [g.op("Cast", [table], s, to=1), "input_ids"], s, axis=0)
         else:
             table = g.init("model.embed_tokens.weight", self.tensor("model.embed_tokens.weight"))
             x = g.op("Gather", [table, "input_ids"], s, axis=0)
@@ -405,7 +439,7 @@ class DecoderGraph:
         if head.kind == "float16" and spec.tie_word_embeddings:
             w = g.op("Cast", [self.shared["lm_head.weight"]], "lm_head", to=1)
             return g.op("MatMul", [x, g.op("Transpose", [w], "lm_head", perm=[1, 0])], "lm_head",
-                        outputs=["logits"])
+                        outputs=["logits"], doc=linear_doc([head], x))
         return self.linear(x, [head], "lm_head", output="logits")[0]
 
     # -- whole model -------------------------------------------------------------------------------

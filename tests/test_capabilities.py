@@ -61,9 +61,9 @@ def test_profile_candidates_follow_the_table():
 def test_symmetric_group32_no_3bit_target_gets_a_plan_it_accepts(tiny_llama):
     sens = _profile(tiny_llama, SYM32)
     assert {parse_candidate_key(k)[1] for k in sens.modules["lm_head"]["errors"]} == {32}
-    for budget in (Budget(bits_per_weight=3.0), Budget(bits_per_weight=4.5),
-                   Budget(memory_reduction=0.7)):
-        plan = make_plan(sens, budget, caps=SYM32, activation="none")
+    for budget, head in ((Budget(bits_per_weight=3.0, scope="linear"), "8"),
+                         (Budget(bits_per_weight=5.0), "auto"), (Budget(memory_reduction=0.6), "auto")):
+        plan = make_plan(sens, budget, caps=SYM32, activation="none", head_bits=head)
         assert SYM32.check_plan(plan) == [], budget
         assert plan.capabilities.name == "sym32-test"
         assert plan.capabilities.sha256 == SYM32.sha256()

@@ -30,7 +30,10 @@ def _profile(path):
 def test_end_to_end(family, tiny_model_factory, tmp_path):
     path = tiny_model_factory(family)
     model, tok, info, ids, sens = _profile(path)
-    assert {e["kind"] for e in sens.modules.values()} == {"linear", "lm_head"}
+    tied = info.tie_word_embeddings
+    assert {e["kind"] for e in sens.modules.values()} == \
+        {"linear", "lm_head"} | (set() if tied else {"embedding"})
+    assert sens.fixed["params"] > 0 and sens.fixed["bytes"] == 4 * sens.fixed["params"]
     linears = [e for e in sens.modules.values() if e["kind"] == "linear"]
     assert all(e["gain"] > 0 and e["errors"]["b2g64"] > e["errors"]["b8g64"] for e in linears)
     for layer in {e["layer"] for e in linears}:  # one depth factor per block, folded into gain
@@ -38,8 +41,10 @@ def test_end_to_end(family, tiny_model_factory, tmp_path):
         assert len({e["depth"] for e in block}) == 1 and block[0]["depth"] > 0
         assert all(math.isclose(e["gain"], e["block_gain"] * e["depth"]) for e in block)
     assert all(set(e["act_error_block"]) == {"64", "128"} for e in linears)
-    plan = make_plan(sens, Budget(bits_per_weight=4.0))
+    plan = make_plan(sens, Budget(bits_per_weight=4.0, scope="linear"), head_bits="8")
     assert plan.totals.linear_bits_per_weight <= 4.0
+    # what the plan and the checkpoint count is every parameter of the model
+    assert plan.totals.model_params == sum(p.numel() for p in model.parameters())
     qkv = [m for n, m in plan.modules.items() if n.endswith(("q_proj", "k_proj", "v_proj"))]
     assert len({(m.bits, m.group_size) for m in qkv if m.tie_group and ".0." in m.tie_group}) <= 1
     reference, _, _ = load_model(path)
@@ -60,17 +65,26 @@ def test_budget_modes_and_infeasible_budget(tiny_llama):
     from apq_sdk.errors import UsageError
 
     *_, sens = _profile(tiny_llama)
-    tight = make_plan(sens, Budget(bits_per_weight=3.0))
+    tight = make_plan(sens, Budget(bits_per_weight=4.0))
     loose = make_plan(sens, Budget(bits_per_weight=6.0))
-    assert tight.totals.linear_bytes < loose.totals.linear_bytes
+    for plan, bpw in ((tight, 4.0), (loose, 6.0)):  # the whole model, norms and head included
+        assert plan.totals.model_bits_per_weight <= bpw and plan.objective.scope == "model"
+        assert plan.totals.model_bytes == plan.totals.bytes + plan.totals.fixed_bytes
+    assert tight.totals.model_bytes < loose.totals.model_bytes
     assert tight.totals.predicted_loss > loose.totals.predicted_loss
+    linear = make_plan(sens, Budget(bits_per_weight=3.0, scope="linear"), head_bits="8")
+    assert linear.totals.linear_bits_per_weight <= 3.0 and linear.modules["lm_head"].bits == 8
+    assert linear.totals.model_bits_per_weight > 3.0  # the head and norms come on top
+    with pytest.raises(UsageError, match="head must be fixed"):
+        make_plan(sens, Budget(bits_per_weight=3.0, scope="linear"), head_bits="auto")
     reduction = make_plan(sens, Budget(memory_reduction=0.6))
-    assert reduction.totals.bytes <= 0.4 * 2 * sum(e["shape"][0] * e["shape"][1]
-                                                   for e in sens.modules.values())
+    assert reduction.totals.model_bytes <= 0.4 * reduction.totals.model_fp16_bytes
     by_loss = make_plan(sens, Budget(max_loss=0.01))
     assert by_loss.objective.mode == "loss"
     with pytest.raises(UsageError, match="smallest"):
-        make_plan(sens, Budget(bits_per_weight=1.5))
+        make_plan(sens, Budget(bits_per_weight=2.0))
+    with pytest.raises(UsageError, match="bytes are fixed"):
+        make_plan(sens, Budget(bits_per_weight=1.5), head_bits="16")
 
 
 _RUN_ONCE = """
@@ -113,8 +127,8 @@ def test_plan_and_artifacts_are_byte_identical_across_runs(tiny_llama, tmp_path)
 def test_mixed_plan_beats_uniform_rtn_on_tiny(tiny_llama):
     model, tok, info, ids, sens = _profile(tiny_llama)
     uniform = uniform_plan(sens, 3, 64)
-    mixed = make_plan(sens, Budget(bits_per_weight=uniform.totals.linear_bits_per_weight),
-                      activation="none", head_bits="16")
+    mixed = make_plan(sens, Budget(bits_per_weight=uniform.totals.linear_bits_per_weight,
+                                   scope="linear"), activation="none", head_bits="16")
     assert mixed.totals.linear_bytes <= uniform.totals.linear_bytes
     reference, _, _ = load_model(tiny_llama)
     rtn_model, _, _ = load_model(tiny_llama)

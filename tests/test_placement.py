@@ -40,7 +40,7 @@ def _run(path, device_map, out_dir):
     ids, calib = load_calibration(tok, num_samples=8, seq_len=32, seed=0)
     fit, _ = load_calibration(tok, num_samples=2, seq_len=32, seed=1)
     sens = profile_model(model, info, ids, calib, ProfileSettings(batch_size=4), fit_samples=fit)
-    plan = make_plan(sens, Budget(bits_per_weight=4.0), head_bits="8")
+    plan = make_plan(sens, Budget(bits_per_weight=4.0, scope="linear"), head_bits="8")
     quantize_model(model, info, plan, ids)
     save_quantized(model, tok, plan, out_dir)
     return model, sens, ids

@@ -94,6 +94,9 @@ def retotal(doc: dict) -> dict:
         predicted_loss=sum(m["predicted_loss"] for m in mods), linear_bytes=lb,
         linear_params=lp, linear_bits_per_weight=8 * lb / lp,
     )
+    t = doc["totals"]
+    t.update(model_params=params + t["fixed_params"], model_bytes=nbytes + t["fixed_bytes"])
+    t["model_bits_per_weight"] = 8 * t["model_bytes"] / t["model_params"]
     return doc
 
 
@@ -142,7 +145,7 @@ def test_plan_matches_schema_and_schema_is_valid():
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     Draft202012Validator.check_schema(schema)
     Draft202012Validator(schema).validate(plan_doc())
-    assert plan_doc()["version"] == PLAN_VERSION == 1
+    assert plan_doc()["version"] == PLAN_VERSION == 2
     assert plan_doc()["format"] == "apq-plan"
 
 
@@ -215,11 +218,11 @@ CORRUPTIONS = {
         ['calibration.kind: expected one of "file", "data-dir", "builtin", found \'web\''],
     ),
     "version too new": (
-        lambda d: d.update(version=2, future_section={}),
+        lambda d: d.update(version=3, future_section={}),
         ["version", "newer", "upgrade apq-sdk"],
     ),
     "version not an integer": (
-        lambda d: d.update(version="1"), ["version: expected the integer 1, found '1'"],
+        lambda d: d.update(version="1"), ["version: expected the integer 2, found '1'"],
     ),
     "bytes inconsistent with shape/bits/group": (
         lambda d: retotal(d) if d["modules"][UP].update(bytes=d["modules"][UP]["bytes"] + 1) is None
@@ -420,3 +423,33 @@ def test_render_plan_table():
 def test_copy_equality():
     plan = make_plan()
     assert copy.deepcopy(plan) == plan
+
+
+def test_version_1_plans_are_read_and_upgraded(tmp_path):
+    doc = plan_doc()
+    doc["version"] = 1
+    del doc["objective"]["scope"]
+    for key in ("fixed_params", "fixed_bytes", "model_params", "model_bytes",
+                "model_bits_per_weight"):
+        del doc["totals"][key]
+    plan = load_plan(write(tmp_path, doc))
+    assert plan.version == PLAN_VERSION == 2
+    assert plan.objective.scope == ("linear" if doc["objective"]["bits_per_weight"] else "model")
+    t = plan.totals
+    assert (t.fixed_params, t.model_params, t.model_bytes) == (0, t.params, t.bytes)
+    doc["objective"]["scope"] = "model"  # a v2 field in a v1 file is refused by the v1 schema
+    with pytest.raises(PlanError, match="objective.scope: unexpected field"):
+        load_plan(write(tmp_path, doc))
+
+
+def test_whole_model_totals_count_what_is_outside_the_plan(tmp_path):
+    doc = plan_doc()
+    doc["totals"].update(fixed_params=1000, fixed_bytes=4000)
+    retotal(doc)
+    plan = load_plan(write(tmp_path, doc))
+    t = plan.totals
+    assert t.model_params == t.params + 1000 and t.model_bytes == t.bytes + 4000
+    assert t.model_bits_per_weight == pytest.approx(8 * t.model_bytes / t.model_params)
+    doc["totals"]["model_bytes"] += 1
+    with pytest.raises(PlanError, match=r"totals.model_bytes: expected \d+ \(the sum over modules\)"):
+        load_plan(write(tmp_path, doc))

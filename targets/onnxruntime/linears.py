@@ -26,8 +26,8 @@ import numpy as np
 
 from apq_sdk.checkpoint import CheckpointModule
 
-from ..onnx_graph import (ACT_INT8, ACT_INT8_BLOCK, MODULES_DOC_PREFIX, MS_DOMAIN, DecoderGraph,
-                          LinearLowering, LoweringError)
+from ..onnx_graph import (ACT_INT8, ACT_INT8_BLOCK, MS_DOMAIN, DecoderGraph, LinearLowering,
+                          LoweringError, linear_doc, parse_linear_doc)
 
 ACTIVATION_LOWERINGS = ("explicit", "accuracy-level-4")
 
@@ -90,7 +90,7 @@ class MatMulNBitsLowering(LinearLowering):
             or module.activation == ACT_INT8 and self.activation_lowering == "accuracy-level-4")
 
     def packed_linear(self, graph: DecoderGraph, a: str, members: list[CheckpointModule],
-                      name: str, bias: str | None, output) -> str:
+                      name: str, bias: str | None, output, doc: str) -> str:
         g = graph.g
         first = members[0]
         parts = [nbits_initializers(m) for m in members]
@@ -104,7 +104,7 @@ class MatMulNBitsLowering(LinearLowering):
         while inputs[-1] == "":
             inputs.pop()
         return g.op("MatMulNBits", inputs, name, outputs=output, domain=MS_DOMAIN,
-                    doc=MODULES_DOC_PREFIX + ",".join(m.name for m in members),
+                    doc=doc,
                     K=first.shape[1], N=sum(m.shape[0] for m in members), bits=first.bits,
                     block_size=first.group_size,
                     accuracy_level=4 if self.quantizes_activations(first) else 0)
@@ -140,7 +140,7 @@ class MatMulNBitsLowering(LinearLowering):
         while inputs[-1] == "":
             inputs.pop()
         return g.op("MatMulNBits", inputs, "lm_head", outputs=["logits"], domain=MS_DOMAIN,
-                    doc=MODULES_DOC_PREFIX + "lm_head", K=head.shape[1], N=head.shape[0],
+                    doc=linear_doc([head], x), K=head.shape[1], N=head.shape[0],
                     bits=head.bits, block_size=head.group_size,
                     accuracy_level=4 if head.activation == ACT_INT8_BLOCK else 0)
 
@@ -161,8 +161,7 @@ def nbits_nodes(model) -> list[dict]:
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        doc = node.doc_string
-        modules = doc[len(MODULES_DOC_PREFIX):].split(",") if doc.startswith(MODULES_DOC_PREFIX) else []
+        modules, _ = parse_linear_doc(node.doc_string)
         inputs = list(node.input) + [""] * (6 - len(node.input))
         found.append({"node": node.name, "modules": modules, "attrs": attrs,
                       "input": inputs[0], "B": array(inputs[1]), "scales": array(inputs[2]),

@@ -43,7 +43,7 @@ import numpy as np
 
 from ..base import BuildContext, Capabilities, Target, Tool
 from ..onnx_graph import (EXTERNAL_DATA_FILE, OPSET, GraphOptions, LoweringError, build_decoder,
-                          describe_io, dumps_json, save_model)
+                          describe_io, dumps_json, linear_nodes, save_model)
 from .linears import MatMulNBitsLowering, read_weights
 
 MODEL_FILE = "model.onnx"
@@ -179,6 +179,8 @@ class OnnxDecoder:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.model_path = Path(model_path)
+        self.options = options
         self.session = ort.InferenceSession(str(model_path), options,
                                             providers=["CPUExecutionProvider"])
         self.version = ort.__version__
@@ -202,6 +204,36 @@ class OnnxDecoder:
 
     def full(self, ids: np.ndarray) -> np.ndarray:
         return self.step(ids, None)[0]
+
+    def record_linears(self, ids: np.ndarray) -> list[dict]:
+        """Every linear layer's input (before activation quantization) and output on `ids`, from
+        a copy of the model whose graph also outputs those tensors."""
+        import tempfile
+
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        model = onnx.load(str(self.model_path))
+        nodes = linear_nodes(model)
+        outputs = {o.name for o in model.graph.output}
+        for name in sorted({n["input"] for n in nodes} | {n["output"] for n in nodes}):
+            if name not in outputs:
+                model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                                        None))
+        with tempfile.TemporaryDirectory(prefix="apq-record-") as tmp:
+            save_model(model, Path(tmp) / "record.onnx")
+            session = ort.InferenceSession(str(Path(tmp) / "record.onnx"), self.options,
+                                           providers=["CPUExecutionProvider"])
+        ids = np.asarray(ids, dtype=np.int64)
+        feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, ids.shape[0]), np.int64),
+                 "position_ids": np.arange(ids.shape[0], dtype=np.int64)[None]}
+        feeds.update({n: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+                      for n in self.past_names})
+        names = [o.name for o in session.get_outputs()]
+        values = dict(zip(names, session.run(names, feeds)))
+        return [{"node": n["node"], "modules": n["modules"], "x": values[n["input"]][0],
+                 "y": values[n["output"]][0]} for n in nodes]
 
 
 def _token_id(value, vocab: int) -> int:

@@ -41,6 +41,9 @@ TARGETS = sorted(BUILTIN_TARGETS)
 # cannot be part of a directory name, so no "*/" here: tests/templates covers it in package names)
 HOSTILE = 'evil"m \'x\' ??= $(id) `id` ${HOME} ;; <b>x<b> [a](b) \\ \u202eRLO\u200bZW ü'
 SMALL = dict(samples=8, seq_len=48, verify_windows=1)
+# the whole model within 45 % of its float16 size: feasible for the tiny untied models too, whose
+# float16 embedding table alone is 40 % of their parameters
+BUDGET = dict(memory_reduction=0.55)
 _BUILDS: dict = {}
 
 
@@ -76,8 +79,8 @@ def _build(name, family, tmp_path_factory, calib) -> tuple[Path, Path, Path]:
     if (name, family) not in _BUILDS:
         model = _model(tmp_path_factory, family)
         out = tmp_path_factory.mktemp(f"pkg-{name}-{family}")
-        package = build(BuildRequest(target=name, model=str(model), output=out, bits_per_weight=4.0,
-                                     calib=str(calib), **SMALL), log=lambda _: None)
+        package = build(BuildRequest(target=name, model=str(model), output=out, calib=str(calib),
+                                     **BUDGET, **SMALL), log=lambda _: None)
         manifest = json.loads((package / "manifest.json").read_text())
         checkpoint = cache_dir() / "quantized" / manifest["reference"]["quantized_cache_key"]
         _BUILDS[name, family] = (model, package, checkpoint)
@@ -117,7 +120,12 @@ def test_verify_passes_and_decode_matches_the_full_sequence(name, family, tmp_pa
     kv = [c for n, c in checks.items() if n.startswith("KV cache")]
     assert kv and all(c["passed"] for c in kv)
     assert result["kv_cache"]["decode_steps"] > 0
-    assert result["inputs"] == "text"
+    assert Path(result["text"]).name == "verify-text.txt"  # the shipped text, never random ids
+    plan = load_plan(package / "plan.json")
+    if any(m.activation != "none" for m in plan.modules.values()):  # int8: exact per layer and
+        assert checks["linears on recorded inputs (nodes off the reference)"]["measured"] == 0
+        assert checks["accuracy: KL(unquantized || package)"]["passed"]  # accurate end to end
+    assert not result["skipped"], result["skipped"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -154,12 +162,12 @@ def test_a_corrupted_weight_fails_verify(name, family, tmp_path_factory, calib, 
 def test_a_rebuild_is_byte_identical(name, family, tmp_path_factory, calib, tmp_path):
     _target(name)
     model, package, _ = _build(name, family, tmp_path_factory, calib)
-    again = build(BuildRequest(target=name, model=str(model), output=tmp_path, bits_per_weight=4.0,
-                               calib=str(calib), **SMALL), log=lambda _: None)
+    again = build(BuildRequest(target=name, model=str(model), output=tmp_path, calib=str(calib),
+                               **BUDGET, **SMALL), log=lambda _: None)
     first, second = _digests(package), _digests(again)
     assert first.keys() == second.keys()
     differing = sorted(k for k in first if first[k] != second[k])
-    assert set(differing) <= {"verify.json", "report.html"}, differing
+    assert set(differing) <= {"verify.json"}, differing  # its timings vary; the report has none
 
 
 @pytest.mark.parametrize("name", TARGETS)

@@ -81,7 +81,7 @@ def _quantized(tiny_model_factory, work, family, activation, head_bits="8", symm
     key = (family, activation, head_bits, symmetric)
     if key not in _QUANTIZED:
         path, ids, sens = _profile(tiny_model_factory, family, symmetric)
-        plan = make_plan(sens, Budget(bits_per_weight=4.0), caps=CAP, activation=activation,
+        plan = make_plan(sens, Budget(bits_per_weight=4.0, scope="linear"), caps=CAP, activation=activation,
                          head_bits=head_bits, symmetric=symmetric)
         # every weight format the target takes, a ragged last block and a calibrated clip
         changes = {"model.layers.0.mlp.down_proj": dict(
@@ -136,7 +136,7 @@ def test_capabilities_and_registry(tiny_model_factory):
     refused = {v.module for v in OnnxRuntimeTarget.check_plan(three_bit)
                if v.field == "bits" and v.found == 3}
     assert refused == {n for n, m in three_bit.modules.items() if m.kind == "linear"}
-    planned = make_plan(sens, Budget(bits_per_weight=3.0), caps=CAP)
+    planned = make_plan(sens, Budget(bits_per_weight=3.0, scope="linear"), caps=CAP, head_bits="8")
     assert not OnnxRuntimeTarget.check_plan(planned)
 
 
@@ -209,8 +209,15 @@ def test_matmulnbits_hold_the_core_arrays_bit_for_bit(family, activation, tiny_m
 @pytest.mark.parametrize("family,activation", CASES)
 def test_verify_passes(family, activation, tiny_model_factory, work, text_file):
     quantized, package = _package(tiny_model_factory, work, family, activation)
-    result = _verify(package, quantized, text_file)
+    float_model, _, _ = load_model(tiny_model_factory(family))
+    result = _verify(package, quantized, text_file, float_model=float_model)
     assert result["passed"], result["failures"]
+    assert not result["skipped"]
+    checks = {c["name"] for c in result["checks"]}
+    if activation != "none":  # exact per layer, and as accurate as the reference end to end
+        assert {"linears on recorded inputs (nodes off the reference)",
+                "accuracy: KL(unquantized || package)", "accuracy: perplexity"} <= checks
+        assert result["linears"]["worst_median"] < 1e-5
     assert result["int8_activations"] == (activation != "none")
     # int8 rounding flips between the runtimes (the head too, per-block) move these a little
     kl_bound = 1e-4 if activation == BLOCK else 1e-5
@@ -226,7 +233,7 @@ def test_verify_passes(family, activation, tiny_model_factory, work, text_file):
     assert ppl["relative_diff"] < 1e-3 and ppl["windows"] == 1
     timings = result["timings"]
     assert timings["prefill_ms_median"] > 0 and timings["decode_tokens_per_s_median"] > 0
-    again = _verify(package, quantized, text_file)
+    again = _verify(package, quantized, text_file, float_model=float_model)
     assert {k: v for k, v in again.items() if k != "timings"} == \
         {k: v for k, v in result.items() if k != "timings"}
 
@@ -246,9 +253,13 @@ def test_corrupted_initializer_fails_verify(activation, tiny_model_factory, work
     (broken / "model.onnx").write_bytes(model.SerializeToString())
     result = _verify(broken, quantized, text_file)
     assert not result["passed"]
-    assert any("KL" in f for f in result["failures"])
+    failures = result["failures"]
+    assert any(f.startswith("weights differ") and "model.layers.1.self_attn.o_proj" in f
+               for f in failures), failures
+    assert any(f.startswith("1 of") and "model.layers.1.self_attn.o_proj" in f
+               for f in failures), failures  # the linears-on-recorded-inputs check
     if activation == BLOCK:
-        assert any(f.startswith("float-activation twin") for f in result["failures"])
+        assert any(f.startswith("float-activation twin") for f in failures)
 
 
 def test_rebuild_is_byte_identical(tiny_model_factory, work):
