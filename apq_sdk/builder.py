@@ -186,9 +186,10 @@ def resolve_plan(req: BuildRequest, target_cls, budget, model, tok, info, log):
     if left:
         raise ApqError(_refusal(target_cls, left))
     t = plan.totals
-    log(f"plan: whole model {t.model_bits_per_weight:.3f} bits/weight ({_mb(t.model_bytes)}), "
-        f"decoder linears {t.linear_bits_per_weight:.3f}, head "
-        f"{plan.modules['lm_head'].bits}-bit, predicted KL {t.predicted_loss:.4f}")
+    log(f"plan: whole model {t.target_bits_per_weight:.3f} bits/weight as {target_cls.name} "
+        f"stores it ({_mb(t.target_bytes)}; {t.model_bits_per_weight:.3f} in the checkpoint), "
+        f"decoder linears {t.linear_bits_per_weight:.3f}, head {plan.modules['lm_head'].bits}-bit, "
+        f"predicted KL {t.predicted_loss:.4f}")
     return plan, ids, sens
 
 
@@ -264,7 +265,9 @@ def build(req: BuildRequest, log=print) -> Path:
             "plan": {"file": "plan.json", "sha256": plan_sha256(plan)},
             "reference": {"quantized_cache_key": checkpoint.path.name},
             "runtimes": target_cls.runtime_versions(),
-            "size": {"model_bits_per_weight": t.model_bits_per_weight,
+            "size": {"target_bits_per_weight": t.target_bits_per_weight,
+                     "target_bytes": t.target_bytes,
+                     "model_bits_per_weight": t.model_bits_per_weight,
                      "linear_bits_per_weight": t.linear_bits_per_weight,
                      "planned_bits_per_weight": t.bits_per_weight,
                      "model_bytes_planned": t.model_bytes, "model_params": t.model_params,

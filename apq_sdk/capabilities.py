@@ -73,6 +73,11 @@ class Capabilities:
     head_bits: tuple[int, ...] = (4, 8, 16)  # output head (and a tied embedding)
     max_context: int = 2048
     families: tuple[str, ...] | None = None  # model families it lowers; None: every registered one
+    # how the artifact stores a block-quantized tensor, so budgets bound what the package weighs:
+    scale_bytes: int = 2  # bytes per group scale (ONNX Runtime's MatMulNBits: float32, 4)
+    pads_last_block: bool = False  # a short last group is stored padded to a whole block
+    tied_lookup_copy: bool = False  # a tied quantized head keeps a second copy of its scales
+    #                                 (and unpacked zero points) for the embedding lookup
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +113,9 @@ class Capabilities:
             raise ValueError(f"max_context: expected an integer >= 2, found {self.max_context!r}")
         if self.families is not None:
             object.__setattr__(self, "families", tuple(self.families))
+        if self.scale_bytes not in (2, 4):
+            raise ValueError(f"scale_bytes: expected 2 (float16) or 4 (float32), "
+                             f"found {self.scale_bytes!r}")
         if not [b for b in self.weight_bits if b != 16] and 16 not in self.weight_bits:
             raise ValueError("weight_bits: expected at least one bit-width")
 
@@ -123,6 +131,26 @@ class Capabilities:
         """The group sizes to profile for this table: the preferred ones it runs, else its own."""
         chosen = tuple(g for g in preferred if g in self.group_sizes)
         return chosen or tuple(sorted(self.group_sizes))
+
+    # -- what the package weighs -------------------------------------------------------------------
+
+    def stored_bytes(self, n: int, k: int, bits: int, group: int | None, symmetric: bool, *,
+                     tied_lookup: bool = False) -> int:
+        """Bytes of one [n, k] tensor in this target's artifact: the core's storage
+        (apq_sdk.quant.packing.stored_bytes) plus the target's own overheads (wider scales,
+        padded last blocks, the lookup copy of a tied head)."""
+        from .quant.packing import stored_bytes
+
+        core = stored_bytes(n, k, bits, group, symmetric)
+        if bits == 16:
+            return core
+        groups = -(-k // group)
+        extra = n * groups * (self.scale_bytes - 2)
+        if self.pads_last_block:
+            extra += n * (groups * group - k) * bits // 8
+        if tied_lookup and self.tied_lookup_copy:
+            extra += n * groups * (self.scale_bytes + (0 if symmetric else 1))
+        return core + extra
 
     # -- identity ---------------------------------------------------------------------------------
 

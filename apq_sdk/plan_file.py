@@ -434,15 +434,17 @@ class Totals:
     model_params: int
     model_bytes: int
     model_bits_per_weight: float
+    target_bytes: int
+    target_bits_per_weight: float
     _path: str = field(default="totals", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         p = self._path
         for n in ("bytes", "params", "fp16_bytes", "linear_bytes", "linear_params", "fixed_params",
-                  "fixed_bytes", "model_params", "model_bytes"):
+                  "fixed_bytes", "model_params", "model_bytes", "target_bytes"):
             _int(self, n, p, minimum=0)
         for n in ("bits_per_weight", "predicted_loss", "linear_bits_per_weight",
-                  "model_bits_per_weight"):
+                  "model_bits_per_weight", "target_bits_per_weight"):
             _num(self, n, p, minimum=0)
 
     @property
@@ -451,9 +453,11 @@ class Totals:
 
 
 def compute_totals(modules: Mapping[str, ModulePlan], fixed_params: int = 0,
-                   fixed_bytes: int = 0) -> Totals:
+                   fixed_bytes: int = 0, target_bytes: int | None = None) -> Totals:
     """The totals of a set of modules (plain sums; losses summed in sorted module-name order) and
-    of the whole model, with `fixed_params` more parameters stored in `fixed_bytes`."""
+    of the whole model, with `fixed_params` more parameters stored in `fixed_bytes`;
+    `target_bytes` is the whole model as the plan's target stores it (default: as the core
+    does)."""
     names = sorted(modules)
     total_b = sum(modules[n].bytes for n in names)
     params = sum(modules[n].params for n in names)
@@ -477,6 +481,10 @@ def compute_totals(modules: Mapping[str, ModulePlan], fixed_params: int = 0,
         model_params=params + fixed_params,
         model_bytes=total_b + fixed_bytes,
         model_bits_per_weight=8.0 * (total_b + fixed_bytes) / (params + fixed_params)
+        if params + fixed_params else 0.0,
+        target_bytes=total_b + fixed_bytes if target_bytes is None else target_bytes,
+        target_bits_per_weight=8.0 * (total_b + fixed_bytes if target_bytes is None
+                                      else target_bytes) / (params + fixed_params)
         if params + fixed_params else 0.0,
     )
 
@@ -548,14 +556,14 @@ class Plan:
                     )
         # totals equal the sums
         t = self.totals
-        want = compute_totals(self.modules, t.fixed_params, t.fixed_bytes)
+        want = compute_totals(self.modules, t.fixed_params, t.fixed_bytes, t.target_bytes)
         for attr in ("bytes", "params", "fp16_bytes", "linear_bytes", "linear_params",
                      "model_params", "model_bytes"):
             if getattr(t, attr) != getattr(want, attr):
                 raise _fail(_join("totals", attr), f"{getattr(want, attr)} (the sum over modules)",
                             getattr(t, attr), f"set it to {getattr(want, attr)} {_REGENERATE}")
         for attr in ("bits_per_weight", "predicted_loss", "linear_bits_per_weight",
-                     "model_bits_per_weight"):
+                     "model_bits_per_weight", "target_bits_per_weight"):
             if not _close(getattr(t, attr), getattr(want, attr)):
                 raise _fail(_join("totals", attr), f"{getattr(want, attr)!r} (from the modules)",
                             getattr(t, attr), f"set it to {getattr(want, attr)!r} {_REGENERATE}")
@@ -641,7 +649,8 @@ def _upgrade_v1(doc: dict) -> dict:
     doc["objective"]["scope"] = "linear" if doc["objective"].get("bits_per_weight") else "model"
     t = doc["totals"]
     t.update(fixed_params=0, fixed_bytes=0, model_params=t["params"], model_bytes=t["bytes"],
-             model_bits_per_weight=t["bits_per_weight"])
+             model_bits_per_weight=t["bits_per_weight"], target_bytes=t["bytes"],
+             target_bits_per_weight=t["bits_per_weight"])
     return doc
 
 
@@ -841,7 +850,8 @@ def render_plan_table(plan: Plan):
             f"whole model: {t.model_params:,} params, {t.model_bytes:,} bytes "
             f"({_human_bytes(t.model_bytes)}) = {t.model_bits_per_weight:.3f} bits/weight, "
             f"{t.model_bytes / t.model_fp16_bytes if t.model_params else 0:.1%} of fp16 "
-            f"({_human_bytes(t.model_fp16_bytes)}); decoder linear layers "
+            f"({_human_bytes(t.model_fp16_bytes)}); as the target stores it {t.target_bytes:,} "
+            f"bytes = {t.target_bits_per_weight:.3f} bits/weight; decoder linear layers "
             f"{t.linear_bits_per_weight:.3f} bits/weight; {len(plan.modules)} planned modules "
             f"{t.bits_per_weight:.3f} bits/weight, outside the plan {t.fixed_params:,} params "
             f"(float32); predicted loss {t.predicted_loss:.4g}"

@@ -67,11 +67,13 @@ def parse_relative(text: str) -> float:
 
 
 def _module_options(entry: dict, caps: Capabilities, activation: str, alpha: float,
-                    symmetric: bool) -> list[tuple[str, int, float]]:
+                    symmetric: bool, as_target: bool = True) -> list[tuple[str, int, float]]:
     """(candidate key, bytes, predicted KL) for one module, filtered by the capability table:
-    decoder linears by its weight bits, the head by its head bits."""
+    decoder linears by its weight bits, the head by its head bits. Bytes as the target stores
+    them, or (`as_target=False`) as the core's checkpoint does."""
     n, k = entry["shape"]
     linear = entry["kind"] == "linear"
+    tied = bool(entry.get("tied"))
     allowed_bits = caps.weight_bits if linear else caps.head_bits
     act_loss = alpha * entry["gain"] * entry.get("act_error", 0.0) \
         if activation == ACT_INT8 and linear else 0.0
@@ -85,7 +87,9 @@ def _module_options(entry: dict, caps: Capabilities, activation: str, alpha: flo
         if activation == ACT_INT8_BLOCK and linear:
             # per-block int8 activations: their error depends on the block (= group) size
             loss += alpha * entry["gain"] * block_errors.get(str(group), 0.0)
-        options.append((key, stored_bytes(n, k, bits, group, symmetric), loss + act_loss))
+        size = caps.stored_bytes(n, k, bits, group, symmetric, tied_lookup=tied) if as_target \
+            else stored_bytes(n, k, bits, group, symmetric)
+        options.append((key, size, loss + act_loss))
     if 16 in allowed_bits:
         options.append(("fp16", n * k * 2, act_loss))  # 16-bit layers keep float activations
     return options
@@ -99,7 +103,8 @@ def _unit_name(name: str, entry: dict, caps: Capabilities) -> str:
 
 
 def build_units(sens: SensitivityMap, caps: Capabilities, activation: str, symmetric: bool,
-                head_bits: str) -> tuple[list[knapsack.Unit], dict[str, list[str]], dict]:
+                head_bits: str, as_target: bool = True
+                ) -> tuple[list[knapsack.Unit], dict[str, list[str]], dict]:
     """Planner units, their member modules, and per-module option tables."""
     alpha = sens.loss_model["alpha"]
     members: dict[str, list[str]] = {}
@@ -107,7 +112,7 @@ def build_units(sens: SensitivityMap, caps: Capabilities, activation: str, symme
     for name, entry in sens.modules.items():
         if entry["kind"] == "embedding" or entry["kind"] != "linear" and head_bits != "auto":
             continue
-        options = _module_options(entry, caps, activation, alpha, symmetric)
+        options = _module_options(entry, caps, activation, alpha, symmetric, as_target)
         if not options:
             bits = caps.weight_bits if entry["kind"] == "linear" else caps.head_bits
             profiled = sorted({parse_candidate_key(k)[1] for k in entry["errors"]})
@@ -184,7 +189,10 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENE
         raise UsageError("--linear-bits-per-weight budgets the decoder linears only, so the head "
                          "must be fixed: pass --head-bits 4, 8 or 16 (or use --bits-per-weight, "
                          "which budgets the whole model and lets the planner choose the head)")
-    units, members, tables = build_units(sens, caps, activation, symmetric, head_bits)
+    # a whole-model budget bounds what the package weighs (the target's storage); the linear-only
+    # figure is the core's, as GPTQ and llama.cpp report it
+    as_target = budget.scope == "model"
+    units, members, tables = build_units(sens, caps, activation, symmetric, head_bits, as_target)
     linear_params = sum(n * k for e in sens.modules.values() if e["kind"] == "linear"
                         for n, k in [e["shape"]])
     all_params = sum(e["shape"][0] * e["shape"][1] for e in sens.modules.values())
@@ -194,7 +202,7 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENE
     fixed = sens.fixed["bytes"] + sum(e["shape"][0] * e["shape"][1] * 2
                                       for e in sens.modules.values() if e["kind"] == "embedding")
     if head_bits != "auto":
-        fixed += _fixed_head_bytes(sens, head_bits, head_group, symmetric)
+        fixed += _fixed_head_bytes(sens, caps, head_bits, head_group, symmetric)
     if budget.bits_per_weight is not None and budget.scope == "linear":
         max_bytes = int(budget.bits_per_weight * linear_params / 8)
     elif budget.bits_per_weight is not None:
@@ -214,6 +222,8 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENE
     except knapsack.InfeasibleBudget as exc:
         raise UsageError(str(exc)) from exc
     modules: dict[str, ModulePlan] = {}
+    target = _target_bytes(sens, caps, members, assignment, symmetric, fixed) if not as_target \
+        else sum(option.bytes for option in _chosen(units, assignment)) + fixed
     for unit, names in members.items():
         key = assignment.choices[unit]
         bits, group = parse_candidate_key(key)
@@ -242,7 +252,24 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENE
                 objective=objective,
                 capabilities=CapabilitiesRef(name=caps.name, sha256=caps.sha256()),
                 loss_model=loss_model, modules=dict(sorted(modules.items())),
-                totals=compute_totals(modules, sens.fixed["params"], sens.fixed["bytes"]))
+                totals=compute_totals(modules, sens.fixed["params"], sens.fixed["bytes"], target))
+
+
+def _target_bytes(sens, caps, members, assignment, symmetric, fixed) -> int:
+    """The whole model as the target stores it, for a plan solved in the core's bytes."""
+    total = fixed
+    for unit, names in members.items():
+        bits, group = parse_candidate_key(assignment.choices[unit])
+        for name in names:
+            n, k = sens.modules[name]["shape"]
+            total += caps.stored_bytes(n, k, bits, group, symmetric,
+                                       tied_lookup=bool(sens.modules[name].get("tied")))
+    return total
+
+
+def _chosen(units, assignment):
+    for unit in units:
+        yield next(o for o in unit.options if o.key == assignment.choices[unit.name])
 
 
 def _left_for_the_plan(total: int, fixed: int, what: str) -> int:
@@ -253,10 +280,13 @@ def _left_for_the_plan(total: int, fixed: int, what: str) -> int:
     return total - fixed
 
 
-def _fixed_head_bytes(sens, head_bits: str, head_group: int, symmetric: bool) -> int:
-    n, k = sens.modules["lm_head"]["shape"]
+def _fixed_head_bytes(sens, caps: Capabilities, head_bits: str, head_group: int,
+                      symmetric: bool) -> int:
+    entry = sens.modules["lm_head"]
+    n, k = entry["shape"]
     bits = int(head_bits)
-    return stored_bytes(n, k, bits, head_group if bits != 16 else None, symmetric)
+    return caps.stored_bytes(n, k, bits, head_group if bits != 16 else None, symmetric,
+                             tied_lookup=bool(entry.get("tied")))
 
 
 def _activation_of(kind: str, activation: str, bits: int) -> str:

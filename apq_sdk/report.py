@@ -163,7 +163,8 @@ td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left}}img
 <h1>{name} for {target}</h1>
 <h2>Size</h2>
 <table><tr><th>whole model, FP16</th><td>{fp16 / 1e6:.2f} MB ({t.model_params:,} parameters)</td></tr>
-<tr><th>whole model as planned (weights, scales, zero points, head, embeddings, norms)</th><td>{t.model_bytes / 1e6:.2f} MB = {t.model_bits_per_weight:.3f} bits/weight ({100 * (1 - t.model_bytes / fp16):.1f}% smaller than FP16)</td></tr>
+<tr><th>whole model as planned, as this target stores it (weights, scales, zero points, head, embeddings, norms)</th><td>{t.target_bytes / 1e6:.2f} MB = {t.target_bits_per_weight:.3f} bits/weight ({100 * (1 - t.target_bytes / fp16):.1f}% smaller than FP16)</td></tr>
+<tr><th>whole model in the core's checkpoint (float16 scales)</th><td>{t.model_bytes / 1e6:.2f} MB = {t.model_bits_per_weight:.3f} bits/weight</td></tr>
 {files_row}<tr><th>decoder linear layers</th><td>{t.linear_bits_per_weight:.3f} bits/weight</td></tr>
 <tr><th>budget</th><td>{escape(_budget(plan.objective))}</td></tr>
 <tr><th>predicted KL divergence</th><td>{t.predicted_loss:.4f}</td></tr></table>

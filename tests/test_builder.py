@@ -48,7 +48,8 @@ def _three_bit_plan(tiny_llama, tmp_path) -> Path:
     runner = CliRunner()
     assert runner.invoke(main, ["profile", "-m", str(tiny_llama), "-n", "8", "-L", "48",
                                 "-o", str(sens)]).exit_code == 0
-    result = runner.invoke(main, ["plan", "-s", str(sens), "--bits-per-weight", "3.2", "-o", str(plan)])
+    result = runner.invoke(main, ["plan", "-s", str(sens), "--linear-bits-per-weight", "3.2",
+                                  "--head-bits", "8", "-o", str(plan)])
     assert result.exit_code == 0, result.output
     assert any(m["bits"] == 3 for m in json.loads(plan.read_text())["modules"].values())
     return plan

@@ -97,6 +97,7 @@ def retotal(doc: dict) -> dict:
     t = doc["totals"]
     t.update(model_params=params + t["fixed_params"], model_bytes=nbytes + t["fixed_bytes"])
     t["model_bits_per_weight"] = 8 * t["model_bytes"] / t["model_params"]
+    t["target_bits_per_weight"] = 8 * t["target_bytes"] / t["model_params"]
     return doc
 
 
@@ -430,7 +431,7 @@ def test_version_1_plans_are_read_and_upgraded(tmp_path):
     doc["version"] = 1
     del doc["objective"]["scope"]
     for key in ("fixed_params", "fixed_bytes", "model_params", "model_bytes",
-                "model_bits_per_weight"):
+                "model_bits_per_weight", "target_bytes", "target_bits_per_weight"):
         del doc["totals"][key]
     plan = load_plan(write(tmp_path, doc))
     assert plan.version == PLAN_VERSION == 2

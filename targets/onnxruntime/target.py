@@ -61,6 +61,9 @@ class OnnxRuntimeTarget(Target):
         default_activation="int8-per-block-dynamic",
         fused=("qkv", "gate_up"),
         head_bits=(4, 8, 16),
+        scale_bytes=4,  # MatMulNBits scales have A's type: float32
+        pads_last_block=True,  # B is [N, blocks, blob]: a ragged row ends in a padded block
+        tied_lookup_copy=True,  # GatherBlockQuantized: its own float32 scales, unpacked zeros
         notes=("MatMulNBits packs 2, 4 and 8 bits only: 3-bit layers are excluded. Block sizes are "
                "powers of two >= 32 (at 16, 2-bit accuracy_level 4 silently computes with float "
                "activations in onnxruntime 1.32). Default activations int8-per-block-dynamic: MatMulNBits "
