@@ -1,8 +1,9 @@
 """Calibration text: where it comes from and how sequences are sampled from it.
 
 Sources, in order: an explicit `--calib PATH` (text or JSONL), the WikiText-2 validation split in the
-data folder (`APQ_DATA`, or `../shared/data` beside the checkout), and a built-in fallback made of the
-docstrings of Python's standard library, which needs no download. N sequences of L tokens are drawn
+data folder (`APQ_DATA`, or `../shared/data` beside the checkout), and a built-in fallback shipped with
+apq-sdk: an excerpt of the same validation split (apq_sdk/data/calibration-text.txt). `builtin_text`
+(Python's docstrings) trains the tiny test tokenizers. N sequences of L tokens are drawn
 at offsets chosen by a seeded generator, so the same text, tokenizer and seed give the same samples.
 """
 
@@ -14,7 +15,6 @@ import inspect
 import json
 import logging
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +25,9 @@ from .errors import CalibrationError
 log = logging.getLogger("apq_sdk")
 
 CALIB_FILE = "wikitext2-valid.txt"
+#: calibration text when no other is found: 410 kB of the WikiText-2 validation split (natural
+#: English prose, CC BY-SA 3.0, apq_sdk/data/README.md); never the test split
+BUILTIN_CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration-text.txt"
 EVAL_FILE = "wikitext2-test.txt"
 BUILTIN_MODULES = (
     "abc", "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "configparser",
@@ -148,9 +151,10 @@ def resolve_calibration_text(calib: str | os.PathLike | None) -> tuple[str, str,
     if not _warned_builtin:  # once per process, however many samples are drawn from it
         _warned_builtin.append(True)
         log.warning("no calibration text found (no --calib, no $APQ_DATA, no ../shared/data): "
-                    "using the built-in Python standard-library docstrings. Calibration text "
-                    "should match the deployment domain; pass --calib PATH for real use.")
-    return builtin_text(), f"builtin:python-{sys.version_info.major}.{sys.version_info.minor}-stdlib-docstrings", "builtin"
+                    "using the built-in excerpt of the WikiText-2 validation split. Calibration "
+                    "text should match the deployment domain; pass --calib PATH for real use.")
+    return (read_text_file(BUILTIN_CALIBRATION), f"builtin:{BUILTIN_CALIBRATION.name}",
+            "builtin")
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
@@ -169,6 +173,16 @@ def sample_sequences(ids: torch.Tensor, num_samples: int, seq_len: int, seed: in
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def check_seq_len(seq_len: int, config) -> None:
+    """Calibration sequences must fit the model's context."""
+    from .errors import UsageError
+
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise UsageError(f"--seq-len {seq_len} is longer than the model's context of {context} "
+                         f"tokens; pass --seq-len {min(512, context)} or less")
 
 
 def load_calibration(tokenizer, calib=None, *, num_samples: int = 128, seq_len: int = 512,

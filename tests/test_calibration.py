@@ -45,11 +45,13 @@ def test_builtin_fallback_warns_and_is_recorded(tmp_path, monkeypatch, caplog, t
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("APQ_DATA", str(tmp_path))  # a data folder without the validation split
+    monkeypatch.setattr(calibration, "_warned_builtin", [])  # as in a new process
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     with caplog.at_level(logging.WARNING, logger="apq_sdk"):
         ids, info = calibration.load_calibration(tok, num_samples=4, seq_len=32, seed=0)
-    assert info.kind == "builtin" and info.source.startswith("builtin:")
-    assert "should match the deployment domain" in caplog.text
+        calibration.load_calibration(tok, num_samples=2, seq_len=32, seed=1)  # the fit samples
+    assert info.kind == "builtin" and info.source == "builtin:calibration-text.txt"
+    assert caplog.text.count("should match the deployment domain") == 1  # once, not per load
     assert ids.shape == (4, 32) and len(info.sha256) == 64
 
 

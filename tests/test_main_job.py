@@ -50,5 +50,5 @@ def test_main_job_builds_and_verifies_without_a_data_folder(tmp_path):
     assert size["target_bits_per_weight"] <= 4.0
     assert size["model_files_bytes"] <= 1.01 * size["target_bytes"]
     # signs of life: lines per stage and per few percent, not a silent log
-    assert log.count("built-in Python standard-library docstrings") == 1
+    assert log.count("using the built-in excerpt of the WikiText-2 validation split") == 1
     assert "profiling blocks: " in log and "quantizing (gptq): " in log and "verify: passed" in log
