@@ -48,7 +48,7 @@ def profile(model="demo", *, calib=None, samples: int = 128, seq_len: int = 512,
     `loaded` = (model, tokenizer, info) from apq_sdk.model_io.load_model skips loading.
     """
     from .builder import profile_cache_path, store_profile
-    from .calibration import load_calibration
+    from .calibration import check_seq_len, load_calibration
     from .model_io import load_model
     from .sensitivity import ProfileSettings, profile_model
 
@@ -59,6 +59,7 @@ def profile(model="demo", *, calib=None, samples: int = 128, seq_len: int = 512,
         overrides["symmetric"] = bool(symmetric)
     settings = ProfileSettings.for_capabilities(_capabilities(target), **overrides)
     m, tok, info = loaded if loaded is not None else load_model(model, device=device)
+    check_seq_len(seq_len, m.config)
     ids, calib_info = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
     fit, _ = load_calibration(tok, calib, num_samples=settings.fit_samples, seq_len=seq_len,
                               seed=seed + 1)
@@ -78,6 +79,9 @@ def _sensitivity(value):
         return SensitivityMap.from_dict(json.loads(path.read_text()))
     except FileNotFoundError:
         raise ApqError(f"sensitivity map {path} does not exist; run apq-sdk profile first") from None
+    except RecursionError:
+        raise ApqError(f"{path} is not a valid sensitivity map (JSON nested too deeply); run "
+                       f"apq-sdk profile again") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ApqError(f"{path} is not a valid sensitivity map ({exc}); run apq-sdk profile "
                        f"again") from None
@@ -133,12 +137,13 @@ def quantize(model, plan, output, *, calib=None, samples: int = 128, seq_len: in
              seed: int = 0, method: str = "gptq", device: str = "cpu", loaded=None) -> Path:
     """Stage 3: apply `plan` (GPTQ at the planned bits) and write the quantized checkpoint
     (apq_sdk.checkpoint) to `output`; returns its path."""
-    from .calibration import load_calibration
+    from .calibration import check_seq_len, load_calibration
     from .model_io import load_model
     from .quantizer import quantize_model, save_quantized
 
     the_plan = _plan(plan)
     m, tok, info = loaded if loaded is not None else load_model(model, device=device)
+    check_seq_len(seq_len, m.config)
     ids, _ = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
     quantize_model(m, info, the_plan, ids, device, method=method)
     return save_quantized(m, tok, the_plan, Path(output))

@@ -45,6 +45,7 @@ class BuildRequest:
     replan: bool = False
     verify: bool = True
     verify_text: Path | None = None  # None: the verification text shipped with apq-sdk
+    overwrite: bool = False  # replace OUTPUT/<model>-<target> even if it is not a package
     calib: str | None = None
     samples: int = 128
     seq_len: int = 512
@@ -93,7 +94,19 @@ def check_request(req: BuildRequest, target_cls):
                          f"{', '.join(caps.activation_modes)}")
     if req.verify_text is not None and not Path(req.verify_text).is_file():
         raise UsageError(f"--verify-text {req.verify_text}: no such file")
+    from .fsutil import check_cache_writable, check_output_dir
+    from .model_io import resolve_model
+    from .package import is_package_dir
+
+    check_output_dir(package_path(req, target_cls, resolve_model(req.model).name),
+                     what="the package directory", replaceable=is_package_dir,
+                     overwrite=req.overwrite)
+    check_cache_writable()
     return budget
+
+
+def package_path(req: BuildRequest, target_cls, model_name: str) -> Path:
+    return Path(req.output) / f"{safe_name(model_name)}-{target_cls.name}"
 
 
 def profile_cache_path(info, calib, settings) -> Path:
@@ -102,7 +115,8 @@ def profile_cache_path(info, calib, settings) -> Path:
 
     key = _json_sha({"sdk": __version__, "format": SENSITIVITY_VERSION,
                      "weights": info.weights_sha256, "config": info.config_sha256,
-                     "calibration": calib.to_dict(), "settings": settings.to_dict()})
+                     "tokenizer": info.tokenizer_sha256, "calibration": calib.to_dict(),
+                     "settings": settings.to_dict()})
     return cache_dir() / "profiles" / f"{key}.json"
 
 
@@ -121,7 +135,11 @@ def _profile_cached(model, tok, info, req: BuildRequest, caps, log):
     path = profile_cache_path(info, calib, settings)
     if path.is_file():
         log(f"profile: cached ({path.name[:12]}…)")
-        return SensitivityMap.from_dict(json.loads(path.read_text())), ids, calib
+        sens = SensitivityMap.from_dict(json.loads(path.read_text()))
+        # the entry was made for the same weights, config, tokenizer and calibration, maybe from
+        # another copy of the model: its name and source are this one's
+        sens.model = info.to_plan_model()
+        return sens, ids, calib
     log(f"profile: {req.samples} x {req.seq_len} calibration tokens from {calib.source}, groups "
         f"{list(settings.group_sizes)}{', symmetric' if settings.symmetric else ''}")
     fit, _ = load_calibration(tok, req.calib, num_samples=settings.fit_samples, seq_len=req.seq_len,
@@ -157,6 +175,9 @@ def resolve_plan(req: BuildRequest, target_cls, budget, model, tok, info, log):
             raise ApqError(f"plan {req.plan_path} was made for other weights "
                            f"({plan.model.weights_sha256[:12]}…, this model has "
                            f"{info.weights_sha256[:12]}…); make a plan for this model")
+        if plan.model.tokenizer_sha256 not in (None, info.tokenizer_sha256):
+            raise ApqError(f"plan {req.plan_path} was made with another tokenizer; make a plan "
+                           f"for this model")
         violations = target_cls.check_plan(plan)
         if not violations:
             ids, _ = load_calibration(tok, req.calib, num_samples=req.samples,
@@ -212,6 +233,7 @@ def _quantized_cached(model, tok, info, plan, ids, calib_sha: str, req, log) -> 
 
 def build(req: BuildRequest, log=print) -> Path:
     """Build one target; returns the package directory."""
+    from .calibration import check_seq_len
     from .checkpoint import read_checkpoint
     from .model_io import load_model
     from .plan_file import plan_sha256, save_plan
@@ -230,6 +252,7 @@ def build(req: BuildRequest, log=print) -> Path:
     started = time.time()
     log(f"model: loading {req.model}")
     model, tok, info = load_model(req.model, device=req.device)
+    check_seq_len(req.seq_len, model.config)
     plan, ids, sens = resolve_plan(req, target_cls, budget, model, tok, info, log)
     calib_sha = plan.calibration.sha256 if req.plan_path is None else \
         _json_sha([req.calib, req.samples, req.seq_len, req.seed])
@@ -238,8 +261,8 @@ def build(req: BuildRequest, log=print) -> Path:
     if in_place and req.verify:  # verify's accuracy checks need the unquantized model
         del model
         model, _, _ = load_model(req.model, device=req.device)
-    package_name = f"{safe_name(info.name)}-{target_cls.name}"
-    final = Path(req.output) / package_name
+    final = package_path(req, target_cls, info.name)
+    package_name = final.name
     failed = final.with_name(final.name + ".failed")
 
     def fill(tmp: Path) -> None:

@@ -102,6 +102,12 @@ class QuantizedCheckpoint:
         return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
 
 
+def is_checkpoint_dir(path) -> bool:
+    """Whether `path` holds an earlier checkpoint (which a new one may replace)."""
+    path = Path(path)
+    return (path / MODEL_FILE).is_file() and (path / PLAN_FILE).is_file()
+
+
 # --------------------------------------------------------------------------------------------------
 # writing
 

@@ -109,6 +109,9 @@ def _apply(options):
 
 
 class ApqGroup(click.Group):
+    """Errors become one message and an exit code: 2 for usage, 1 for failures (a file system
+    error included, with the file it concerns), 130 for Ctrl-C. Never a traceback."""
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -118,6 +121,24 @@ class ApqGroup(click.Group):
         except ApqError as exc:
             click.echo(f"apq-sdk: error: {exc}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("apq-sdk: interrupted; nothing half-written was left behind", err=True)
+            sys.exit(130)
+        except OSError as exc:
+            click.echo(f"apq-sdk: error: {_os_error(exc)}", err=True)
+            sys.exit(1)
+
+
+def _os_error(exc: OSError) -> str:
+    import errno
+
+    where = " and ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+    text = f"{exc.strerror or exc}" + (f": {where}" if where else "")
+    if exc.errno == errno.ENOSPC:
+        return text + "; free some space, or write elsewhere (--output, APQ_CACHE_DIR)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return text + "; write elsewhere (--output, APQ_CACHE_DIR) or fix the permissions"
+    return text
 
 
 @click.group(cls=ApqGroup)
@@ -177,9 +198,12 @@ def profile(model, calib, samples, seq_len, seed, device, device_map, max_memory
             group_sizes, symmetric, output):
     """Stage 1: measure each layer's (and head's) sensitivity to every candidate bit-width."""
     from . import api
+    from .fsutil import check_cache_writable, check_output_file
     from .report import sensitivity_heatmap
 
     groups = _parse_groups(group_sizes)
+    check_output_file(output, what="--output")
+    check_cache_writable()
     m, tok, info, device = _load(model, device, device_map, max_memory)
     start = time.time()
     sens = api.profile(model, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
@@ -212,8 +236,10 @@ def plan(ctx, sensitivity, bits_per_weight, linear_bits_per_weight, memory_reduc
     if ctx.invoked_subcommand is not None:
         return
     from . import api
+    from .fsutil import check_output_file
     from .plan_file import save_plan
 
+    check_output_file(output, what="--output")
     start = time.time()
     result = api.plan(sensitivity, bits_per_weight=bits_per_weight,
                       linear_bits_per_weight=linear_bits_per_weight,
@@ -256,12 +282,18 @@ def plan_show(plan_file):
               help="GPTQ error compensation, or round-to-nearest (a baseline).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="quantized",
               show_default=True, help="Directory of the quantized model (written atomically).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace --output even when it holds files that are not an earlier checkpoint.")
 def quantize(model, plan_file, calib, samples, seq_len, seed, device, device_map, max_memory,
-             method, output):
+             method, output, overwrite):
     """Stage 3: apply a plan (GPTQ at the planned bits) and write packed low-bit weights."""
     from . import api
+    from .checkpoint import is_checkpoint_dir
+    from .fsutil import check_cache_writable, check_output_dir
 
     loaded = api._plan(plan_file)
+    check_output_dir(output, what="--output", replaceable=is_checkpoint_dir, overwrite=overwrite)
+    check_cache_writable()
     m, tok, info, device = _load(model, device, device_map, max_memory)
     out = api.quantize(model, loaded, Path(output), calib=calib, samples=samples, seq_len=seq_len,
                        seed=seed, method=method, device=device, loaded=(m, tok, info))
@@ -292,6 +324,10 @@ def eval_cmd(quantized, model, text, windows, window_len, device, device_map, ma
     from .checkpoint import load_quantized
     from .placement import parse_max_memory
 
+    if output:
+        from .fsutil import check_output_file
+
+        check_output_file(output, what="--output")
     ref, tok, _, device = _load(model, device, device_map, max_memory)
     qmodel = load_quantized(quantized, device, device_map=device_map,
                             max_memory=parse_max_memory(max_memory))
@@ -358,11 +394,13 @@ def targets():
               help="Windows of the verification text that verification runs.")
 @click.option("--verify-text", type=click.Path(dir_okay=False), default=None,
               help="Text to verify on (default: the WikiText-2 excerpt shipped with apq-sdk).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUTPUT/<model>-<target> even when it is not an earlier package.")
 @_apply(calib_options)
 @device_option
 def build_cmd(target, model, plan_file, bits_per_weight, linear_bits_per_weight, memory_reduction,
               max_loss, activations, head_bits, replan, output, no_verify, verify_windows,
-              verify_text, calib, samples, seq_len, seed, device):
+              verify_text, overwrite, calib, samples, seq_len, seed, device):
     """Build a device package: profile (cached), plan for the target, quantize, lower, verify.
 
     Without a budget or plan the default is --bits-per-weight 4.0 (the whole model).
@@ -388,7 +426,7 @@ def build_cmd(target, model, plan_file, bits_per_weight, linear_bits_per_weight,
                            activations=activations, head_bits=head_bits, output=Path(output),
                            replan=replan, verify=not no_verify,
                            verify_text=Path(verify_text) if verify_text else None,
-                           calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+                           overwrite=overwrite, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
                            device=_device(device), verify_windows=verify_windows)
         build(req, log=lambda msg: click.echo(msg, err=True))
 

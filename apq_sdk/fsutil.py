@@ -40,14 +40,17 @@ def atomic_directory(final: Path, fill: Callable[[Path], None], tag: str = "buil
 
     On any error or interruption (KeyboardInterrupt, SystemExit from SIGTERM) the temporary
     directory is removed and `final` is left as it was; on `KeepAs` it is renamed to `KeepAs.path`
-    (replacing an older one) and `KeepAs.error` is raised. The directory gets the permissions a
-    plain mkdir would (0777 less the umask), not mkdtemp's 0700.
+    (replacing an older one) and `KeepAs.error` is raised.
     """
+    import secrets
+
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}-", dir=final.parent))
+    # the name is chosen before the directory exists, so an interruption at any point (even
+    # between mkdir and the first statement after it) leaves a name the cleanup knows
+    tmp = final.parent / f".{final.name}.{tag}-{secrets.token_hex(6)}"
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.mkdir(tmp, 0o777)  # the umask applies, as for any mkdir (mkdtemp would give 0700)
         fill(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -67,6 +70,12 @@ def atomic_directory(final: Path, fill: Callable[[Path], None], tag: str = "buil
     return final
 
 
+def file_mode() -> int:
+    """The permissions a plain open() would give a new file (0666 less the umask): files made
+    through mkstemp (0600) get them before they are renamed into place."""
+    return 0o666 & ~_umask()
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -76,8 +85,83 @@ def _umask() -> int:
 def cache_dir() -> Path:
     """apq-sdk's cache (converted models, sensitivity maps, quantized models): $APQ_CACHE_DIR or
     ~/.cache/apq-sdk. Everything in it can be rebuilt; deleting it only costs time."""
+    from .errors import ApqError
+
     path = Path(os.environ.get("APQ_CACHE_DIR", Path.home() / ".cache" / "apq-sdk"))
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ApqError(f"the cache directory {path} cannot be created ({exc.strerror}); set "
+                       f"APQ_CACHE_DIR to a writable directory") from None
+    return path
+
+
+def check_cache_writable() -> Path:
+    """The cache directory, refused up front when it cannot be written (read-only, full)."""
+    path = cache_dir()
+    _probe(path, "the cache directory", "set APQ_CACHE_DIR to a writable directory")
+    return path
+
+
+def _probe(directory: Path, what: str, fix: str) -> None:
+    from .errors import ApqError
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".apq-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ApqError(f"cannot write to {what} {directory} ({exc.strerror}); {fix}") from None
+
+
+def _existing_parent(path: Path) -> Path:
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
+def check_output_dir(path, *, what: str, replaceable=None, overwrite: bool = False) -> Path:
+    """Check, before any work starts, that a directory output can be written to `path`:
+
+    * not the current directory or one above it (replacing it would delete your work);
+    * not an existing file, and inside a writable directory (its nearest existing parent);
+    * if it exists and is not empty, only when `replaceable(path)` says it is an earlier output
+      of the same kind, or with `overwrite` (a user's own files are never deleted silently).
+    """
+    from .errors import UsageError
+
+    path = Path(path)
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise UsageError(f"{what} {path} would replace the directory you are working in "
+                         f"({cwd}); name a new directory, e.g. -o out")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is an existing file; name a directory")
+    parent = _existing_parent(resolved)
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: {parent} is a file, not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite and \
+            not (replaceable is not None and replaceable(path)):
+        raise UsageError(f"{what} {path} exists and holds files that are not an earlier output of "
+                         f"this command; it would be replaced. Name another directory, or pass "
+                         f"--overwrite to replace it")
+    _probe(parent, "the directory that would hold", "choose another output directory")
+    return path
+
+
+def check_output_file(path, *, what: str) -> Path:
+    """Check, before any work starts, that a file output can be written to `path`."""
+    from .errors import UsageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a directory; name a file")
+    parent = _existing_parent(path.resolve())
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: {parent} is a file, not a directory")
+    _probe(parent, "the output directory", "choose another output path")
     return path
 
 

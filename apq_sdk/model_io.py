@@ -67,6 +67,7 @@ class ModelInfo:
     weights_sha256: str
     layers_path: str
     linears: list[LinearInfo] = field(default_factory=list)
+    tokenizer_sha256: str | None = None  # the tokenizer's files as transformers saves them
 
     def to_plan_model(self) -> dict:
         return {
@@ -76,6 +77,7 @@ class ModelInfo:
             "hidden_size": self.hidden_size, "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
             "vocab_size": self.vocab_size, "tie_word_embeddings": self.tie_word_embeddings,
+            "tokenizer_sha256": self.tokenizer_sha256,
         }
 
 
@@ -99,6 +101,12 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
         path = demo_model_path()
         return ModelSource("gguf", path.parent, "SmolLM2-135M-Instruct", path.name)
     path = Path(text).expanduser()
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 in the file system's name
+        raise ModelLoadError(f"the model path {text.encode('utf-8', 'surrogateescape')!r} is not "
+                             f"valid UTF-8, which transformers cannot open; rename the file or "
+                             f"folder (nothing is wrong with its contents)") from None
     if not path.exists():
         raise ModelLoadError(
             f"model '{text}' not found: expected 'demo', a .gguf file or a Hugging Face model "
@@ -108,14 +116,11 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"model file {path} is not a .gguf file; pass a GGUF file or a "
                                  f"directory with config.json and safetensors weights")
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-        if magic != b"GGUF":
-            raise ModelLoadError(f"{path} is not a GGUF file (expected magic b'GGUF', found "
-                                 f"{magic!r}); the file may be corrupt or truncated")
+        check_gguf(path)
         return ModelSource("gguf", path.parent, path.stem, path.name)
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: expected a Hugging Face model directory")
+    config_model_type(path / "config.json")
     if not list(path.glob("*.safetensors")):
         bins = [p.name for p in path.glob("*.bin")]
         hint = (" It holds pickled .bin weights, which apq-sdk does not load (unpickling is "
@@ -124,12 +129,55 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
     return ModelSource("hf", path, path.name)
 
 
+def check_gguf(path: Path) -> None:
+    """The GGUF header, bounds-checked (apq_sdk.gguf_check), and an architecture transformers
+    reads and apq-sdk describes."""
+    from .gguf_check import read_gguf_header
+
+    arch = read_gguf_header(path).architecture
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    except ImportError:  # a transformers without the list: let it decide
+        return
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} cannot be read by transformers "
+                             f"(it reads {', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))}); "
+                             f"convert the model to a Hugging Face directory with safetensors")
+
+
+def config_model_type(path: Path):
+    """The model_type of a config.json, which must be a JSON object: read before transformers
+    reads it (its advice for an unknown type is to upgrade transformers)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelLoadError(f"{path} is not a readable JSON config ({exc}); restore the model's "
+                             f"config.json") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data.get("model_type")
+
+
 def _config_sha256(config) -> str:
     data = config.to_dict()
     for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype",
                      "quantization_config", "_commit_hash", "use_cache"):
         data.pop(volatile, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """Hash of the files transformers saves for `tokenizer` (vocabulary, merges, special tokens,
+    chat template): two models that differ only in their tokenizer never share a cache entry."""
+    import tempfile
+
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory(prefix="apq-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -182,6 +230,7 @@ def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dty
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # apq-sdk shows its own progress, as lines in logs
     source = resolve_model(spec)
     target = "cpu" if device_map else device
     if source.kind == "gguf" and model_cache_enabled():
@@ -210,6 +259,8 @@ def load_model_uncached(source: ModelSource, *, device: str = "cpu",
     kwargs = {"trust_remote_code": trust_remote_code}
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
+    elif not allow_unknown:
+        get_family(config_model_type(source.path / "config.json"))
     try:
         config = AutoConfig.from_pretrained(source.path, **kwargs)
     except Exception as exc:  # transformers raises many types for broken files
@@ -217,14 +268,48 @@ def load_model_uncached(source: ModelSource, *, device: str = "cpu",
     _check_supported(config, allow_unknown)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype,
+                                                              output_loading_info=True, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"could not load the weights of {source.display}: {exc}. The file may "
                              f"be truncated or corrupt.") from exc
+    check_loading_info(loading, source.display)
+    check_finite(model, source.display)
     model.eval().requires_grad_(False)
     model.to(device)
-    info = describe_model(model, source)
+    info = describe_model(model, source, tokenizer=tokenizer)
     return model, tokenizer, info
+
+
+def check_loading_info(loading: dict, where: str) -> None:
+    """Refuse a model whose files lack tensors its config needs (transformers would initialise
+    them at random, and the package would ship random weights), hold tensors it does not have, or
+    hold tensors of the wrong shape."""
+    problems = []
+    for kind, keys in (("missing", loading.get("missing_keys")),
+                       ("unexpected", loading.get("unexpected_keys")),
+                       ("of the wrong shape", loading.get("mismatched_keys"))):
+        names = sorted(k[0] if isinstance(k, tuple) else str(k) for k in keys or ())
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            problems.append(f"{len(names)} tensor{'s' if len(names) > 1 else ''} {kind}: {shown}")
+    if loading.get("error_msgs"):
+        problems.append("; ".join(str(m) for m in loading["error_msgs"])[:500])
+    if problems:
+        raise ModelLoadError(f"{where}: the weights do not match the model's config ("
+                             + "; ".join(problems) + "). A missing tensor would be initialised at "
+                             "random and shipped: restore the weight files (or the config.json) "
+                             "that belong together")
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    """Refuse NaN or infinite weights, naming the tensor (they would otherwise surface much later
+    as a Hessian that is not positive definite)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelLoadError(f"{where}: tensor {name} has {bad:,} NaN or infinite values; the "
+                                 f"weights are corrupt: restore them from the original model")
 
 
 def model_cache_enabled() -> bool:
@@ -232,7 +317,7 @@ def model_cache_enabled() -> bool:
 
 
 CONVERTED_FORMAT = "apq-converted-gguf"
-CONVERTED_VERSION = 1
+CONVERTED_VERSION = 2  # 2: the tokenizer's hash; no source path (the key is the file's content)
 CONVERTED_META = "apq-converted.json"
 
 
@@ -266,7 +351,6 @@ def _load_gguf_through_cache(source: ModelSource, *, device: str, dtype: torch.d
     from . import __version__
     from .fsutil import atomic_directory
 
-    gguf_path = source.path / source.gguf_file
     converted = converted_model_dir(source)
     meta_path = converted / CONVERTED_META
     if not meta_path.is_file():
@@ -274,8 +358,8 @@ def _load_gguf_through_cache(source: ModelSource, *, device: str, dtype: torch.d
             source, device="cpu", dtype=torch.float32, trust_remote_code=trust_remote_code,
             allow_unknown=allow_unknown)
         meta = {"format": CONVERTED_FORMAT, "version": CONVERTED_VERSION,
-                "apq_sdk": __version__, "gguf": str(gguf_path),
-                "config_sha256": info.config_sha256, "weights_sha256": info.weights_sha256}
+                "apq_sdk": __version__, "config_sha256": info.config_sha256,
+                "weights_sha256": info.weights_sha256, "tokenizer_sha256": info.tokenizer_sha256}
 
         def fill(tmp: Path) -> None:
             # transformers refuses save_pretrained on GGUF-loaded models (it marks them as
@@ -299,9 +383,11 @@ def _load_gguf_through_cache(source: ModelSource, *, device: str, dtype: torch.d
         if meta.get("format") != CONVERTED_FORMAT or meta.get("version") != CONVERTED_VERSION:
             raise ValueError(f"expected format {CONVERTED_FORMAT} v{CONVERTED_VERSION}, found "
                              f"{meta.get('format')} v{meta.get('version')}")
+        identity = tuple(meta[k] for k in ("config_sha256", "weights_sha256", "tokenizer_sha256"))
         tokenizer = AutoTokenizer.from_pretrained(converted, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            converted, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+        check_loading_info(loading, str(converted))
     except Exception as exc:
         raise ModelLoadError(
             f"the converted copy of {source.display} in {converted} is unreadable ({exc}). Fix: "
@@ -310,13 +396,14 @@ def _load_gguf_through_cache(source: ModelSource, *, device: str, dtype: torch.d
     _check_supported(model.config, allow_unknown)
     model.eval().requires_grad_(False)
     model.to(device)
-    info = describe_model(model, source, identity=(meta["config_sha256"], meta["weights_sha256"]))
+    info = describe_model(model, source, identity=identity)
     return model, tokenizer, info
 
 
 def describe_model(model: nn.Module, source: ModelSource | None = None,
-                   identity: tuple[str, str] | None = None) -> ModelInfo:
-    """The model's structure; `identity` (config hash, weights hash) skips hashing when known."""
+                   identity: tuple[str, str, str] | None = None, tokenizer=None) -> ModelInfo:
+    """The model's structure; `identity` (config, weights and tokenizer hashes) skips hashing
+    when known."""
     config = model.config
     num_layers = config.num_hidden_layers
     layers_path, layers = find_decoder_layers(model, num_layers)
@@ -339,4 +426,6 @@ def describe_model(model: nn.Module, source: ModelSource | None = None,
         weights_sha256=identity[1] if identity else weights_sha256(model),
         layers_path=layers_path,
         linears=describe_linears(layers, layers_path),
+        tokenizer_sha256=identity[2] if identity else
+        (tokenizer_sha256(tokenizer) if tokenizer is not None else None),
     )

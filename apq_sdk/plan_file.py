@@ -225,6 +225,7 @@ class ModelInfo:
     head_dim: int
     vocab_size: int
     tie_word_embeddings: bool
+    tokenizer_sha256: str | None = None
     _path: str = field(default="model", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -233,6 +234,8 @@ class ModelInfo:
             _str(self, n, p)
         _sha(self, "config_sha256", p)
         _sha(self, "weights_sha256", p)
+        if self.tokenizer_sha256 is not None:
+            _sha(self, "tokenizer_sha256", p)
         for n in ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                   "head_dim", "vocab_size"):
             _int(self, n, p, minimum=1)
@@ -629,6 +632,9 @@ class Plan:
     def from_json(cls, text: str | bytes) -> "Plan":
         try:
             doc = json.loads(text)
+        except RecursionError:
+            raise PlanError("expected a JSON plan file, found JSON nested too deeply to be one; "
+                            "fix: pass the plan.json written by `apq-sdk plan`") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if isinstance(e, json.JSONDecodeError):
                 why = f"line {e.lineno} column {e.colno}: {e.msg}"
@@ -646,6 +652,7 @@ def _upgrade_v1(doc: dict) -> dict:
     and it recorded nothing outside the plan, so the whole-model totals are the planned ones."""
     doc = json.loads(json.dumps(doc))
     doc["version"] = 2
+    doc["model"]["tokenizer_sha256"] = None
     doc["objective"]["scope"] = "linear" if doc["objective"].get("bits_per_weight") else "model"
     t = doc["totals"]
     t.update(fixed_params=0, fixed_bytes=0, model_params=t["params"], model_bytes=t["bytes"],
@@ -795,6 +802,9 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        from apq_sdk.fsutil import file_mode
+
+        os.chmod(tmp, file_mode())  # mkstemp's 0600 would make the plan private to its writer
         with os.fdopen(fd, "wb") as f:
             f.write(text)
             f.flush()

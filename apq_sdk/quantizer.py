@@ -35,11 +35,25 @@ def _check_plan_matches(plan: Plan, info: ModelInfo) -> None:
     if plan.model.weights_sha256 != info.weights_sha256:
         raise ApqError(f"plan was made for weights {plan.model.weights_sha256[:12]}…, this model has "
                        f"{info.weights_sha256[:12]}…; make a plan for these weights")
-    names = {li.name for li in info.linears}
-    missing = sorted(names - set(plan.modules))
+    if plan.model.tokenizer_sha256 not in (None, info.tokenizer_sha256):
+        raise ApqError(f"plan was made with another tokenizer ({plan.model.tokenizer_sha256[:12]}…, "
+                       f"this model has {str(info.tokenizer_sha256)[:12]}…): its calibration "
+                       f"tokens differ; make a plan for this model")
+    linears = {li.name: (li.out_features, li.in_features) for li in info.linears}
+    missing = sorted(set(linears) - set(plan.modules))
     if missing:
         raise ApqError(f"plan has no entry for {len(missing)} linear layers, e.g. {missing[0]}; "
                        f"make a plan for this model")
+    known = dict(linears, lm_head=(info.vocab_size, info.hidden_size))
+    if not info.tie_word_embeddings:
+        known["model.embed_tokens"] = (info.vocab_size, info.hidden_size)
+    for name, entry in plan.modules.items():
+        if name not in known:
+            raise ApqError(f"plan names a module this model does not have: {name!r} (its linear "
+                           f"layers are like {next(iter(linears))!r}); make a plan for this model")
+        if tuple(entry.shape) != tuple(known[name]):
+            raise ApqError(f"plan gives {name} the shape {list(entry.shape)}, the model has "
+                           f"{list(known[name])}; make a plan for this model")
 
 
 def _quantized_module(module: nn.Module, entry, hessian: torch.Tensor | None, method: str,

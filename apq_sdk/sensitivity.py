@@ -122,6 +122,7 @@ class SensitivityMap:
         if data.get("version") != SENSITIVITY_VERSION:
             raise ValueError(f"version: expected {SENSITIVITY_VERSION}, found {data.get('version')!r} "
                              f"(written by another apq-sdk: profile again)")
+        _validate(data)
         return cls(data["model"], data["calibration"], data["settings"], data["modules"],
                    data.get("heads", {}), data.get("loss_model", {}), data["fixed"])
 
@@ -131,6 +132,86 @@ class SensitivityMap:
             return 0.0
         return self.loss_model["alpha"] * entry["gain"] * entry["errors"][key] \
             if entry["kind"] == "linear" else entry["errors"][key]
+
+
+def _validate(data) -> None:
+    """Every field the planner and the report read, with its type and range: a map from a file
+    is refused with the path of the first bad field (ValueError) instead of failing later."""
+    import math
+
+    from .plan_file import CalibrationInfo, ModelInfo, PlanError
+
+    def fail(path: str, expected: str, found) -> ValueError:
+        shown = repr(found)
+        return ValueError(f"{path}: expected {expected}, found {shown[:60]}")
+
+    def number(path, value, minimum=0.0, positive=False):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < minimum or (positive and value <= 0):
+            raise fail(path, f"a finite number {'> 0' if positive else f'>= {minimum:g}'}", value)
+
+    def integer(path, value, minimum=0):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise fail(path, f"an integer >= {minimum}", value)
+
+    def mapping(path, value):
+        if not isinstance(value, dict):
+            raise fail(path, "an object", value)
+        return value
+
+    mapping("(map)", data)
+    try:
+        ModelInfo(**mapping("model", data.get("model")))
+        CalibrationInfo(**mapping("calibration", data.get("calibration")))
+    except (PlanError, TypeError) as exc:
+        raise ValueError(str(exc)) from None
+    settings = mapping("settings", data.get("settings"))
+    groups = settings.get("group_sizes")
+    if not isinstance(groups, list) or not groups:
+        raise fail("settings.group_sizes", "a non-empty list", groups)
+    for g in groups:
+        integer("settings.group_sizes[]", g, 8)
+    if not isinstance(settings.get("symmetric"), bool):
+        raise fail("settings.symmetric", "true or false", settings.get("symmetric"))
+    fixed = mapping("fixed", data.get("fixed"))
+    integer("fixed.params", fixed.get("params"))
+    integer("fixed.bytes", fixed.get("bytes"))
+    loss = mapping("loss_model", data.get("loss_model", {}))
+    if loss:
+        number("loss_model.alpha", loss.get("alpha"), positive=True)
+        number("loss_model.kappa", loss.get("kappa"), positive=True)
+        if not isinstance(loss.get("kind"), str):
+            raise fail("loss_model.kind", "a string", loss.get("kind"))
+    modules = mapping("modules", data.get("modules"))
+    if "lm_head" not in modules:
+        raise fail("modules", 'an entry "lm_head"', sorted(modules)[:3])
+    for name, entry in modules.items():
+        where = f"modules[{name!r}]"
+        mapping(where, entry)
+        if entry.get("kind") not in ("linear", "lm_head", "embedding"):
+            raise fail(f"{where}.kind", "linear, lm_head or embedding", entry.get("kind"))
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or len(shape) != 2:
+            raise fail(f"{where}.shape", "[out, in]", shape)
+        for d in shape:
+            integer(f"{where}.shape[]", d, 1)
+        integer(f"{where}.layer", entry.get("layer"), -1)
+        if not isinstance(entry.get("role"), str):
+            raise fail(f"{where}.role", "a string", entry.get("role"))
+        number(f"{where}.gain", entry.get("gain"), positive=True)
+        for key, value in mapping(f"{where}.errors", entry.get("errors")).items():
+            try:
+                parse_candidate_key(key)
+            except (ValueError, IndexError):
+                raise fail(f"{where}.errors", "keys like b4g64", key) from None
+            number(f"{where}.errors[{key!r}]", value)
+        for key in ("act_error", "act_clip"):
+            if key in entry:
+                number(f"{where}.{key}", entry[key])
+        for key, value in mapping(f"{where}.act_error_block",
+                                  entry.get("act_error_block", {})).items():
+            number(f"{where}.act_error_block[{key!r}]", value)
+    mapping("heads", data.get("heads", {}))
 
 
 def _per_head_errors(delta: torch.Tensor, hessian: torch.Tensor, role: str, info: ModelInfo):

@@ -507,20 +507,20 @@ def verify_package(package_dir: Path, reference: Path | None = None, windows: in
     The unquantized model (for the accuracy checks of int8 packages) is `model`, else the one the
     manifest names, when it can be loaded and has the plan's weights; otherwise those checks are
     listed as not run."""
-    import json
 
     from .checkpoint import read_checkpoint
     from .errors import ApqError
     from .fsutil import cache_dir
-    from .package import MANIFEST, check_manifest, write_verify
+    from .package import check_manifest, read_manifest, write_verify
     from .targets.base import get_target
 
     package_dir = Path(package_dir)
     problems = check_manifest(package_dir)
-    if problems and problems[0].endswith("not an apq-sdk package"):
-        raise ApqError(problems[0])
-    manifest = json.loads((package_dir / MANIFEST).read_text())
-    target_cls = get_target(manifest["target"]["name"])
+    manifest = read_manifest(package_dir)
+    try:
+        target_cls = get_target(manifest["target"]["name"])
+    except KeyError as exc:
+        raise ApqError(f"{package_dir}: {exc.args[0]}") from None
     reference = Path(reference) if reference else \
         cache_dir() / "quantized" / manifest["reference"]["quantized_cache_key"]
     if not (reference / "model.safetensors").is_file():

@@ -28,7 +28,7 @@ def test_non_gguf_file_is_refused(tmp_path):
 def test_corrupt_gguf_magic(tmp_path):
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"NOPE" + b"\0" * 64)
-    with pytest.raises(ModelLoadError, match="expected magic b'GGUF', found b'NOPE'"):
+    with pytest.raises(ModelLoadError, match=r"is not a GGUF file \(expected the magic bytes b'GGUF'\)"):
         resolve_model(path)
 
 
@@ -107,8 +107,12 @@ def test_unreadable_converted_cache_names_the_fix(tmp_path, monkeypatch):
     from apq_sdk import model_io
 
     monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    import struct
+
+    gguf = tmp_path / "model.gguf"  # a valid header (no tensors) whose conversion is cached
+    arch = b"general.architecture"
+    gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(arch)) + arch
+                     + struct.pack("<IQ", 8, 5) + b"llama" + b"\0" * 32)
     broken = model_io.converted_model_dir(resolve_model(gguf))
     broken.mkdir(parents=True)  # metadata that claims a conversion whose files are gone
     (broken / model_io.CONVERTED_META).write_text(json.dumps(

@@ -430,6 +430,7 @@ def test_version_1_plans_are_read_and_upgraded(tmp_path):
     doc = plan_doc()
     doc["version"] = 1
     del doc["objective"]["scope"]
+    del doc["model"]["tokenizer_sha256"]
     for key in ("fixed_params", "fixed_bytes", "model_params", "model_bytes",
                 "model_bits_per_weight", "target_bytes", "target_bits_per_weight"):
         del doc["totals"][key]

@@ -129,14 +129,18 @@ class OnnxRuntimeTarget(Target):
         from apq_sdk.native_glue import render_templates
         from apq_sdk.tokenizer_export import TOKENIZER_DIR, TokenizerExportError, export_tokenizer
 
-        tokenizer = package_dir / "tokenizer.json"
+        tokenizer = ctx.checkpoint.path / "tokenizer.json"  # what package_dir holds a copy of
         if not tokenizer.is_file():
-            raise LoweringError("the checkpoint has no tokenizer.json; the package's C++ runner "
-                                "needs it (save the tokenizer with the quantized model)")
+            raise LoweringError(f"{ctx.checkpoint.path} has no tokenizer.json; the package's C++ "
+                                f"runner needs it (quantize again: the checkpoint keeps the "
+                                f"model's tokenizer)")
         try:
             export_tokenizer(tokenizer, package_dir / TOKENIZER_DIR)
         except TokenizerExportError as exc:
-            raise LoweringError(f"the C++ runner cannot reproduce this tokenizer: {exc}") from exc
+            raise LoweringError(f"the package's C++ runner cannot reproduce this model's "
+                                f"tokenizer: {exc}. It reproduces byte-level BPE tokenizers "
+                                f"(GPT-2, Llama 3, Qwen, SmolLM) id for id; this one is not "
+                                f"supported by the arm64-linux target") from exc
         render_templates(("common", *self.template_sets),
                          {"package_name": ctx.package_name, "model_name": ctx.model_name,
                           "target": self.name, "runtime": "ONNX Runtime",
