@@ -222,8 +222,7 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENE
     except knapsack.InfeasibleBudget as exc:
         raise UsageError(str(exc)) from exc
     modules: dict[str, ModulePlan] = {}
-    target = _target_bytes(sens, caps, members, assignment, symmetric, fixed) if not as_target \
-        else sum(option.bytes for option in _chosen(units, assignment)) + fixed
+    target = _target_bytes(sens, caps, members, assignment, symmetric, fixed)
     for unit, names in members.items():
         key = assignment.choices[unit]
         bits, group = parse_candidate_key(key)
@@ -256,7 +255,7 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENE
 
 
 def _target_bytes(sens, caps, members, assignment, symmetric, fixed) -> int:
-    """The whole model as the target stores it, for a plan solved in the core's bytes."""
+    """The whole model as the target stores it (`fixed`: what the solver did not choose)."""
     total = fixed
     for unit, names in members.items():
         bits, group = parse_candidate_key(assignment.choices[unit])
@@ -265,11 +264,6 @@ def _target_bytes(sens, caps, members, assignment, symmetric, fixed) -> int:
             total += caps.stored_bytes(n, k, bits, group, symmetric,
                                        tied_lookup=bool(sens.modules[name].get("tied")))
     return total
-
-
-def _chosen(units, assignment):
-    for unit in units:
-        yield next(o for o in unit.options if o.key == assignment.choices[unit.name])
 
 
 def _left_for_the_plan(total: int, fixed: int, what: str) -> int:

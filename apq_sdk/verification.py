@@ -91,6 +91,11 @@ class Check:
         if self.passed:
             self.detail = ""
 
+    @classmethod
+    def at_most(cls, name: str, measured, bound, detail: str) -> "Check":
+        """A check that passes when `measured <= bound` (never for NaN)."""
+        return cls(name, measured, bound, bool(measured <= bound), detail)
+
     def to_dict(self) -> dict:
         return {"name": self.name, "measured": self.measured, "bound": self.bound,
                 "passed": self.passed, "detail": self.detail}
@@ -398,43 +403,43 @@ def verify_runner(*, target: str, runner: Runner, checkpoint, package_dir: Path,
     if twin_runner is not None:
         twin = _float_twin_compare(twin_runner, reference, batch)
         result.float_twin = twin
-        checks.append(Check("float twin: max |logit diff| / logit scale", twin["relative"],
-                            LOGIT_TOLERANCE, twin["relative"] <= LOGIT_TOLERANCE,
-                            f"float-activation twin: logits differ from the torch reference by "
-                            f"{twin['relative']:.3g} of the logit scale (tolerance "
-                            f"{LOGIT_TOLERANCE:g}); the weights or the graph are wrong"))
-        checks.append(Check("float twin: mean KL (nats/token)", twin["kl_mean"], KL_TOLERANCE,
-                            twin["kl_mean"] <= KL_TOLERANCE,
-                            f"float-activation twin: mean KL(torch || package) "
-                            f"{twin['kl_mean']:.3g} (tolerance {KL_TOLERANCE:g})"))
+        checks.append(Check.at_most(
+            "float twin: max |logit diff| / logit scale", twin["relative"], LOGIT_TOLERANCE,
+            f"float-activation twin: logits differ from the torch reference by "
+            f"{twin['relative']:.3g} of the logit scale (tolerance {LOGIT_TOLERANCE:g}); the "
+            f"weights or the graph are wrong"))
+        checks.append(Check.at_most(
+            "float twin: mean KL (nats/token)", twin["kl_mean"], KL_TOLERANCE,
+            f"float-activation twin: mean KL(torch || package) {twin['kl_mean']:.3g} "
+            f"(tolerance {KL_TOLERANCE:g})"))
     elif per_block:
         result.skipped.append(f"float twin: the {target} artifact has no float-activation twin")
     if not int8:
         rel_ppl = result.perplexity["relative_diff"]
-        checks.append(Check("logits: max |diff| / logit scale", relative, LOGIT_TOLERANCE,
-                            relative <= LOGIT_TOLERANCE,
-                            f"logits differ from the torch reference by {relative:.3g} of the "
-                            f"logit scale (tolerance {LOGIT_TOLERANCE:g})"))
-        checks.append(Check("logits: mean KL (nats/token)", kl_mean, KL_TOLERANCE,
-                            kl_mean <= KL_TOLERANCE,
-                            f"mean KL(torch || package) {kl_mean:.3g} nats/token (tolerance "
-                            f"{KL_TOLERANCE:g})"))
-        checks.append(Check("perplexity: relative difference", rel_ppl, PPL_TOLERANCE,
-                            rel_ppl <= PPL_TOLERANCE,
-                            f"perplexity {ppl_pkg:.4f} vs torch {ppl_torch:.4f} (relative "
-                            f"tolerance {PPL_TOLERANCE:g})"))
+        checks.append(Check.at_most(
+            "logits: max |diff| / logit scale", relative, LOGIT_TOLERANCE,
+            f"logits differ from the torch reference by {relative:.3g} of the logit scale "
+            f"(tolerance {LOGIT_TOLERANCE:g})"))
+        checks.append(Check.at_most(
+            "logits: mean KL (nats/token)", kl_mean, KL_TOLERANCE,
+            f"mean KL(torch || package) {kl_mean:.3g} nats/token (tolerance {KL_TOLERANCE:g})"))
+        checks.append(Check.at_most(
+            "perplexity: relative difference", rel_ppl, PPL_TOLERANCE,
+            f"perplexity {ppl_pkg:.4f} vs torch {ppl_torch:.4f} (relative tolerance "
+            f"{PPL_TOLERANCE:g})"))
     elif result.accuracy is not None:
         acc = result.accuracy
         kl_bound = (1 + ACCURACY_KL_MARGIN) * acc["kl_float_reference"] + ACCURACY_KL_SLACK
         ppl_bound = (1 + ACCURACY_PPL_MARGIN) * acc["ppl_reference"]
-        checks.append(Check("accuracy: KL(unquantized || package)", acc["kl_float_package"],
-                            kl_bound, acc["kl_float_package"] <= kl_bound,
-                            f"the package is less accurate than its torch reference: KL to the "
-                            f"unquantized model {acc['kl_float_package']:.4g} against the "
-                            f"reference's {acc['kl_float_reference']:.4g} (bound {kl_bound:.4g})"))
-        checks.append(Check("accuracy: perplexity", ppl_pkg, ppl_bound, ppl_pkg <= ppl_bound,
-                            f"perplexity {ppl_pkg:.4f} against the reference's {ppl_torch:.4f} "
-                            f"(bound {ppl_bound:.4f})"))
+        checks.append(Check.at_most(
+            "accuracy: KL(unquantized || package)", acc["kl_float_package"], kl_bound,
+            f"the package is less accurate than its torch reference: KL to the unquantized model "
+            f"{acc['kl_float_package']:.4g} against the reference's "
+            f"{acc['kl_float_reference']:.4g} (bound {kl_bound:.4g})"))
+        checks.append(Check.at_most(
+            "accuracy: perplexity", ppl_pkg, ppl_bound,
+            f"perplexity {ppl_pkg:.4f} against the reference's {ppl_torch:.4f} (bound "
+            f"{ppl_bound:.4f})"))
     else:
         result.skipped.append("accuracy against the unquantized model: the unquantized model was "
                               "not loaded (pass --model to apq-sdk verify)")
@@ -445,15 +450,14 @@ def verify_runner(*, target: str, runner: Runner, checkpoint, package_dir: Path,
     result.kv_cache = cache
     cache_kl_tol = CACHE_KL_TOLERANCE_INT8 if int8 else KL_TOLERANCE
     if not int8:
-        checks.append(Check("KV cache: max |diff| / logit scale", cache["relative"],
-                            LOGIT_TOLERANCE, cache["relative"] <= LOGIT_TOLERANCE,
-                            f"prefill + decode through the KV cache differs from the full sequence "
-                            f"by {cache['relative']:.3g} of the logit scale (tolerance "
-                            f"{LOGIT_TOLERANCE:g})"))
-    checks.append(Check("KV cache: mean KL to the full sequence", cache["kl_mean"], cache_kl_tol,
-                        cache["kl_mean"] <= cache_kl_tol,
-                        f"prefill + decode through the KV cache: mean KL to the full sequence "
-                        f"{cache['kl_mean']:.3g} (tolerance {cache_kl_tol:g})"))
+        checks.append(Check.at_most(
+            "KV cache: max |diff| / logit scale", cache["relative"], LOGIT_TOLERANCE,
+            f"prefill + decode through the KV cache differs from the full sequence by "
+            f"{cache['relative']:.3g} of the logit scale (tolerance {LOGIT_TOLERANCE:g})"))
+    checks.append(Check.at_most(
+        "KV cache: mean KL to the full sequence", cache["kl_mean"], cache_kl_tol,
+        f"prefill + decode through the KV cache: mean KL to the full sequence "
+        f"{cache['kl_mean']:.3g} (tolerance {cache_kl_tol:g})"))
     result.tolerance = {
         "logits_relative": LOGIT_TOLERANCE, "kl_mean": KL_TOLERANCE,
         "perplexity_relative": PPL_TOLERANCE, "linears_median": LINEAR_TOLERANCE,

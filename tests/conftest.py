@@ -19,6 +19,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory, request):
+    """An APQ_CACHE_DIR of the test module's own (`pytestmark = usefixtures("module_cache")`)."""
+    mp = pytest.MonkeyPatch()
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    mp.setenv("APQ_CACHE_DIR", str(tmp_path_factory.getbasetemp() / f"cache-{name}"))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
     from apq_sdk.testing import make_tiny_model

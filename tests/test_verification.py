@@ -32,12 +32,7 @@ LINEARS_CHECK = "linears on recorded inputs (nodes off the reference)"
 _BUILT: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _isolated_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("APQ_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "verification-cache"))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_cache")
 
 
 @pytest.fixture(scope="module")

@@ -47,12 +47,7 @@ BUDGET = dict(memory_reduction=0.55)
 _BUILDS: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _isolated_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("APQ_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "conformance-cache"))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_cache")
 
 
 @pytest.fixture(scope="module")
