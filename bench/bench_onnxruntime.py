@@ -158,7 +158,10 @@ def main() -> None:
     result = {
         "command": "python bench/bench_onnxruntime.py " + " ".join(sys.argv[1:]),
         "model": model_name, "quantized_dir": str(quantized),
-        "plan": {"bits_per_weight": plan.totals.bits_per_weight,
+        "plan": {"target_bits_per_weight": plan.totals.target_bits_per_weight,
+                 "model_bits_per_weight": plan.totals.model_bits_per_weight,
+                 "budget": {"scope": plan.objective.scope,
+                            "bits_per_weight": plan.objective.bits_per_weight},
                  "linear_bits_per_weight": plan.totals.linear_bits_per_weight,
                  "head_bits": plan.modules["lm_head"].bits if "lm_head" in plan.modules else None,
                  "activations": sorted({m.activation for m in plan.modules.values()
@@ -200,8 +203,10 @@ def render_markdown(result: dict) -> str:
         f"runs. Decode: median of "
         f"{result['decode_tokens']} single-token steps after it.",
         "",
-        f"Quantized plan: {result['plan']['bits_per_weight']:.3f} bits per weight overall, "
-        f"{result['plan']['linear_bits_per_weight']:.3f} for the decoder linears, head "
+        f"Quantized plan: {result['plan']['target_bits_per_weight']:.3f} bits per weight for the "
+        f"whole model as this target stores it ({result['plan']['model_bits_per_weight']:.3f} in "
+        f"the checkpoint, float16 scales), {result['plan']['linear_bits_per_weight']:.3f} for the "
+        f"decoder linears, head "
         f"{result['plan']['head_bits']} bits, activations {', '.join(result['plan']['activations'])}.",
         "",
         "| model | file size | perplexity | prefill (ms) | decode (tokens/s) |",
