@@ -40,11 +40,12 @@ def _capabilities(target):
 
 def profile(model="demo", *, calib=None, samples: int = 128, seq_len: int = 512, seed: int = 0,
             target=None, group_sizes=None, symmetric: bool | None = None, device: str = "cpu",
-            loaded=None):
+            allow_unknown: bool = False, loaded=None):
     """Stage 1: the sensitivity map of `model` (apq_sdk.sensitivity.SensitivityMap).
 
     `target` (a name or a Capabilities table) chooses the candidates it runs; `group_sizes` and
     `symmetric` override them. The map is also stored in the cache, where `build` finds it.
+    `allow_unknown` runs a causal LM whose family the registry does not describe.
     `loaded` = (model, tokenizer, info) from apq_sdk.model_io.load_model skips loading.
     """
     from .builder import profile_cache_path, store_profile
@@ -58,7 +59,8 @@ def profile(model="demo", *, calib=None, samples: int = 128, seq_len: int = 512,
     if symmetric is not None:
         overrides["symmetric"] = bool(symmetric)
     settings = ProfileSettings.for_capabilities(_capabilities(target), **overrides)
-    m, tok, info = loaded if loaded is not None else load_model(model, device=device)
+    m, tok, info = loaded if loaded is not None else load_model(model, device=device,
+                                                                allow_unknown=allow_unknown)
     check_seq_len(seq_len, m.config)
     ids, calib_info = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
     fit, _ = load_calibration(tok, calib, num_samples=settings.fit_samples, seq_len=seq_len,
@@ -134,15 +136,17 @@ def _plan(value):
 
 
 def quantize(model, plan, output, *, calib=None, samples: int = 128, seq_len: int = 512,
-             seed: int = 0, method: str = "gptq", device: str = "cpu", loaded=None) -> Path:
+             seed: int = 0, method: str = "gptq", device: str = "cpu", allow_unknown: bool = False,
+             loaded=None) -> Path:
     """Stage 3: apply `plan` (GPTQ at the planned bits) and write the quantized checkpoint
-    (apq_sdk.checkpoint) to `output`; returns its path."""
+    (apq_sdk.checkpoint) to `output`; returns its path. `allow_unknown`: as for profile."""
     from .calibration import check_seq_len, load_calibration
     from .model_io import load_model
     from .quantizer import quantize_model, save_quantized
 
     the_plan = _plan(plan)
-    m, tok, info = loaded if loaded is not None else load_model(model, device=device)
+    m, tok, info = loaded if loaded is not None else load_model(model, device=device,
+                                                                allow_unknown=allow_unknown)
     check_seq_len(seq_len, m.config)
     ids, _ = load_calibration(tok, calib, num_samples=samples, seq_len=seq_len, seed=seed)
     quantize_model(m, info, the_plan, ids, device, method=method)

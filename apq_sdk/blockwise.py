@@ -1,7 +1,9 @@
 """Running a causal LM one decoder block at a time over calibration data.
 
 Only one block's activations live beside the weights: the inputs of block 0 are captured once, then
-each block maps its inputs to the next block's inputs. Hooks on the block's linear layers accumulate
+each block maps its inputs to the next block's inputs. What else each block is called with (its
+attention mask and rotary tables, which differ between sliding-window and global layers, and between
+layers with their own RoPE base, as in Gemma 2 and 3) is captured for every block. Hooks on the block's linear layers accumulate
 each layer's Hessian H = 2/n * sum_t x_t x_t^T (the Hessian of the layer's squared output error), once
 per distinct input tensor, so q/k/v (and gate/up) share one accumulation.
 """
@@ -23,22 +25,47 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockBatch:
-    """Inputs of the current block for one calibration batch."""
+    """One calibration batch at the input of decoder block `layer`: its hidden states, and the
+    keyword arguments every block is called with (`layer_kwargs[i]` for block i)."""
 
     hidden: torch.Tensor
-    kwargs: dict = field(default_factory=dict)
+    layer_kwargs: list[dict] = field(default_factory=list)
+    layer: int = 0
+
+    @property
+    def kwargs(self) -> dict:
+        """What block `layer` is called with besides the hidden states."""
+        return self.layer_kwargs[self.layer]
+
+    def kwargs_for(self, layer: int) -> dict:
+        return self.layer_kwargs[layer]
+
+    def advanced(self, hidden: torch.Tensor) -> "BlockBatch":
+        """The batch at the input of the next block, whose input is `hidden`."""
+        return BlockBatch(hidden, self.layer_kwargs, self.layer + 1)
 
 
-def _cast_floats(value, dtype):
+def _cast_floats(value, dtype, seen: dict | None = None):
+    seen = {} if seen is None else seen
+    if id(value) in seen:  # blocks of one layer type share their mask and tables: cast once
+        return seen[id(value)]
     if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.to(dtype)
-    if isinstance(value, tuple):
-        return tuple(_cast_floats(v, dtype) for v in value)
-    return value
+        out = value.to(dtype)
+    elif isinstance(value, tuple):
+        out = tuple(_cast_floats(v, dtype, seen) for v in value)
+    else:
+        out = value
+    seen[id(value)] = out
+    return out
+
+
+def _cast_layer_kwargs(layer_kwargs: list[dict], dtype) -> list[dict]:
+    seen: dict = {}
+    return [{k: _cast_floats(v, dtype, seen) for k, v in kwargs.items()} for kwargs in layer_kwargs]
 
 
 def cast_batches(batches: list["BlockBatch"], dtype: torch.dtype) -> list["BlockBatch"]:
-    return [BlockBatch(b.hidden.to(dtype), {k: _cast_floats(v, dtype) for k, v in b.kwargs.items()})
+    return [BlockBatch(b.hidden.to(dtype), _cast_layer_kwargs(b.layer_kwargs, dtype), b.layer)
             for b in batches]
 
 
@@ -62,42 +89,56 @@ def compute_dtype(block: nn.Module, dtype: torch.dtype):
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
                          batch_size: int, device: str, dtype: torch.dtype | None = None) -> list[BlockBatch]:
-    """Run the embedding stage and record what decoder block 0 receives, batch by batch.
+    """Run the embedding stage and record what decoder block 0 receives, and what every block is
+    called with besides its hidden states, batch by batch. The blocks are stood in for by
+    pass-throughs while recording, so this costs one embedding lookup per batch.
 
     With `dtype`, hidden states and float keyword tensors are stored in that dtype.
     """
     layers = model.get_submodule(info.layers_path)
-    first = layers[0]
+    originals = list(layers)
     captured: list[BlockBatch] = []
+    recorded: list[dict | None] = [None] * len(layers)
 
     class Catcher(nn.Module):
-        def __init__(self, inner):
+        def __init__(self, inner, index):
             super().__init__()
             self.inner = inner
+            self.index = index
             self.attention_type = getattr(inner, "attention_type", None)
 
         def forward(self, hidden_states, *args, **kwargs):
             kwargs.pop("past_key_values", None)
             kwargs.pop("past_key_value", None)
+            kwargs.pop("cache", None)
             kwargs["use_cache"] = False
             if args:
                 raise RuntimeError("decoder block called with unexpected positional arguments")
-            if dtype is not None:
-                hidden_states = hidden_states.to(dtype)
-                kwargs = {k: _cast_floats(v, dtype) for k, v in kwargs.items()}
-            captured.append(BlockBatch(hidden_states.detach(), kwargs))
-            raise _StopForward
+            recorded[self.index] = kwargs
+            if self.index == 0:
+                recorded.append(hidden_states.detach())
+            if self.index == len(originals) - 1:
+                raise _StopForward
+            return hidden_states
 
-    layers[0] = Catcher(first)
+    for index, layer in enumerate(originals):
+        layers[index] = Catcher(layer, index)
     try:
         for start in range(0, samples.shape[0], batch_size):
             batch = samples[start:start + batch_size].to(device)
+            del recorded[len(originals):]
             try:
                 model(input_ids=batch, use_cache=False)
             except _StopForward:
                 pass
+            hidden, layer_kwargs = recorded[len(originals)], list(recorded[:len(originals)])
+            if dtype is not None:
+                hidden = hidden.to(dtype)
+                layer_kwargs = _cast_layer_kwargs(layer_kwargs, dtype)
+            captured.append(BlockBatch(hidden, layer_kwargs))
     finally:
-        layers[0] = first
+        for index, layer in enumerate(originals):
+            layers[index] = layer
     return captured
 
 
@@ -112,7 +153,16 @@ def slice_batch(batch: BlockBatch, count: int) -> BlockBatch:
             return tuple(cut(v) for v in value)
         return value
 
-    return BlockBatch(batch.hidden[:count], {k: cut(v) for k, v in batch.kwargs.items()})
+    seen: dict = {}
+
+    def cut_once(value):
+        if id(value) not in seen:
+            seen[id(value)] = cut(value)
+        return seen[id(value)]
+
+    return BlockBatch(batch.hidden[:count],
+                      [{k: cut_once(v) for k, v in kwargs.items()} for kwargs in batch.layer_kwargs],
+                      batch.layer)
 
 
 def block_output(out) -> torch.Tensor:

@@ -95,14 +95,26 @@ def check_request(req: BuildRequest, target_cls):
     if req.verify_text is not None and not Path(req.verify_text).is_file():
         raise UsageError(f"--verify-text {req.verify_text}: no such file")
     from .fsutil import check_cache_writable, check_output_dir
-    from .model_io import resolve_model
+    from .model_io import config_model_type, resolve_model
     from .package import is_package_dir
 
-    check_output_dir(package_path(req, target_cls, resolve_model(req.model).name),
+    source = resolve_model(req.model)
+    if source.kind == "hf":  # a GGUF's model type is known once transformers has read it
+        check_family(target_cls, config_model_type(source.path / "config.json"))
+    check_output_dir(package_path(req, target_cls, source.name),
                      what="the package directory", replaceable=is_package_dir,
                      overwrite=req.overwrite)
     check_cache_writable()
     return budget
+
+
+def check_family(target_cls, model_type) -> None:
+    """Refuse a model family the target does not lower, with the list, before the work."""
+    families = target_cls.capabilities.families
+    if families is not None and model_type not in families:
+        raise UsageError(f"target {target_cls.name!r} does not lower {model_type!r} models; it "
+                         f"lowers {', '.join(families)}. The core stages (profile, plan, "
+                         f"quantize, eval) run on other models with --allow-unknown-arch")
 
 
 def package_path(req: BuildRequest, target_cls, model_name: str) -> Path:
@@ -251,7 +263,9 @@ def build(req: BuildRequest, log=print) -> Path:
     budget = check_request(req, target_cls)
     started = time.time()
     log(f"model: loading {req.model}")
-    model, tok, info = load_model(req.model, device=req.device)
+    # the target's own family list decides (a GGUF's model type is known once it is read)
+    model, tok, info = load_model(req.model, device=req.device, allow_unknown=True)
+    check_family(target_cls, info.model_type)
     check_seq_len(req.seq_len, model.config)
     plan, ids, sens = resolve_plan(req, target_cls, budget, model, tok, info, log)
     calib_sha = plan.calibration.sha256 if req.plan_path is None else \

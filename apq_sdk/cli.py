@@ -53,6 +53,10 @@ model_option = click.option("--model", "-m", default="demo", show_default=True,
                                  "directory with config.json and safetensors.")
 device_option = click.option("--device", default="cpu", show_default=True,
                              help="Where to compute: cpu, cuda or cuda:N.")
+unknown_arch_option = click.option(
+    "--allow-unknown-arch", is_flag=True,
+    help="Run on a causal LM whose family apq-sdk does not describe (decoder blocks of nn.Linear "
+         "layers found generically); targets still lower only the families they list.")
 placement_options = [
     click.option("--device-map", default=None,
                  help="Spread the model over several GPUs with accelerate: 'auto', 'balanced', "
@@ -148,7 +152,8 @@ def main() -> None:
     _setup()
 
 
-def _load(model: str, device: str, device_map: str | None = None, max_memory: str | None = None):
+def _load(model: str, device: str, device_map: str | None = None, max_memory: str | None = None,
+          allow_unknown: bool = False):
     """(model, tokenizer, info, device of the inputs)."""
     from .model_io import load_model
     from .placement import input_device, parse_max_memory
@@ -157,13 +162,13 @@ def _load(model: str, device: str, device_map: str | None = None, max_memory: st
         source = click.get_current_context().get_parameter_source("device")
         if source == click.core.ParameterSource.COMMANDLINE:
             raise UsageError("pass either --device or --device-map, not both")
-        m, tok, info = load_model(model, device_map=device_map,
+        m, tok, info = load_model(model, device_map=device_map, allow_unknown=allow_unknown,
                                   max_memory=parse_max_memory(max_memory))
         return m, tok, info, input_device(m)
     if max_memory:
         raise UsageError("--max-memory only applies with --device-map")
     device = _device(device)
-    return (*load_model(model, device=device), device)
+    return (*load_model(model, device=device, allow_unknown=allow_unknown), device)
 
 
 def _parse_groups(text: str | None) -> tuple[int, ...] | None:
@@ -181,6 +186,7 @@ def _parse_groups(text: str | None) -> tuple[int, ...] | None:
 
 @main.command()
 @model_option
+@unknown_arch_option
 @_apply(calib_options)
 @device_option
 @_apply(placement_options)
@@ -194,8 +200,8 @@ def _parse_groups(text: str | None) -> tuple[int, ...] | None:
                    "target's).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="sensitivity.json",
               show_default=True, help="Sensitivity map (JSON); a heatmap PNG is written beside it.")
-def profile(model, calib, samples, seq_len, seed, device, device_map, max_memory, target,
-            group_sizes, symmetric, output):
+def profile(model, allow_unknown_arch, calib, samples, seq_len, seed, device, device_map,
+            max_memory, target, group_sizes, symmetric, output):
     """Stage 1: measure each layer's (and head's) sensitivity to every candidate bit-width."""
     from . import api
     from .fsutil import check_cache_writable, check_output_file
@@ -204,7 +210,7 @@ def profile(model, calib, samples, seq_len, seed, device, device_map, max_memory
     groups = _parse_groups(group_sizes)
     check_output_file(output, what="--output")
     check_cache_writable()
-    m, tok, info, device = _load(model, device, device_map, max_memory)
+    m, tok, info, device = _load(model, device, device_map, max_memory, allow_unknown_arch)
     start = time.time()
     sens = api.profile(model, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
                        target=target, group_sizes=groups, symmetric=symmetric, device=device,
@@ -273,6 +279,7 @@ def plan_show(plan_file):
 
 @main.command()
 @model_option
+@unknown_arch_option
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), required=True,
               help="Plan file from apq-sdk plan.")
 @_apply(calib_options)
@@ -284,8 +291,8 @@ def plan_show(plan_file):
               show_default=True, help="Directory of the quantized model (written atomically).")
 @click.option("--overwrite", is_flag=True,
               help="Replace --output even when it holds files that are not an earlier checkpoint.")
-def quantize(model, plan_file, calib, samples, seq_len, seed, device, device_map, max_memory,
-             method, output, overwrite):
+def quantize(model, allow_unknown_arch, plan_file, calib, samples, seq_len, seed, device,
+             device_map, max_memory, method, output, overwrite):
     """Stage 3: apply a plan (GPTQ at the planned bits) and write packed low-bit weights."""
     from . import api
     from .checkpoint import is_checkpoint_dir
@@ -294,7 +301,7 @@ def quantize(model, plan_file, calib, samples, seq_len, seed, device, device_map
     loaded = api._plan(plan_file)
     check_output_dir(output, what="--output", replaceable=is_checkpoint_dir, overwrite=overwrite)
     check_cache_writable()
-    m, tok, info, device = _load(model, device, device_map, max_memory)
+    m, tok, info, device = _load(model, device, device_map, max_memory, allow_unknown_arch)
     out = api.quantize(model, loaded, Path(output), calib=calib, samples=samples, seq_len=seq_len,
                        seed=seed, method=method, device=device, loaded=(m, tok, info))
     click.echo(f"wrote {out}")
@@ -304,6 +311,7 @@ def quantize(model, plan_file, calib, samples, seq_len, seed, device, device_map
 @click.option("--quantized", "-q", type=click.Path(file_okay=False), required=True,
               help="Quantized model directory from apq-sdk quantize.")
 @model_option
+@unknown_arch_option
 @click.option("--text", type=click.Path(dir_okay=False), default=None,
               help="Evaluation text. Default: wikitext2-test from $APQ_DATA or ../shared/data.")
 @click.option("--windows", type=click.IntRange(1), default=None,
@@ -313,7 +321,8 @@ def quantize(model, plan_file, calib, samples, seq_len, seed, device, device_map
 @_apply(placement_options)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Write the result as JSON here.")
-def eval_cmd(quantized, model, text, windows, window_len, device, device_map, max_memory, output):
+def eval_cmd(quantized, model, allow_unknown_arch, text, windows, window_len, device, device_map,
+             max_memory, output):
     """Perplexity, KL divergence and top-1 agreement against the unquantized model."""
     from rich.console import Console
     from rich.table import Table
@@ -328,7 +337,7 @@ def eval_cmd(quantized, model, text, windows, window_len, device, device_map, ma
         from .fsutil import check_output_file
 
         check_output_file(output, what="--output")
-    ref, tok, _, device = _load(model, device, device_map, max_memory)
+    ref, tok, _, device = _load(model, device, device_map, max_memory, allow_unknown_arch)
     qmodel = load_quantized(quantized, device, device_map=device_map,
                             max_memory=parse_max_memory(max_memory))
     ids = eval_windows(tok, Path(text) if text else eval_text_path(), window_len, windows)
@@ -359,8 +368,8 @@ def targets():
 
     table = Table(title="apq-sdk targets")
     for column in ("target", "description", "weight bits", "groups", "symmetric", "activations",
-                   "fused", "head bits", "max ctx", "tools"):
-        table.add_column(column)
+                   "fused", "head bits", "max ctx", "families", "tools"):
+        table.add_column(column, overflow="fold")
     for name, cls in sorted(load_builtin_targets().items()):
         caps = cls.capabilities
         tools = ", ".join(f"{t.name} {'ok' if t.present() else 'MISSING: ' + t.how_to_get}"
@@ -371,10 +380,11 @@ def targets():
                  ", ".join(f"{m} (default)" if m == caps.default_activation else m
                            for m in caps.activation_modes),
                  ", ".join(caps.fused), ",".join(map(str, caps.head_bits)),
-                 str(caps.max_context), tools)
+                 str(caps.max_context),
+                 "any" if caps.families is None else ", ".join(caps.families), tools)
         table.add_row(*(Text(cell) for cell in cells))  # Text: no rich markup in names
         if caps.notes:
-            table.add_row("", Text(caps.notes), *[""] * 8, style="dim")
+            table.add_row("", Text(caps.notes), *[""] * 9, style="dim")
     Console(width=200).print(table)
 
 

@@ -47,8 +47,24 @@ class UnsupportedModelError(ModelLoadError):
 
 
 @dataclass
+class RopeTable:
+    """One rotary embedding: cos/sin of position * inv_freq (over the first 2 * len(inv_freq)
+    dimensions of a head: partial rotary when that is less than head_dim), times `scaling`."""
+
+    inv_freq: np.ndarray  # [rotary_dim / 2] float32
+    scaling: float = 1.0
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * int(self.inv_freq.shape[0])
+
+
+@dataclass
 class DecoderSpec:
-    """What a runtime needs to know to run one decoder-only model, independent of the runtime."""
+    """What a runtime needs to know to run one decoder-only model, independent of the runtime.
+
+    Per layer: its rotary table (`layer_rope`, a key of `rope_tables`, or None for a layer
+    without RoPE) and its sliding window (None: global attention)."""
 
     family: str
     num_layers: int
@@ -61,20 +77,33 @@ class DecoderSpec:
     rms_eps: float
     hidden_act: str
     tie_word_embeddings: bool
-    inv_freq: np.ndarray  # [rotary_dim / 2] float32
-    rope_scaling: float  # cos/sin multiplier (1.0 for default RoPE)
+    rope_tables: dict[str, RopeTable] = field(default_factory=dict)
+    layer_rope: list[str | None] = field(default_factory=list)
     sliding_windows: list[int | None] = field(default_factory=list)
-    norm_offset: bool = False  # gemma: weight applied as (1 + w)
+    norm_offset: bool = False  # gemma: every RMSNorm weight applied as (1 + w)
     embed_scale: float | None = None  # gemma: embeddings times sqrt(hidden)
     stored_fused: bool = False  # qkv_proj / gate_up_proj are single layers (phi3)
+    qk_norm: bool = False  # RMSNorm of every query and key head before RoPE (qwen3, gemma3)
+    sandwich_norms: bool = False  # gemma2/3: norms after attention and around the MLP too
+    attn_scale: float = 0.0  # scores multiplier (head_dim ** -0.5 unless the family says)
+    attn_softcap: float | None = None  # gemma2: scores -> tanh(scores / c) * c
+    final_softcap: float | None = None  # gemma2: logits -> tanh(logits / c) * c
     max_position_embeddings: int = 2048
-
-    @property
-    def rotary_dim(self) -> int:
-        return 2 * int(self.inv_freq.shape[0])
+    max_context: int = 2048  # the longest sequence a package may run (a static RoPE's limit)
 
     def linear_names(self, layer: int) -> dict[str, str]:
         return get_family(self.family).linear_names(layer)
+
+    def norm_names(self, layer: int) -> dict[str, str]:
+        return get_family(self.family).norm_names(layer)
+
+    @property
+    def embedding_name(self) -> str:
+        return get_family(self.family).embedding_name
+
+    @property
+    def final_norm_name(self) -> str:
+        return get_family(self.family).final_norm_name
 
 
 class ModelFamily:
@@ -87,10 +116,19 @@ class ModelFamily:
     scaled_embedding: ClassVar[bool] = False  # embeddings times sqrt(hidden_size)
     default_activation: ClassVar[str | None] = None  # when the config names none (or "gelu")
     windows: ClassVar[str] = "none"  # "none", "all" (every layer) or "layer_types"
+    qk_norm: ClassVar[bool] = False  # RMSNorm per query and key head (q_norm, k_norm)
+    sandwich_norms: ClassVar[bool] = False  # post-attention and pre/post-feedforward norms
+    softcapping: ClassVar[bool] = False  # attention and final logit soft-capping from the config
+    embedding_name: ClassVar[str] = "model.embed_tokens"
+    final_norm_name: ClassVar[str] = "model.norm"
     tiny_config_overrides: ClassVar[dict] = {}
+    modeling_module: ClassVar[str | None] = None  # where transformers implements it, if not
+    #                                               transformers.models.<type>.modeling_<type>
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if not cls.model_type:  # a shared base of several families
+            return
         if cls.model_type in FAMILIES:
             raise TypeError(f"model family {cls.model_type!r} registered twice")
         FAMILIES[cls.model_type] = cls
@@ -107,6 +145,22 @@ class ModelFamily:
         return {"q": f"{p}.self_attn.q_proj", "k": f"{p}.self_attn.k_proj",
                 "v": f"{p}.self_attn.v_proj", "o": f"{p}.self_attn.o_proj",
                 "gate": f"{p}.mlp.gate_proj", "up": f"{p}.mlp.up_proj", "down": f"{p}.mlp.down_proj"}
+
+    @classmethod
+    def norm_names(cls, layer: int, prefix: str = "model.layers") -> dict[str, str]:
+        """Role -> module name of every RMSNorm of decoder block `layer`: "attn_in" and "mlp_in"
+        (before attention and the MLP), with sandwich norms "attn_out" and "mlp_out" (on their
+        outputs), with q/k norms "q" and "k" (over each head, before RoPE)."""
+        p = f"{prefix}.{layer}"
+        if cls.sandwich_norms:
+            names = {"attn_in": f"{p}.input_layernorm", "attn_out": f"{p}.post_attention_layernorm",
+                     "mlp_in": f"{p}.pre_feedforward_layernorm",
+                     "mlp_out": f"{p}.post_feedforward_layernorm"}
+        else:
+            names = {"attn_in": f"{p}.input_layernorm", "mlp_in": f"{p}.post_attention_layernorm"}
+        if cls.qk_norm:
+            names.update(q=f"{p}.self_attn.q_norm", k=f"{p}.self_attn.k_norm")
+        return names
 
     # -- the runtime-neutral description ------------------------------------------------------------
 
@@ -133,37 +187,75 @@ class ModelFamily:
         return act
 
     @classmethod
-    def decoder_spec(cls, config) -> DecoderSpec:
-        rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-                    or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type == "dynamic":
-            raise UnsupportedModelError(
-                "rope_type 'dynamic' changes frequencies with the sequence length; apq-sdk's "
-                "device packages support static RoPE variants only")
-        if rope_type == "longrope":
-            original = getattr(config, "original_max_position_embeddings", None) or \
-                rope.get("original_max_position_embeddings")
-            if original is None or config.max_position_embeddings > original:
+    def rope_tables(cls, config) -> tuple[dict[str, RopeTable], list[str | None], int]:
+        """(tables, the table of each layer, the longest sequence the tables hold for).
+
+        Static RoPE variants only: default, linear, llama3, yarn... give one table; longrope
+        holds its short factors up to original_max_position_embeddings (packages are limited to
+        that context); dynamic NTK scaling changes with the sequence and is refused."""
+        rotary = _rotary_module(config, cls.modeling_module)
+        layers = config.num_hidden_layers
+        limit = int(config.max_position_embeddings)
+        params = dict(getattr(config, "rope_parameters", None) or
+                      getattr(config, "rope_scaling", None) or {})
+        types = getattr(config, "layer_types", None) or ["full_attention"] * layers
+        per_type = all(isinstance(params.get(t), dict) for t in set(types))
+        names = sorted(set(types)) if per_type else ["default"]
+        tables = {}
+        for name in names:
+            rope = params[name] if per_type else params
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            if kind == "dynamic":
                 raise UnsupportedModelError(
-                    "rope_type 'longrope' switches frequencies past "
-                    "original_max_position_embeddings; not supported in device packages")
-        rotary = _rotary_module(config)
+                    "rope_type 'dynamic' changes frequencies with the sequence length; apq-sdk's "
+                    "device packages support static RoPE variants only")
+            if kind == "longrope":
+                original = rope.get("original_max_position_embeddings") or \
+                    getattr(config, "original_max_position_embeddings", None)
+                if original is None:
+                    raise UnsupportedModelError("rope_type 'longrope' without "
+                                                "original_max_position_embeddings")
+                limit = min(limit, int(original))  # past it the frequencies switch
+            prefix = f"{name}_" if per_type else ""
+            inv_freq = getattr(rotary, f"{prefix}inv_freq")
+            scaling = getattr(rotary, f"{prefix}attention_scaling", 1.0)
+            tables[name] = RopeTable(inv_freq.detach().float().cpu().numpy().astype(np.float32),
+                                     float(scaling))
+        layer_rope = [t if per_type else "default" for t in types]
+        return tables, cls.rope_layers(config, layer_rope), limit
+
+    @classmethod
+    def rope_layers(cls, config, layer_rope: list[str | None]) -> list[str | None]:
+        """The rotary table of each layer; a family with layers without RoPE sets them None."""
+        return layer_rope
+
+    @classmethod
+    def attention_scale(cls, config, head_dim: int) -> float:
+        return head_dim ** -0.5
+
+    @classmethod
+    def decoder_spec(cls, config) -> DecoderSpec:
         heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        tables, layer_rope, limit = cls.rope_tables(config)
         return DecoderSpec(
             family=cls.model_type, num_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size, num_heads=heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            vocab_size=config.vocab_size, intermediate_size=config.intermediate_size,
+            head_dim=head_dim, vocab_size=config.vocab_size,
+            intermediate_size=config.intermediate_size,
             rms_eps=float(config.rms_norm_eps), hidden_act=cls.hidden_activation(config),
             tie_word_embeddings=bool(config.tie_word_embeddings),
-            inv_freq=rotary.inv_freq.detach().float().cpu().numpy().astype(np.float32),
-            rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+            rope_tables=tables, layer_rope=layer_rope,
             sliding_windows=cls.sliding_windows(config), norm_offset=cls.norm_offset,
             embed_scale=float(config.hidden_size ** 0.5) if cls.scaled_embedding else None,
-            stored_fused=cls.stored_fused,
-            max_position_embeddings=int(config.max_position_embeddings))
+            stored_fused=cls.stored_fused, qk_norm=cls.qk_norm,
+            sandwich_norms=cls.sandwich_norms, attn_scale=cls.attention_scale(config, head_dim),
+            attn_softcap=_optional_float(getattr(config, "attn_logit_softcapping", None))
+            if cls.softcapping else None,
+            final_softcap=_optional_float(getattr(config, "final_logit_softcapping", None))
+            if cls.softcapping else None,
+            max_position_embeddings=int(config.max_position_embeddings), max_context=limit)
 
     # -- tiny test models ---------------------------------------------------------------------------
 
@@ -212,6 +304,77 @@ class Gemma(ModelFamily):
     tiny_config_overrides = dict(head_dim=16, tie_word_embeddings=True)
 
 
+class Qwen3(ModelFamily):
+    """Qwen3: RMSNorm on every query and key head before RoPE; optional sliding-window layers."""
+
+    model_type = "qwen3"
+    config_class = "Qwen3Config"
+    qk_norm = True
+    windows = "layer_types"
+    tiny_config_overrides = dict(head_dim=24, tie_word_embeddings=True)  # head_dim != hidden/heads
+
+
+class _GemmaSandwich(ModelFamily):
+    """Gemma 2 and 3: (1 + w) norms before and after attention and the MLP, scaled embeddings,
+    scores scaled by query_pre_attn_scalar ** -0.5, alternating sliding-window layers."""
+
+    model_type = ""  # not a family itself
+    norm_offset = True
+    scaled_embedding = True
+    sandwich_norms = True
+    default_activation = "gelu_pytorch_tanh"
+    windows = "layer_types"
+
+    @classmethod
+    def attention_scale(cls, config, head_dim: int) -> float:
+        scalar = getattr(config, "query_pre_attn_scalar", None)
+        return float(scalar) ** -0.5 if scalar else head_dim ** -0.5
+
+
+class Gemma2(_GemmaSandwich):
+    model_type = "gemma2"
+    config_class = "Gemma2Config"
+    softcapping = True
+    tiny_config_overrides = dict(head_dim=16, tie_word_embeddings=True, sliding_window=8,
+                                 query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                 final_logit_softcapping=3.0,
+                                 layer_types=["sliding_attention", "full_attention"])
+
+
+class Gemma3Text(_GemmaSandwich):
+    """Gemma 3 (text): q/k norms instead of soft-capping, and a RoPE base of its own for the
+    sliding-window layers."""
+
+    model_type = "gemma3_text"
+    config_class = "Gemma3TextConfig"
+    modeling_module = "transformers.models.gemma3.modeling_gemma3"
+    qk_norm = True
+    tiny_config_overrides = dict(
+        head_dim=16, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0,
+                                            "factor": 8.0}})
+
+
+class SmolLM3(ModelFamily):
+    """SmolLM3: every fourth layer without RoPE (no_rope_layers[i] == 0)."""
+
+    model_type = "smollm3"
+    config_class = "SmolLM3Config"
+    windows = "layer_types"
+    tiny_config_overrides = dict(tie_word_embeddings=True, no_rope_layers=[1, 0], pad_token_id=0)
+
+    @classmethod
+    def rope_layers(cls, config, layer_rope):
+        flags = getattr(config, "no_rope_layers", None) or [1] * len(layer_rope)
+        return [table if flags[i] else None for i, table in enumerate(layer_rope)]
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
+
+
 def family_names() -> tuple[str, ...]:
     return tuple(FAMILIES)
 
@@ -231,9 +394,10 @@ def decoder_spec(config) -> DecoderSpec:
     return get_family(config.model_type).decoder_spec(config)
 
 
-def _rotary_module(config):
+def _rotary_module(config, modeling: str | None = None):
     model_type = config.model_type
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    module = importlib.import_module(modeling or
+                                     f"transformers.models.{model_type}.modeling_{model_type}")
     classes = [getattr(module, n) for n in sorted(dir(module)) if n.endswith("RotaryEmbedding")
                and not n.startswith("_")]
     if not classes:

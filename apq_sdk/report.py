@@ -57,7 +57,7 @@ def sensitivity_heatmap(sens, path) -> Path:
     if heads:
         ax = axes[0][1]
         layers = sorted(heads, key=int)
-        roles = [r for r in ("q", "k", "v", "o") if r in heads[layers[0]]]
+        roles = [r for r in ("q", "k", "v", "o", "kv_group") if r in heads[layers[0]]]
         width = max(len(heads[layers[0]][r]) for r in roles)
         rows = []
         for layer in layers:
@@ -68,9 +68,11 @@ def sensitivity_heatmap(sens, path) -> Path:
                 row += [v / total for v in vals] + [np.nan] * (width - len(vals)) + [np.nan]
             rows.append(row)
         image = ax.imshow(np.array(rows), aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_xticks([i * (width + 1) + width / 2 - 0.5 for i in range(len(roles))], roles)
+        ax.set_xticks([i * (width + 1) + width / 2 - 0.5 for i in range(len(roles))],
+                      [r.replace("kv_group", "KV group") for r in roles])
         ax.set_ylabel("decoder layer")
-        ax.set_title("per-head share of each projection's error (3-bit reference)")
+        ax.set_title("per-head share of each projection's error, and of each KV group "
+                     "(3-bit reference)")
         fig.colorbar(image, ax=ax, fraction=0.04)
     return _save(fig, path)
 

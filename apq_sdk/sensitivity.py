@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from .blockwise import (HessianCollector, block_linears, block_output, capture_block_inputs,
                         cast_batches, compute_dtype, run_block, slice_batch)
 from .calibration import CalibrationInfo
+from .families import FAMILIES
 from .model_io import ModelInfo
 from .progress import progress_bar
 from .quant.modules import fake_quantize_activations, fake_quantize_activations_per_block
@@ -214,18 +215,77 @@ def _validate(data) -> None:
     mapping("heads", data.get("heads", {}))
 
 
-def _per_head_errors(delta: torch.Tensor, hessian: torch.Tensor, role: str, info: ModelInfo):
-    """Local output error per attention head for q/k/v rows or o columns."""
+def _per_head_errors(delta: torch.Tensor, hessian: torch.Tensor, role: str, info: ModelInfo,
+                     weight: torch.Tensor, rows: torch.Tensor,
+                     head_norms: dict[str, nn.Module]) -> dict[str, list[float]]:
+    """Output error per attention head of a q/k/v (or fused qkv) projection's rows, or of an o
+    projection's columns, in the head layout of the model: `num_attention_heads` query and output
+    heads, `num_key_value_heads` key and value heads (GQA), `head_dim` as the config gives it.
+
+    Where the family normalises every query and key head before RoPE (q/k norms: Qwen3, Gemma 3),
+    the error that reaches attention is the one after that norm, which divides out any change of
+    a head's scale: it is measured through the model's own norm on the kept input rows (mean
+    squared error per token, the unit of output_error)."""
     d = info.head_dim
-    if role in ("q", "k", "v"):
-        rows = output_error(delta, hessian)
-        return rows.view(-1, d).sum(-1).tolist()
     if role == "o":
         heads = delta.shape[1] // d
-        return [float(output_error(delta[:, h * d:(h + 1) * d],
-                                   hessian[h * d:(h + 1) * d, h * d:(h + 1) * d]).sum())
-                for h in range(heads)]
-    return None
+        return {"o": [float(output_error(delta[:, h * d:(h + 1) * d],
+                                         hessian[h * d:(h + 1) * d, h * d:(h + 1) * d]).sum())
+                      for h in range(heads)]}
+    if role == "qkv":  # stored fused (Phi-3): rows are [q heads | k heads | v heads]
+        sizes = [info.num_attention_heads * d, info.num_key_value_heads * d,
+                 info.num_key_value_heads * d]
+        if sum(sizes) != delta.shape[0]:
+            return {}
+        parts = zip(("q", "k", "v"), delta.split(sizes), weight.split(sizes))
+    elif role in ("q", "k", "v"):
+        parts = [(role, delta, weight)]
+    else:
+        return {}
+    out = {}
+    for part, part_delta, part_weight in parts:
+        norm = head_norms.get(part)
+        if norm is None:
+            out[part] = output_error(part_delta, hessian).view(-1, d).sum(-1).tolist()
+            continue
+        x = rows.to(part_weight.dtype)
+        clean = (x @ part_weight.T).view(x.shape[0], -1, d)
+        noisy = (x @ (part_weight + part_delta).T).view(x.shape[0], -1, d)
+        norm_dtype = next(norm.parameters()).dtype
+        error = (norm(noisy.to(norm_dtype)).float() - norm(clean.to(norm_dtype)).float()) ** 2
+        out[part] = error.sum(-1).mean(0).tolist()
+    return out
+
+
+def _head_norms(model: nn.Module, info: ModelInfo, index: int) -> dict[str, nn.Module]:
+    """The per-head q/k norm modules of decoder layer `index`, where the model's family has them
+    (an architecture the registry does not describe gets none: its heads are measured before any
+    norm it may have)."""
+    family = FAMILIES.get(info.model_type)
+    if family is None or not family.qk_norm:
+        return {}
+    names = family.norm_names(index, prefix=info.layers_path)
+    return {role: model.get_submodule(names[role]) for role in ("q", "k")}
+
+
+def _kv_groups(heads: dict[str, list[float]], info: ModelInfo) -> list[float] | None:
+    """Each KV head's share of its layer's attention error: the mean over q, k, v and o of the
+    share of that projection's error carried by the heads of the group (the query and output
+    heads that read the KV head, and the KV head itself). Sums to 1 over the groups."""
+    groups = info.num_key_value_heads
+    if groups < 1 or info.num_attention_heads % groups or not heads:
+        return None
+    rep = info.num_attention_heads // groups
+    shares = []
+    for role, values in heads.items():
+        total = sum(values)
+        if total <= 0:
+            continue
+        size = rep if len(values) == info.num_attention_heads else 1
+        shares.append([sum(values[g * size:(g + 1) * size]) / total for g in range(groups)])
+    if not shares:
+        return None
+    return [sum(s[g] for s in shares) / len(shares) for g in range(groups)]
 
 
 def _choose_act_clip(weight: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
@@ -270,8 +330,9 @@ def _block_gains(block: nn.Module, linears: dict[str, nn.Module], batches, outpu
 def _run_blocks(layers, start: int, batches) -> list[torch.Tensor]:
     """Hidden states after blocks start..end (float32 chain), one tensor per batch."""
     hidden = [b.hidden for b in batches]
-    for block in list(layers)[start:]:
-        hidden = [block_output(block(h, **b.kwargs)) for h, b in zip(hidden, batches)]
+    for index in range(start, len(layers)):
+        hidden = [block_output(layers[index](h, **b.kwargs_for(index)))
+                  for h, b in zip(hidden, batches)]
     return hidden
 
 
@@ -311,7 +372,7 @@ def _propagated_kl(model, info: ModelInfo, index: int, linears: dict[str, nn.Mod
     try:
         for name, module in linears.items():
             module.weight.data += deltas[name].to(module.weight.dtype)
-        perturbed = [type(b)(o, b.kwargs) for b, o in zip(batches, run_block(layers[index], batches))]
+        perturbed = [b.advanced(o) for b, o in zip(batches, run_block(layers[index], batches))]
     finally:
         for name, module in linears.items():
             module.weight.data.copy_(originals[name])
@@ -368,6 +429,7 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
         for index, block in enumerate(layers):
             prefix = f"{info.layers_path}.{index}"
             linears = block_linears(block, prefix)
+            head_norms = _head_norms(model, info, index)
             collector = HessianCollector(linears, keep_rows=256)
             with compute_dtype(block, cdt):
                 outputs = run_block(block, batches)
@@ -397,9 +459,10 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
                             if keep_deltas is not None and name in keep_deltas:
                                 keep_deltas[name] = delta.cpu()
                             errs_ref[name] = entry["errors"][key]
-                            heads = _per_head_errors(delta, hessian, entry["role"], info)
-                            if heads is not None:
-                                sens.heads.setdefault(str(index), {})[entry["role"]] = heads
+                            heads = _per_head_errors(delta, hessian, entry["role"], info,
+                                                     weight, collector.kept_rows(name),
+                                                     head_norms)
+                            sens.heads.setdefault(str(index), {}).update(heads)
                     x_rows = collector.kept_rows(name)
                     clip, act_err = _choose_act_clip(weight, x_rows)
                     entry["act_clip"] = clip
@@ -407,6 +470,11 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
                     entry["act_error_block"] = {str(g): _block_act_error(weight, x_rows, g)
                                                 for g in settings.group_sizes}
                     sens.modules[name] = entry
+            layer_heads = sens.heads.get(str(index))
+            if layer_heads:
+                groups = _kv_groups(layer_heads, info)
+                if groups is not None:
+                    layer_heads["kv_group"] = groups
             chain_out = run_block(block, chain)
             gains = _block_gains(block, linears, chain, chain_out, deltas_ref, errs_ref)
             depth = 1.0
@@ -417,8 +485,8 @@ def profile_model(model: nn.Module, info: ModelInfo, samples: torch.Tensor,
                 depth = max(kl, 1e-12) / max(relative, 1e-30)
             for name, gain in gains.items():
                 sens.modules[name].update(block_gain=gain, depth=depth, gain=gain * depth)
-            batches = [type(b)(o, b.kwargs) for b, o in zip(batches, outputs)]
-            chain = [type(b)(o, b.kwargs) for b, o in zip(chain, chain_out)]
+            batches = [b.advanced(o) for b, o in zip(batches, outputs)]
+            chain = [b.advanced(o) for b, o in zip(chain, chain_out)]
             bar.advance(task)
         _profile_output_head(model, info, sens, batches, settings)
         bar.advance(task)

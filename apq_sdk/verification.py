@@ -343,7 +343,7 @@ def verify_runner(*, target: str, runner: Runner, checkpoint, package_dir: Path,
     int8 = any(m.activation in (ACT_INT8, ACT_INT8_BLOCK) for m in plan.modules.values())
     per_block = any(m.activation == ACT_INT8_BLOCK for m in plan.modules.values())
     text_path = Path(text_path) if text_path is not None else verify_text_path()
-    max_ctx = min(max_context, reference.config.max_position_embeddings)
+    max_ctx = min(max_context, checkpoint.spec.max_context)  # a static RoPE's limit included
     seq_len = min(seq_len or 512, max_ctx)
     batch = token_windows(package_dir, text_path, windows, seq_len)
     result = VerifyResult(target=target, runtime=runner.runtime, text=str(text_path),

@@ -175,7 +175,8 @@ class LinearLowering:
         raise LoweringError(f"{self.name}: a quantized head tied to the embedding is not supported; "
                             f"plan the head at 16 bits (--head-bits 16)")
 
-    def tied_head(self, graph: "DecoderGraph", x: str, head: CheckpointModule) -> str:
+    def tied_head(self, graph: "DecoderGraph", x: str, head: CheckpointModule,
+                  output: str = "logits") -> str:
         raise LoweringError(f"{self.name}: a quantized head tied to the embedding is not supported; "
                             f"plan the head at 16 bits (--head-bits 16)")
 
@@ -332,22 +333,32 @@ class DecoderGraph:
         self._masks[window] = allowed
         return allowed
 
-    def rotary(self) -> tuple[str, str]:
+    def rotary(self) -> dict[str, tuple[str, str]]:
+        """Every rotary table's (cos, sin, rotary_dim), cos and sin [1, 1, S, rotary_dim] for the
+        positions given."""
         g = self.g
-        s = "rotary"
-        pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], s, to=1), g.const([-1], np.int64)], s)
-        freqs = g.op("Mul", [pos, g.init("rotary.inv_freq", self.spec.inv_freq)], s)
-        emb = g.op("Concat", [freqs, freqs], s, axis=-1)
-        cos, sin = g.op("Cos", [emb], s), g.op("Sin", [emb], s)
-        if self.spec.rope_scaling != 1.0:
-            factor = g.const(self.spec.rope_scaling, np.float32)
-            cos, sin = g.op("Mul", [cos, factor], s), g.op("Mul", [sin, factor], s)
-        axis = g.const([1], np.int64)
-        return g.op("Unsqueeze", [cos, axis], s), g.op("Unsqueeze", [sin, axis], s)
+        out = {}
+        for name, table in sorted(self.spec.rope_tables.items()):
+            single = len(self.spec.rope_tables) == 1
+            s = "rotary" if single else f"rotary_{name}"
+            pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], s, to=1),
+                                     g.const([-1], np.int64)], s)
+            freqs = g.op("Mul", [pos, g.init("rotary.inv_freq" if single else f"rotary.{name}.inv_freq",
+                                             table.inv_freq)], s)
+            emb = g.op("Concat", [freqs, freqs], s, axis=-1)
+            cos, sin = g.op("Cos", [emb], s), g.op("Sin", [emb], s)
+            if table.scaling != 1.0:
+                factor = g.const(table.scaling, np.float32)
+                cos, sin = g.op("Mul", [cos, factor], s), g.op("Mul", [sin, factor], s)
+            axis = g.const([1], np.int64)
+            out[name] = (g.op("Unsqueeze", [cos, axis], s), g.op("Unsqueeze", [sin, axis], s),
+                         table.rotary_dim)
+        return out
 
-    def apply_rotary(self, x: str, cos: str, sin: str, scope: str) -> str:
+    def apply_rotary(self, x: str, rope: tuple[str, str, int], scope: str) -> str:
         g = self.g
-        d, r = self.spec.head_dim, self.spec.rotary_dim
+        cos, sin, r = rope
+        d = self.spec.head_dim
         rot, rest = (x, None) if r == d else g.op("Split", [x, g.const([r, d - r], np.int64)], scope,
                                                     outputs=2, axis=-1)
         x1, x2 = g.op("Split", [rot, g.const([r // 2, r // 2], np.int64)], scope, outputs=2, axis=-1)
@@ -357,6 +368,13 @@ class DecoderGraph:
             out = g.op("Concat", [out, rest], scope, axis=-1)
         return out
 
+    def softcap(self, x: str, cap: float, scope: str, output: str | None = None) -> str:
+        """tanh(x / cap) * cap (Gemma 2's attention and final logit soft-capping)."""
+        g = self.g
+        c = g.const(cap, np.float32)
+        return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, c], scope)], scope), c], scope,
+                    outputs=[output] if output else 1)
+
     def heads(self, x: str, count: int, scope: str) -> str:
         """[1, S, count*D] -> [1, count, S, D]."""
         g = self.g
@@ -365,18 +383,25 @@ class DecoderGraph:
 
     # -- blocks ------------------------------------------------------------------------------------
 
-    def attention(self, i: int, x: str, cos: str, sin: str) -> str:
+    def attention(self, i: int, x: str, ropes: dict) -> str:
         g, spec = self.g, self.spec
-        names = spec.linear_names(i)
-        scope = f"model.layers.{i}.self_attn"
+        names, norms = spec.linear_names(i), spec.norm_names(i)
+        scope = names["o"].rsplit(".", 1)[0]
         hd, h, hkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
         if spec.stored_fused:
             qkv = self.linear(x, [self.modules[names["qkv"]]], scope)[0]
             q, k, v = self.split(qkv, [h * hd, hkv * hd, hkv * hd], scope)
         else:
             q, k, v = self.project(x, ["q", "k", "v"], names, scope)
-        q = self.apply_rotary(self.heads(q, h, scope), cos, sin, scope)
-        k = self.apply_rotary(self.heads(k, hkv, scope), cos, sin, scope)
+        rope = spec.layer_rope[i]  # None: a layer without RoPE (SmolLM3)
+
+        def position(x: str, count: int, role: str) -> str:
+            x = self.heads(x, count, scope)
+            if spec.qk_norm:  # RMSNorm over each head's dimensions, before RoPE
+                x = self.rms_norm(x, f"{norms[role]}.weight", norms[role])
+            return x if rope is None else self.apply_rotary(x, ropes[rope], scope)
+
+        q, k = position(q, h, "q"), position(k, hkv, "k")
         v = self.heads(v, hkv, scope)
         k_all = g.op("Concat", [f"past_key_values.{i}.key", k], scope, outputs=[f"present.{i}.key"], axis=2)
         v_all = g.op("Concat", [f"past_key_values.{i}.value", v], scope, outputs=[f"present.{i}.value"],
@@ -384,7 +409,9 @@ class DecoderGraph:
         # query heads grouped by their KV head: [1, H, S, D] -> [1, Hkv, rep*S, D] (no K/V copies)
         qg = g.op("Reshape", [q, g.const([1, hkv, -1, hd], np.int64)], scope)
         scores = g.op("MatMul", [qg, g.op("Transpose", [k_all], scope, perm=[0, 1, 3, 2])], scope)
-        scores = g.op("Mul", [scores, g.const(hd ** -0.5, np.float32)], scope)
+        scores = g.op("Mul", [scores, g.const(spec.attn_scale, np.float32)], scope)
+        if spec.attn_softcap is not None:
+            scores = self.softcap(scores, spec.attn_softcap, scope)
         scores = g.op("Where", [self.mask(spec.sliding_windows[i]), scores,
                                 g.const(FLOAT32_LOWEST, np.float32)], scope)
         probs = g.op("Softmax", [scores], scope, axis=-1)
@@ -396,7 +423,7 @@ class DecoderGraph:
 
     def mlp(self, i: int, x: str) -> str:
         names = self.spec.linear_names(i)
-        scope = f"model.layers.{i}.mlp"
+        scope = names["down"].rsplit(".", 1)[0]
         if self.spec.stored_fused:
             gate_up = self.linear(x, [self.modules[names["gate_up"]]], scope)[0]
             gate, up = self.split(gate_up, [self.spec.intermediate_size] * 2, scope)
@@ -407,7 +434,7 @@ class DecoderGraph:
 
     def embedding(self) -> str:
         g, spec = self.g, self.spec
-        s = "model.embed_tokens"
+        s = spec.embedding_name
         head = self.head
         if spec.tie_word_embeddings and head is not None and head.kind == "packed":
             x = self.lowering.tied_embedding(self, head)  # one copy of the head's codes
@@ -420,27 +447,33 @@ class DecoderGraph:
             table = g.init(f"{s}.weight", self.modules[s].arrays["weight"].astype(np.float16))
             x = g.op("Gather", [g.op("Cast", [table], s, to=1), "input_ids"], s, axis=0)
         else:
-            table = g.init("model.embed_tokens.weight", self.tensor("model.embed_tokens.weight"))
+            table = g.init(f"{s}.weight", self.tensor(f"{s}.weight"))
             x = g.op("Gather", [table, "input_ids"], s, axis=0)
         if spec.embed_scale is not None:
             x = g.op("Mul", [x, g.const(np.float32(spec.embed_scale), np.float32)], s)
         return x
 
     def lm_head(self, x: str) -> str:
+        """The logits (named "logits"), soft-capped where the family says (Gemma 2)."""
         g, spec = self.g, self.spec
         head = self.head
+        out = "logits" if spec.final_softcap is None else "logits_before_softcap"
         if head is None:  # not planned: float head (tied to the embedding or its own weight)
-            name = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+            name = f"{spec.embedding_name}.weight" if spec.tie_word_embeddings else "lm_head.weight"
             w = name if name in g.initializers else g.init(name, self.tensor(name))
-            return g.op("MatMul", [x, g.op("Transpose", [w], "lm_head", perm=[1, 0])], "lm_head",
-                        outputs=["logits"])
-        if head.kind == "packed" and spec.tie_word_embeddings:
-            return self.lowering.tied_head(self, x, head)
-        if head.kind == "float16" and spec.tie_word_embeddings:
+            y = g.op("MatMul", [x, g.op("Transpose", [w], "lm_head", perm=[1, 0])], "lm_head",
+                     outputs=[out])
+        elif head.kind == "packed" and spec.tie_word_embeddings:
+            y = self.lowering.tied_head(self, x, head, out)
+        elif head.kind == "float16" and spec.tie_word_embeddings:
             w = g.op("Cast", [self.shared["lm_head.weight"]], "lm_head", to=1)
-            return g.op("MatMul", [x, g.op("Transpose", [w], "lm_head", perm=[1, 0])], "lm_head",
-                        outputs=["logits"], doc=linear_doc([head], x))
-        return self.linear(x, [head], "lm_head", output="logits")[0]
+            y = g.op("MatMul", [x, g.op("Transpose", [w], "lm_head", perm=[1, 0])], "lm_head",
+                     outputs=[out], doc=linear_doc([head], x))
+        else:
+            y = self.linear(x, [head], "lm_head", output=out)[0]
+        if spec.final_softcap is not None:
+            y = self.softcap(y, spec.final_softcap, "lm_head", output="logits")
+        return y
 
     # -- whole model -------------------------------------------------------------------------------
 
@@ -449,15 +482,23 @@ class DecoderGraph:
 
         spec, g = self.spec, self.g
         x = self.embedding()
-        cos, sin = self.rotary()
+        ropes = self.rotary()
         for i in range(spec.num_layers):
-            prefix = f"model.layers.{i}"
-            h = self.rms_norm(x, f"{prefix}.input_layernorm.weight", f"{prefix}.input_layernorm")
-            x = g.op("Add", [x, self.attention(i, h, cos, sin)], prefix)
-            h = self.rms_norm(x, f"{prefix}.post_attention_layernorm.weight",
-                              f"{prefix}.post_attention_layernorm")
-            x = g.op("Add", [x, self.mlp(i, h)], prefix)
-        x = self.rms_norm(x, "model.norm.weight", "model.norm")
+            norms = spec.norm_names(i)
+            prefix = norms["attn_in"].rsplit(".", 1)[0]
+
+            def norm(value: str, role: str) -> str:
+                return self.rms_norm(value, f"{norms[role]}.weight", norms[role])
+
+            a = self.attention(i, norm(x, "attn_in"), ropes)
+            if "attn_out" in norms:  # Gemma 2/3: attention and MLP outputs are normalised too
+                a = norm(a, "attn_out")
+            x = g.op("Add", [x, a], prefix)
+            m = self.mlp(i, norm(x, "mlp_in"))
+            if "mlp_out" in norms:
+                m = norm(m, "mlp_out")
+            x = g.op("Add", [x, m], prefix)
+        x = self.rms_norm(x, f"{spec.final_norm_name}.weight", spec.final_norm_name)
         self.lm_head(x)
 
         f32, i64 = TensorProto.FLOAT, TensorProto.INT64

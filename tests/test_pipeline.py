@@ -15,21 +15,24 @@ from apq_sdk.planning import Budget, make_plan, uniform_plan
 from apq_sdk.plan_file import load_plan
 from apq_sdk.sensitivity import ProfileSettings, profile_model
 from apq_sdk.quantizer import load_quantized, quantize_model, save_quantized
-from apq_sdk.testing import FAMILIES
+from apq_sdk.testing import TINY_MODELS, UNREGISTERED
 
 
-def _profile(path):
-    model, tok, info = load_model(path)
+def _profile(path, allow_unknown=False):
+    model, tok, info = load_model(path, allow_unknown=allow_unknown)
     ids, calib = load_calibration(tok, num_samples=8, seq_len=48, seed=0)
     fit, _ = load_calibration(tok, num_samples=2, seq_len=48, seed=1)
     sens = profile_model(model, info, ids, calib, ProfileSettings(batch_size=4), fit_samples=fit)
     return model, tok, info, ids, sens
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_MODELS + tuple(UNREGISTERED))
 def test_end_to_end(family, tiny_model_factory, tmp_path):
+    """Every family, RoPE and window variant, and causal LMs the registry does not describe
+    (allow_unknown), through profile, plan, quantize, load_quantized, eval and generate."""
     path = tiny_model_factory(family)
-    model, tok, info, ids, sens = _profile(path)
+    unknown = family in UNREGISTERED
+    model, tok, info, ids, sens = _profile(path, unknown)
     tied = info.tie_word_embeddings
     assert {e["kind"] for e in sens.modules.values()} == \
         {"linear", "lm_head"} | (set() if tied else {"embedding"})
@@ -47,7 +50,7 @@ def test_end_to_end(family, tiny_model_factory, tmp_path):
     assert plan.totals.model_params == sum(p.numel() for p in model.parameters())
     qkv = [m for n, m in plan.modules.items() if n.endswith(("q_proj", "k_proj", "v_proj"))]
     assert len({(m.bits, m.group_size) for m in qkv if m.tie_group and ".0." in m.tie_group}) <= 1
-    reference, _, _ = load_model(path)
+    reference, _, _ = load_model(path, allow_unknown=unknown)
     quantize_model(model, info, plan, ids)
     out = save_quantized(model, tok, plan, tmp_path / "q")
     loaded = load_quantized(out)

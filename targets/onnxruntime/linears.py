@@ -113,17 +113,17 @@ class MatMulNBitsLowering(LinearLowering):
         # GatherBlockQuantized on the head's own B (shared initializer), with its scales and zero
         # points as [V, n_blocks, 1]
         g = graph.g
-        s = "model.embed_tokens"
+        s = graph.spec.embedding_name
         v, k = head.shape
         blocks = num_blocks(k, head.group_size)
         graph.shared["lm_head.B"] = g.init("lm_head.B", nbits_initializers(head)["B"])
         inputs = [graph.shared["lm_head.B"], "input_ids",
-                  g.init("model.embed_tokens.scales",
+                  g.init(f"{s}.scales",
                          head.arrays["scales"].astype(np.float16).astype(np.float32)
                          .reshape(v, blocks, 1))]
         if "qzeros" in head.arrays:
             zeros = unpack_rows(head.arrays["qzeros"], head.bits, blocks)
-            inputs.append(g.init("model.embed_tokens.zero_points", zeros.reshape(v, blocks, 1)))
+            inputs.append(g.init(f"{s}.zero_points", zeros.reshape(v, blocks, 1)))
         x = g.op("GatherBlockQuantized", inputs, s, domain=MS_DOMAIN, bits=head.bits,
                  block_size=head.group_size, gather_axis=0, quantize_axis=2)
         x = g.op("Reshape", [x, g.const([0, 0, -1], np.int64)], s)
@@ -132,14 +132,15 @@ class MatMulNBitsLowering(LinearLowering):
                                g.const([2], np.int64)], s)
         return x
 
-    def tied_head(self, graph: DecoderGraph, x: str, head: CheckpointModule) -> str:
+    def tied_head(self, graph: DecoderGraph, x: str, head: CheckpointModule,
+                  output: str = "logits") -> str:
         g = graph.g
         parts = nbits_initializers(head)
         inputs = [x, graph.shared["lm_head.B"], g.init("lm_head.scales", parts["scales"]),
                   g.init("lm_head.zero_points", parts["zero_points"]) if "zero_points" in parts else ""]
         while inputs[-1] == "":
             inputs.pop()
-        return g.op("MatMulNBits", inputs, "lm_head", outputs=["logits"], domain=MS_DOMAIN,
+        return g.op("MatMulNBits", inputs, "lm_head", outputs=[output], domain=MS_DOMAIN,
                     doc=linear_doc([head], x), K=head.shape[1], N=head.shape[0],
                     bits=head.bits, block_size=head.group_size,
                     accuracy_level=4 if head.activation == ACT_INT8_BLOCK else 0)

@@ -61,6 +61,8 @@ class OnnxRuntimeTarget(Target):
         default_activation="int8-per-block-dynamic",
         fused=("qkv", "gate_up"),
         head_bits=(4, 8, 16),
+        families=("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
+                  "smollm3"),
         scale_bytes=4,  # MatMulNBits scales have A's type: float32
         pads_last_block=True,  # B is [N, blocks, blob]: a ragged row ends in a padded block
         tied_lookup_copy=True,  # GatherBlockQuantized: its own float32 scales, unpacked zeros
@@ -110,7 +112,7 @@ class OnnxRuntimeTarget(Target):
         spec = ckpt.spec
         numbers = {"vocab_size": spec.vocab_size, "num_layers": spec.num_layers,
                    "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-                   "max_context": min(self.capabilities.max_context, spec.max_position_embeddings),
+                   "max_context": min(self.capabilities.max_context, spec.max_context),
                    "bos_token_id": _token_id(getattr(ckpt.config, "bos_token_id", None), spec.vocab_size),
                    "eos_token_id": _token_id(getattr(ckpt.config, "eos_token_id", None), spec.vocab_size)}
         io = describe_io(spec)

@@ -1,7 +1,8 @@
 """The checks every target must pass, written once against the Target interface.
 
 Parametrized over every registered target (apq_sdk.targets.base.BUILTIN_TARGETS) and every model
-family (apq_sdk.families), through the real build path (profile, plan within the target's table,
+tiny model (every family of apq_sdk.families and its RoPE and window variants,
+apq_sdk.testing.TINY_MODELS), through the real build path (profile, plan within the target's table,
 quantize, lower, verify) on tiny random models whose directory name is hostile, so the model name
 reaches every generated file. A target joins by registering; a target whose tools are missing here
 is skipped with the reason.
@@ -33,7 +34,7 @@ from apq_sdk.fsutil import cache_dir
 from apq_sdk.plan_file import compute_totals, load_plan, save_plan
 from apq_sdk.quant.packing import stored_bytes
 from apq_sdk.targets.base import BUILTIN_TARGETS, get_target
-from apq_sdk.testing import FAMILIES, make_tiny_model
+from apq_sdk.testing import TINY_MODELS, make_tiny_model
 from apq_sdk.verification import compare_weights
 
 TARGETS = sorted(BUILTIN_TARGETS)
@@ -90,7 +91,7 @@ def _digests(root: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_MODELS)
 @pytest.mark.parametrize("name", TARGETS)
 def test_weights_are_the_checkpoints_bit_for_bit(name, family, tmp_path_factory, calib):
     cls = _target(name)
@@ -103,11 +104,11 @@ def test_weights_are_the_checkpoints_bit_for_bit(name, family, tmp_path_factory,
     assert set(read) == set(checkpoint.plan.modules)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_MODELS)
 @pytest.mark.parametrize("name", TARGETS)
 def test_verify_passes_and_decode_matches_the_full_sequence(name, family, tmp_path_factory, calib):
     _target(name)
-    _, package, _ = _build(name, family, tmp_path_factory, calib)
+    _, package, ckpt_dir = _build(name, family, tmp_path_factory, calib)
     result = json.loads((package / "verify.json").read_text())
     assert result["passed"], result["failures"]
     checks = {c["name"]: c for c in result["checks"]}
@@ -115,6 +116,9 @@ def test_verify_passes_and_decode_matches_the_full_sequence(name, family, tmp_pa
     kv = [c for n, c in checks.items() if n.startswith("KV cache")]
     assert kv and all(c["passed"] for c in kv)
     assert result["kv_cache"]["decode_steps"] > 0
+    windows = [w for w in read_checkpoint(ckpt_dir).spec.sliding_windows if w is not None]
+    if windows:  # the whole decode runs past the window: a cache that keeps too much fails
+        assert result["kv_cache"]["prefill_tokens"] > max(windows)
     assert Path(result["text"]).name == "verify-text.txt"  # the shipped text, never random ids
     plan = load_plan(package / "plan.json")
     if any(m.activation != "none" for m in plan.modules.values()):  # int8: exact per layer and
@@ -123,7 +127,7 @@ def test_verify_passes_and_decode_matches_the_full_sequence(name, family, tmp_pa
     assert not result["skipped"], result["skipped"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_MODELS)
 @pytest.mark.parametrize("name", TARGETS)
 def test_a_corrupted_weight_fails_verify(name, family, tmp_path_factory, calib, tmp_path):
     cls = _target(name)
@@ -152,7 +156,7 @@ def test_a_corrupted_weight_fails_verify(name, family, tmp_path_factory, calib, 
     assert any(module.name in f for f in result.failures), result.failures
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_MODELS)
 @pytest.mark.parametrize("name", TARGETS)
 def test_a_rebuild_is_byte_identical(name, family, tmp_path_factory, calib, tmp_path):
     _target(name)

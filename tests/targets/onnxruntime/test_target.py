@@ -18,7 +18,9 @@ pytest.importorskip("onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 
 from apq_sdk.calibration import builtin_text, load_calibration  # noqa: E402
+from apq_sdk.families import decoder_spec  # noqa: E402
 from apq_sdk.model_io import load_model  # noqa: E402
+from apq_sdk.testing import TINY_MODELS  # noqa: E402
 from apq_sdk.checkpoint import CheckpointModule, read_checkpoint  # noqa: E402
 from apq_sdk.plan_file import Plan, compute_totals, load_plan  # noqa: E402
 from apq_sdk.planning import Budget, make_plan, uniform_plan  # noqa: E402
@@ -26,7 +28,8 @@ from apq_sdk.sensitivity import ProfileSettings, profile_model  # noqa: E402
 from apq_sdk.quant.packing import stored_bytes  # noqa: E402
 from apq_sdk.quantizer import quantize_model, save_quantized  # noqa: E402
 from apq_sdk.targets.base import BuildContext, get_target  # noqa: E402
-from apq_sdk.targets.onnx_graph import build_decoder, float_weights_from_model, save_model  # noqa: E402
+from apq_sdk.targets.onnx_graph import (DecoderGraph, build_decoder,  # noqa: E402
+                                        float_weights_from_model, save_model)
 from apq_sdk.targets.onnxruntime.linears import (MatMulNBitsLowering, nbits_initializers,  # noqa: E402
                                                  nbits_nodes)
 from apq_sdk.targets.onnxruntime.target import OnnxDecoder, OnnxRuntimeTarget  # noqa: E402
@@ -363,22 +366,36 @@ def test_accuracy_level_4_is_the_per_block_reference(bits, block, k):
     assert np.abs(float_acts - want).max() > 1e-4 * scale  # the mode is not float activations
 
 
-def test_fp32_export_matches_the_float_model(tiny_model_factory, work):
-    path = tiny_model_factory("mistral")
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_fp32_export_matches_transformers_forward(name, tiny_model_factory, work):
+    """The shared graph of every family and RoPE/window variant, in float32, against
+    transformers' own forward: full sequence and token-by-token decode from before the sliding
+    window to well past it."""
+    path = tiny_model_factory(name)
     model, _, _ = load_model(path)
     config, tensors, modules = float_weights_from_model(model)
-    save_model(build_decoder(config, tensors, modules, MatMulNBitsLowering()), work / "fp32.onnx")
-    runner = OnnxDecoder(work / "fp32.onnx")
-    ids = np.arange(5, 69, dtype=np.int64)
+    save_model(build_decoder(config, tensors, modules, MatMulNBitsLowering()), work / f"fp32-{name}.onnx")
+    runner = OnnxDecoder(work / f"fp32-{name}.onnx")
+    ids = np.random.default_rng(0).integers(3, 380, 64).astype(np.int64)
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids[None])).logits[0].numpy()
+    scale = np.abs(ref).max()
     full = runner.full(ids)
-    assert np.abs(full - ref).max() <= 1e-5 * np.abs(ref).max()
-    logits, past = runner.step(ids[:40], None)
-    for t in range(40, 64):
+    assert np.abs(full - ref).max() <= 1e-5 * scale
+    logits, past = runner.step(ids[:4], None)  # windows are 8 tokens: decode crosses them
+    for t in range(4, 64):
         logits, past = runner.step(ids[t:t + 1], past)
-        assert np.abs(logits[0] - full[t]).max() <= 1e-5 * np.abs(ref).max()
-    assert past[0].shape == (1, config.num_key_value_heads, 64, config.head_dim)
+        assert np.abs(logits[0] - ref[t]).max() <= 1e-5 * scale, t
+    spec = decoder_spec(config)
+    assert past[0].shape == (1, spec.num_kv_heads, 64, spec.head_dim)
+    if any(w is not None for w in spec.sliding_windows):  # the window is not a no-op here
+        unwindowed = dataclasses.replace(spec, sliding_windows=[None] * spec.num_layers)
+        body = {n: m for n, m in modules.items() if n != "lm_head"}
+        graph = DecoderGraph(unwindowed, tensors, body, modules.get("lm_head"),
+                             MatMulNBitsLowering(), None)
+        save_model(graph.build(), work / f"fp32-{name}-nowindow.onnx")
+        far = OnnxDecoder(work / f"fp32-{name}-nowindow.onnx").full(ids)
+        assert np.abs(far - ref)[20:].max() > 1e-3 * scale
 
 
 def test_bench_runs_on_a_tiny_model(tiny_model_factory, work, text_file, monkeypatch, capsys):
