@@ -122,6 +122,9 @@ class ModelFamily:
     embedding_name: ClassVar[str] = "model.embed_tokens"
     final_norm_name: ClassVar[str] = "model.norm"
     tiny_config_overrides: ClassVar[dict] = {}
+    # the tokenizer of its tiny test models: "bytelevel" (GPT-2 style) or a SentencePiece-style
+    # BPE laid out as "gemma" or "llama" (Llama 2, Phi-3) lay theirs out
+    tiny_tokenizer: ClassVar[str] = "bytelevel"
     modeling_module: ClassVar[str | None] = None  # where transformers implements it, if not
     #                                               transformers.models.<type>.modeling_<type>
 
@@ -264,7 +267,7 @@ class ModelFamily:
         import transformers
 
         config_class = getattr(transformers, cls.config_class)
-        return config_class(**TINY_COMMON, **cls.tiny_config_overrides)
+        return config_class(**{**TINY_COMMON, **cls.tiny_config_overrides})
 
 
 class Llama(ModelFamily):
@@ -292,7 +295,9 @@ class Phi3(ModelFamily):
     config_class = "Phi3Config"
     stored_fused = True
     windows = "all"
-    tiny_config_overrides = dict(pad_token_id=0, tie_word_embeddings=False)
+    tiny_tokenizer = "llama"  # Phi-3's is Llama 2's (Phi-4-mini's is byte-level)
+    tiny_config_overrides = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, vocab_size=512,
+                                 tie_word_embeddings=False)
 
 
 class Gemma(ModelFamily):
@@ -301,7 +306,8 @@ class Gemma(ModelFamily):
     norm_offset = True
     scaled_embedding = True
     default_activation = "gelu_pytorch_tanh"
-    tiny_config_overrides = dict(head_dim=16, tie_word_embeddings=True)
+    tiny_tokenizer = "gemma"
+    tiny_config_overrides = dict(head_dim=16, tie_word_embeddings=True, vocab_size=512)
 
 
 class Qwen3(ModelFamily):
@@ -324,6 +330,7 @@ class _GemmaSandwich(ModelFamily):
     sandwich_norms = True
     default_activation = "gelu_pytorch_tanh"
     windows = "layer_types"
+    tiny_tokenizer = "gemma"
 
     @classmethod
     def attention_scale(cls, config, head_dim: int) -> float:
@@ -336,7 +343,7 @@ class Gemma2(_GemmaSandwich):
     config_class = "Gemma2Config"
     softcapping = True
     tiny_config_overrides = dict(head_dim=16, tie_word_embeddings=True, sliding_window=8,
-                                 query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                 vocab_size=512, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
                                  final_logit_softcapping=3.0,
                                  layer_types=["sliding_attention", "full_attention"])
 
@@ -351,6 +358,7 @@ class Gemma3Text(_GemmaSandwich):
     qk_norm = True
     tiny_config_overrides = dict(
         head_dim=16, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=16,
+        vocab_size=512,
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0,

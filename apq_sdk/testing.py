@@ -26,6 +26,7 @@ VARIANTS = {
     # Phi-4-mini: partial rotary (3/4 of each head) and longrope, whose short factors hold up to
     # original_max_position_embeddings (packages are limited to that context)
     "phi3-longrope": ("phi3", dict(partial_rotary_factor=0.75, original_max_position_embeddings=128,
+                                   vocab_size=384,
                                    rope_parameters={
         "rope_type": "longrope", "rope_theta": 10_000.0, "original_max_position_embeddings": 128,
         "short_factor": [1.0 + 0.1 * i for i in range(6)],
@@ -34,6 +35,8 @@ VARIANTS = {
     "mistral-window": ("mistral", dict(sliding_window=8)),
 }
 TINY_MODELS = FAMILIES + tuple(VARIANTS)
+#: tiny models whose tokenizer is not their family's (Phi-4-mini's is byte-level, Phi-3's not)
+VARIANT_TOKENIZERS = {"phi3-longrope": "bytelevel"}
 #: causal LMs of transformers that the registry does not describe: the core runs them with
 #: allow_unknown (--allow-unknown-arch), targets refuse them
 UNREGISTERED = {
@@ -85,6 +88,55 @@ def make_tokenizer(vocab_size: int):
                                    eos_token="</s>")
 
 
+def make_sentencepiece_tokenizer(vocab_size: int, style: str = "gemma"):
+    """A SentencePiece-style BPE tokenizer (spaces as U+2581, byte fallback to <0xXX> tokens),
+    laid out as Gemma's (`style="gemma"`: <pad> <eos> <bos> <unk>, a Replace normalizer) or
+    Llama 2's (`"llama"`: <unk> <s> </s>, a Metaspace pre-tokenizer that prepends U+2581 to the
+    first piece and a decoder that strips the space it becomes). The alphabet is limited, so
+    that byte fallback is exercised."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, \
+        trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .calibration import builtin_text
+
+    if style == "gemma":
+        specials, bos, eos, unk, pad = ["<pad>", "<eos>", "<bos>", "<unk>"], "<bos>", "<eos>", \
+            "<unk>", "<pad>"
+    elif style == "llama":
+        specials, bos, eos, unk, pad = ["<unk>", "<s>", "</s>"], "<s>", "</s>", "<unk>", None
+    else:
+        raise ValueError(f"style: expected 'gemma' or 'llama', found {style!r}")
+    base = Tokenizer(models.BPE(unk_token=unk))
+    base.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials,
+                                  limit_alphabet=70)
+    base.train_from_iterator([builtin_text()[:200_000]], trainer)
+    trained = json.loads(base.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for token, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                               byte_fallback=True))
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if style == "gemma":
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                     split=False)
+        steps.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(steps)
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                       special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                   unk_token=unk, pad_token=pad)
+
+
 def make_tiny_model(out_dir, family: str = "llama", seed: int = 0,
                     overrides: dict | None = None) -> Path:
     """A tiny random model of a family (or of VARIANTS or UNREGISTERED) saved as a HF directory.
@@ -107,8 +159,18 @@ def make_tiny_model(out_dir, family: str = "llama", seed: int = 0,
             else:  # norm weights (1 + w for Gemma's) and biases
                 param.add_(torch.randn_like(param), alpha=0.1)
     model.save_pretrained(out_dir, safe_serialization=True)
-    make_tokenizer(config.vocab_size).save_pretrained(out_dir)
+    tiny_tokenizer(family, config.vocab_size).save_pretrained(out_dir)
     return out_dir
+
+
+def tiny_tokenizer(name: str, vocab_size: int):
+    """The tokenizer of a tiny model: its family's kind (ModelFamily.tiny_tokenizer)."""
+    base = VARIANTS[name][0] if name in VARIANTS else name
+    style = VARIANT_TOKENIZERS.get(name) or (get_family(base).tiny_tokenizer if base in FAMILIES
+                                             else "bytelevel")
+    if style == "bytelevel":
+        return make_tokenizer(vocab_size)
+    return make_sentencepiece_tokenizer(vocab_size, style)
 
 
 #: model_type -> the GGUF architecture llama.cpp writes it as (those transformers reads back)
@@ -176,21 +238,37 @@ def write_tiny_gguf(model_dir, path) -> Path:
         writer.add_final_logit_softcapping(spec.final_softcap)
 
     tok = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    tok_config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     vocab = tok["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)
     special = {t["content"] for t in tok.get("added_tokens", []) if t.get("special")}
-    writer.add_tokenizer_model("gpt2")
+    spm = bool(tok["model"].get("byte_fallback"))
+
+    def token_type(token: str) -> int:
+        if token == tok_config.get("unk_token"):
+            return gguf.TokenType.UNKNOWN
+        if token in special:
+            return gguf.TokenType.CONTROL
+        if spm and len(token) == 6 and token.startswith("<0x"):
+            return gguf.TokenType.BYTE
+        return gguf.TokenType.NORMAL
+
+    # SentencePiece-style vocabularies as llama.cpp writes them ("llama", scores by position)
+    writer.add_tokenizer_model("llama" if spm else "gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL
-                            for t in tokens])
+    writer.add_token_types([token_type(t) for t in tokens])
+    if spm:
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
     writer.add_token_merges([" ".join(m) if isinstance(m, list) else m
                              for m in tok["model"]["merges"]])
-    writer.add_unk_token_id(vocab["<unk>"])
-    writer.add_bos_token_id(vocab["<s>"])
-    writer.add_eos_token_id(vocab["</s>"])
+    for name, add in (("unk_token", writer.add_unk_token_id), ("bos_token", writer.add_bos_token_id),
+                      ("eos_token", writer.add_eos_token_id)):
+        if tok_config.get(name) in vocab:
+            add(vocab[tok_config[name]])
     pad = getattr(config, "pad_token_id", None)
-    writer.add_pad_token_id(pad if isinstance(pad, int) and 0 <= pad < len(tokens) else vocab["</s>"])
+    writer.add_pad_token_id(pad if isinstance(pad, int) and 0 <= pad < len(tokens) else
+                            vocab[tok_config["eos_token"]])
 
     names = gguf.get_tensor_name_map(arch_enum, spec.num_layers)
     for name, array in sorted(load_file(model_dir / "model.safetensors").items()):

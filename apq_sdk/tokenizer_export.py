@@ -1,7 +1,14 @@
-"""Export a Hugging Face byte-level BPE `tokenizer.json` into plain-text files that a C/C++ runner
-reads without a JSON library (the format is `TOKENIZER_FORMAT`; templates/common/src/tokenizer.cpp
-reads it). Byte-level BPE covers the GPT-2, Llama 3, Qwen2 and SmolLM pre-tokenizers; anything
-else is refused with `TokenizerExportError` rather than exported inexactly.
+"""Export a Hugging Face BPE `tokenizer.json` into plain-text files that a C/C++ runner reads
+without a JSON library (the format is `TOKENIZER_FORMAT`; templates/common/src/tokenizer.cpp reads
+it). Two kinds of BPE are reproduced id for id:
+
+* byte-level BPE (GPT-2, Llama 3, Qwen2/3, SmolLM, Phi-4): the GPT-2, Llama 3 and Qwen2 split
+  patterns, digit splitting, NFC;
+* SentencePiece-style BPE (Gemma, Gemma 2 and 3, Llama 2, Mistral, Phi-3): spaces become U+2581,
+  prepended as its normalizer or Metaspace pre-tokenizer says, characters outside the vocabulary
+  fall back to <0xXX> byte tokens, and the decoder turns them back (ByteFallback, Fuse, Strip).
+
+Anything else is refused with `TokenizerExportError` rather than exported inexactly.
 """
 
 from __future__ import annotations
@@ -37,6 +44,15 @@ unicode.txt       `L|N FIRST LAST` hex code point ranges of the letter / number 
                   syllables are algorithmic), `C CP CLASS` nonzero canonical combining classes
                   and `P FIRST SECOND COMPOSITE` primary composites, all hex.
 tokenizer.txt also has `normalizer nfc` when the tokenizer normalizes to NFC (Qwen2/Qwen3).
+SentencePiece-style BPE adds `model spm`, `byte_fallback 0|1`, `spm_spaces normalize|pretokenize`
+(where spaces become U+2581: before or after the split on normalized added tokens),
+`spm_prepend never|each|first|always` (U+2581 before every normalized piece: a Prepend
+normalizer; or, as Metaspace, before the piece at the start of the text / every piece, unless it
+starts with one), `spm_split 0|1` (Metaspace split: a new piece at every U+2581) and
+`decode_strip N` (the Strip decoder: up to N leading spaces of the decoded text) or
+`decode_strip first` (the Metaspace decoder: every space of the first token). Its
+vocab.txt shows U+2581 as a space and <0xXX> tokens as their byte; ByteFallback's rule (a run of
+byte tokens that is not valid UTF-8 becomes one U+FFFD per token) is applied by the runner.
 """
 
 _KNOWN_SPLIT_PATTERNS = {
@@ -200,6 +216,107 @@ def _normalizer(spec, where: str) -> str | None:
                                f"the byte-level BPE tokenizers of GPT-2, Llama 3, Qwen2, SmolLM)")
 
 
+METASPACE = "\u2581"
+
+
+def _is_space_replace(spec, old: str, new: str) -> bool:
+    return (spec or {}).get("type") == "Replace" and \
+        (spec.get("pattern") or {}).get("String") == old and spec.get("content") == new
+
+
+def _byte_token(token: str) -> int | None:
+    """The byte of a <0xXX> byte-fallback token, else None."""
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        try:
+            return int(token[3:5], 16)
+        except ValueError:
+            return None
+    return None
+
+
+def _spm_settings(spec: dict, where: str) -> list[str]:
+    """tokenizer.txt lines of a SentencePiece-style BPE (see TOKENIZER_FORMAT); refuses any
+    normalizer, pre-tokenizer or decoder the runner does not reproduce."""
+    normalizer, pre, decoder = spec.get("normalizer"), spec.get("pre_tokenizer"), spec.get("decoder")
+    norms = normalizer.get("normalizers", []) if (normalizer or {}).get("type") == "Sequence" \
+        else [normalizer] if normalizer else []
+    prepend, spaces, split = "never", None, 0
+    for i, step in enumerate(norms):
+        if step.get("type") == "Prepend" and step.get("prepend") == METASPACE and i == 0:
+            prepend = "each"
+        elif _is_space_replace(step, " ", METASPACE):
+            spaces = "normalize"
+        else:
+            raise TokenizerExportError(
+                f"{where}: normalizer: {json.dumps(step)[:200]} is not supported for "
+                f"SentencePiece-style BPE (Prepend U+2581 then Replace ' ' by U+2581, or none)")
+    if pre is not None:
+        kind = pre.get("type")
+        if kind == "Metaspace" and spaces is None and prepend == "never" and \
+                pre.get("replacement") == METASPACE:
+            spaces = "pretokenize"
+            scheme = pre.get("prepend_scheme")
+            if scheme is None:  # older files: add_prefix_space
+                scheme = "always" if pre.get("add_prefix_space", True) else "never"
+            if scheme not in ("always", "first", "never"):
+                raise TokenizerExportError(f"{where}: Metaspace prepend_scheme {scheme!r}")
+            prepend, split = scheme, int(bool(pre.get("split", True)))
+        elif kind == "Split" and spaces == "normalize" and \
+                (pre.get("pattern") or {}).get("String") == " " and not pre.get("invert"):
+            pass  # Gemma: splits on " " after the normalizer replaced every " ": a no-op
+        else:
+            raise TokenizerExportError(
+                f"{where}: pre_tokenizer {json.dumps(pre)[:200]} is not supported for "
+                f"SentencePiece-style BPE (Metaspace, Split on ' ' after a Replace normalizer, "
+                f"or none)")
+    if spaces is None:
+        raise TokenizerExportError(f"{where}: SentencePiece-style BPE without a Replace normalizer "
+                                   f"or Metaspace pre-tokenizer: spaces would not become U+2581")
+    steps = decoder.get("decoders", []) if (decoder or {}).get("type") == "Sequence" \
+        else [decoder] if decoder else []
+    names = []
+    strip = "0"
+    for step in steps:
+        kind = step.get("type")
+        if _is_space_replace(step, METASPACE, " ") and not names:
+            names.append("replace")
+        elif kind == "Metaspace" and not names and step.get("replacement") == METASPACE:
+            names.append("metaspace")
+            scheme = step.get("prepend_scheme")
+            if scheme is None:
+                scheme = "always" if step.get("add_prefix_space", True) else "never"
+            strip = "first" if scheme != "never" else "0"
+        elif kind == "ByteFallback" and names and names[-1] in ("replace", "metaspace"):
+            names.append("bytefallback")
+        elif kind == "Fuse" and names and names[-1] == "bytefallback":
+            names.append("fuse")
+        elif kind == "Strip" and names and names[-1] == "fuse" and step.get("content") == " " \
+                and not step.get("stop") and strip == "0":
+            strip = str(int(step.get("start", 0)))
+            names.append("strip")
+        else:
+            raise TokenizerExportError(
+                f"{where}: decoder step {json.dumps(step)[:200]} is not supported for "
+                f"SentencePiece-style BPE (Replace U+2581 by ' ' or Metaspace, ByteFallback, "
+                f"Fuse, Strip ' ')")
+    if names[:3] not in (["replace", "bytefallback", "fuse"], ["metaspace", "bytefallback", "fuse"]):
+        raise TokenizerExportError(f"{where}: decoder {json.dumps(decoder)[:200]} is not "
+                                   f"Replace/Metaspace, ByteFallback, Fuse")
+    return ["model spm", f"byte_fallback {int(bool((spec.get('model') or {}).get('byte_fallback')))}",
+            f"spm_spaces {spaces}", f"spm_prepend {prepend}", f"spm_split {split}",
+            f"decode_strip {strip}"]
+
+
+def _is_spm(spec: dict) -> bool:
+    """A SentencePiece-style BPE: byte fallback, or U+2581 for spaces in its vocabulary."""
+    model = spec.get("model") or {}
+    if model.get("byte_fallback"):
+        return True
+    decoder = spec.get("decoder") or {}
+    return decoder.get("type") != "ByteLevel" and any(
+        METASPACE in t for t in list((model.get("vocab") or {}))[:5000])
+
+
 def _token_id(config: dict, key: str, ids_by_content: dict[str, int]) -> int:
     token = config.get(key)
     if isinstance(token, dict):
@@ -224,35 +341,52 @@ def export_tokenizer(tokenizer_json: Path, out_dir: Path) -> list[Path]:
     if model.get("type", "BPE") != "BPE":
         raise TokenizerExportError(f"{where}: model type {model.get('type')!r} is not BPE; only "
                                    f"byte-level BPE tokenizers (GPT-2/Llama-3/SmolLM2 style) export")
-    normalizer = _normalizer(spec.get("normalizer"), f"{where}: normalizer")
-    decoder = spec.get("decoder") or {}
-    if decoder.get("type") != "ByteLevel":
-        raise TokenizerExportError(f"{where}: decoder {decoder.get('type')!r} is not ByteLevel: "
-                                   f"not a byte-level BPE tokenizer")
     for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
         if model.get(key):
             raise TokenizerExportError(f"{where}: BPE {key}={model[key]!r} is not supported")
-    if model.get("byte_fallback"):
-        raise TokenizerExportError(f"{where}: BPE byte_fallback is for SentencePiece-style "
-                                   f"tokenizers, not byte-level BPE")
-    steps = _pretokenize_steps(spec.get("pre_tokenizer"), f"{where}: pre_tokenizer")
-    if steps.count("bytelevel") != 1:
-        raise TokenizerExportError(f"{where}: expected exactly one ByteLevel pre-tokenizer, found "
-                                   f"{steps.count('bytelevel')}")
-    steps.remove("bytelevel")  # the C++ side works on raw bytes: the byte map is implicit
-
     vocab: dict[str, int] = model.get("vocab") or {}
     if not vocab:
         raise TokenizerExportError(f"{where}: empty BPE vocabulary")
-    model_bytes: dict[int, bytes] = {}
-    for token, idx in vocab.items():
-        data = _bytelevel_bytes(token)
-        if data is not None:
-            model_bytes[int(idx)] = data
-    if len(model_bytes) < len(vocab) // 2:
-        raise TokenizerExportError(f"{where}: most vocabulary entries are outside the ByteLevel "
-                                   f"alphabet: not a byte-level BPE tokenizer")
+    spm = _is_spm(spec)
     added = sorted(spec.get("added_tokens") or [], key=lambda t: t["id"])
+    if spm:  # SentencePiece-style: the vocabulary is text, U+2581 for spaces, <0xXX> bytes
+        settings = _spm_settings(spec, where)
+        normalizer, steps = None, []
+        model_bytes = {int(i): t.encode("utf-8") for t, i in vocab.items()}
+        prepend_each = "spm_prepend each" in settings
+        for tok in added:
+            if tok.get("normalized") and prepend_each:
+                raise TokenizerExportError(
+                    f"{where}: added token {tok['content']!r} is normalized by a Prepend "
+                    f"normalizer, which the runner does not reproduce")
+
+        def shown(token: str, *, in_vocab: bool) -> bytes:
+            byte = _byte_token(token) if in_vocab else None
+            return bytes([byte]) if byte is not None else \
+                token.replace(METASPACE, " ").encode("utf-8")
+    else:
+        settings = []
+        normalizer = _normalizer(spec.get("normalizer"), f"{where}: normalizer")
+        decoder = spec.get("decoder") or {}
+        if decoder.get("type") != "ByteLevel":
+            raise TokenizerExportError(f"{where}: decoder {decoder.get('type')!r} is not "
+                                       f"ByteLevel: not a byte-level BPE tokenizer")
+        steps = _pretokenize_steps(spec.get("pre_tokenizer"), f"{where}: pre_tokenizer")
+        if steps.count("bytelevel") != 1:
+            raise TokenizerExportError(f"{where}: expected exactly one ByteLevel pre-tokenizer, "
+                                       f"found {steps.count('bytelevel')}")
+        steps.remove("bytelevel")  # the C++ side works on raw bytes: the byte map is implicit
+        model_bytes = {}
+        for token, idx in vocab.items():
+            data = _bytelevel_bytes(token)
+            if data is not None:
+                model_bytes[int(idx)] = data
+        if len(model_bytes) < len(vocab) // 2:
+            raise TokenizerExportError(f"{where}: most vocabulary entries are outside the "
+                                       f"ByteLevel alphabet: not a byte-level BPE tokenizer")
+
+        def shown(token: str, *, in_vocab: bool) -> bytes:
+            return _decode_bytes(token)
     added_by_id = {int(t["id"]): t["content"] for t in added}
     id_to_token = {int(i): t for t, i in vocab.items()}
     id_to_token.update(added_by_id)
@@ -264,14 +398,14 @@ def export_tokenizer(tokenizer_json: Path, out_dir: Path) -> list[Path]:
         if token is None:
             vocab_lines.append("-")
             continue
-        shown = _decode_bytes(token)
         bpe = model_bytes.get(idx)
+        text = shown(token, in_vocab=bpe is not None and idx not in added_by_id)
         if bpe is None:
-            vocab_lines.append(f"{_hex(shown)} -")
-        elif bpe == shown:
-            vocab_lines.append(_hex(shown))
+            vocab_lines.append(f"{_hex(text)} -")
+        elif bpe == text:
+            vocab_lines.append(_hex(text))
         else:
-            vocab_lines.append(f"{_hex(shown)} {_hex(bpe)}")
+            vocab_lines.append(f"{_hex(text)} {_hex(bpe)}")
 
     merge_lines = []
     for rank, merge in enumerate(model.get("merges") or []):
@@ -287,8 +421,11 @@ def export_tokenizer(tokenizer_json: Path, out_dir: Path) -> list[Path]:
     for tok in added:
         flags = [int(bool(tok.get(k))) for k in ("special", "normalized", "lstrip", "rstrip",
                                                   "single_word")]
+        content = tok["content"]
+        if spm and tok.get("normalized") and "spm_spaces normalize" in settings:
+            content = content.replace(" ", METASPACE)  # matched in the normalized text
         added_lines.append(" ".join([str(tok["id"])] + [str(f) for f in flags] +
-                                    [_hex(tok["content"].encode("utf-8"))]))
+                                    [_hex(content.encode("utf-8"))]))
 
     ids_by_content = {t: i for i, t in id_to_token.items()}
     specials_by_name = {t["content"]: int(t["id"]) for t in added}
@@ -312,6 +449,7 @@ def export_tokenizer(tokenizer_json: Path, out_dir: Path) -> list[Path]:
         "suffix_ids " + " ".join(str(i) for i in suffix),
         f"bos_id {_token_id(config, 'bos_token', ids_by_content)}",
         f"eos_id {_token_id(config, 'eos_token', ids_by_content)}",
+        *settings,
     ]
     unicode_lines = [f"apq-unicode 1 {unicodedata.unidata_version}", *_unicode_ranges()]
     if normalizer == "nfc":

@@ -106,10 +106,11 @@ def test_unmatched_llama3_divisors_are_refused(tmp_path):
         load_model(gguf_path)
 
 
-@pytest.mark.parametrize("name", ["qwen3"])
+@pytest.mark.parametrize("name", ["qwen3", "gemma3_text", "phi3"])
 def test_a_package_builds_from_a_gguf(name, tmp_path):
-    """`apq-sdk build --target arm64-linux --model <a GGUF file>` for a family whose file
-    transformers reads with fields left out."""
+    """`apq-sdk build --target arm64-linux --model <a GGUF file>` (the issue's case was a Gemma 3
+    GGUF) for families whose file transformers reads with fields left out, with byte-level and
+    SentencePiece-style tokenizers (which the package's C++ runner reproduces)."""
     from apq_sdk.builder import BuildRequest, build
     from apq_sdk.calibration import builtin_text
 

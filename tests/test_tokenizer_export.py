@@ -1,5 +1,6 @@
-"""apq_sdk.tokenizer_export: Hugging Face byte-level BPE tokenizers to the plain-text files the
-C++ runner reads (the C++ side is tested against transformers in tests/templates)."""
+"""apq_sdk.tokenizer_export: Hugging Face BPE tokenizers (byte-level and SentencePiece-style) to
+the plain-text files the C++ runner reads (the C++ side is tested against the tokenizers library
+in tests/templates)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def _mutated(tokenizer_json: Path, tmp_path: Path, change) -> Path:
     (lambda s: s.update(decoder={"type": "Metaspace"}), "not ByteLevel"),
     (lambda s: s.update(pre_tokenizer={"type": "Split", "pattern": {"Regex": "\\w+"},
                                        "behavior": "Isolated", "invert": False}), "Split"),
-    (lambda s: s["model"].update(byte_fallback=True), "byte_fallback"),
+    # byte fallback makes it SentencePiece-style, which a ByteLevel pre-tokenizer is not
+    (lambda s: s["model"].update(byte_fallback=True), "not supported for SentencePiece-style"),
     (lambda s: s["model"].update(continuing_subword_prefix="##"), "continuing_subword_prefix"),
     (lambda s: s.update(post_processor={"type": "BertProcessing"}), "BertProcessing"),
 ])
@@ -62,12 +64,54 @@ def test_export_tokenizer_refuses_what_it_cannot_reproduce(tiny_tokenizer_json, 
         export_tokenizer(path, tmp_path / "out")
 
 
-def test_export_tokenizer_refuses_sentencepiece_style_vocab(tiny_tokenizer_json, tmp_path):
-    def to_spm(spec):
-        spec["model"]["vocab"] = {f"▁tok{i}": i for i in range(300)}
+def test_export_tokenizer_refuses_a_vocab_outside_the_byte_alphabet(tiny_tokenizer_json,
+                                                                    tmp_path):
+    def to_other(spec):
+        spec["model"]["vocab"] = {f"\u2500tok{i}": i for i in range(300)}
         spec["model"]["merges"] = []
-    path = _mutated(tiny_tokenizer_json, tmp_path, to_spm)
+    path = _mutated(tiny_tokenizer_json, tmp_path, to_other)
     with pytest.raises(TokenizerExportError, match="ByteLevel alphabet"):
+        export_tokenizer(path, tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def gemma_tokenizer_json(tmp_path_factory):
+    from apq_sdk.testing import make_sentencepiece_tokenizer
+
+    out = tmp_path_factory.mktemp("spm")
+    make_sentencepiece_tokenizer(512, "gemma").save_pretrained(out)
+    return out / "tokenizer.json"
+
+
+def test_export_sentencepiece_style(gemma_tokenizer_json, tmp_path):
+    export_tokenizer(gemma_tokenizer_json, tmp_path / "out")
+    config = (tmp_path / "out/tokenizer.txt").read_text().splitlines()
+    assert {"model spm", "byte_fallback 1", "spm_spaces normalize", "spm_prepend never",
+            "spm_split 0", "decode_strip 0", "bos_id 2", "eos_id 1"} <= set(config)
+    vocab = (tmp_path / "out/vocab.txt").read_text().splitlines()
+    spec = json.loads(gemma_tokenizer_json.read_text())
+    ids = spec["model"]["vocab"]
+    assert vocab[1 + ids["<0x41>"]] == "x41 x" + b"<0x41>".hex()  # shows its byte
+    assert vocab[1 + ids["\u2581"]] == "x20 xe29681"  # U+2581 shows as a space
+    assert vocab[1 + ids["<bos>"]].startswith("x" + b"<bos>".hex())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(normalizer={"type": "NFKC"}), "normalizer"),
+    (lambda s: s.update(normalizer=None, pre_tokenizer=None), "spaces would not become U\\+2581"),
+    (lambda s: s.update(pre_tokenizer={"type": "Whitespace"}), "pre_tokenizer"),
+    (lambda s: s.update(pre_tokenizer={"type": "Metaspace", "replacement": "\u2581",
+                                       "prepend_scheme": "first", "split": False}),
+     "pre_tokenizer"),  # Metaspace after a Replace normalizer: not a layout anyone uses
+    (lambda s: s["decoder"]["decoders"].pop(1), "decoder"),  # no ByteFallback
+    (lambda s: s["decoder"]["decoders"].append({"type": "Strip", "content": "x", "start": 1,
+                                                "stop": 0}), "decoder step"),
+    (lambda s: s["decoder"]["decoders"].insert(0, {"type": "Fuse"}), "decoder step"),
+])
+def test_export_sentencepiece_style_refuses_what_it_cannot_reproduce(gemma_tokenizer_json,
+                                                                     tmp_path, change, message):
+    path = _mutated(gemma_tokenizer_json, tmp_path, change)
+    with pytest.raises(TokenizerExportError, match=message):
         export_tokenizer(path, tmp_path / "out")
 
 

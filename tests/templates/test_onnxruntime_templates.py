@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from apq_sdk.native_glue import c_identifier, render_templates
+from apq_sdk.tokenizer_check import STRESS_TEXTS, decode_with, hf_functions, tokenize_with
+from apq_sdk.tokenizer_check import build_driver as _build_driver
 from apq_sdk.tokenizer_export import _KNOWN_SPLIT_PATTERNS, export_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,78 +237,11 @@ def test_readme_escapes_markdown_and_shell(hostile):
 
 # ------------------------------------------------------------------ (b) tokenizer equivalence
 
-SAMPLES = [
-    "Hello world", "", " ", "  leading and trailing  ",
-    "The quick brown fox's jumps; isn't it? I'll go, we've seen, they'd've. DON'T 'S 'LL",
-    "Tabs\tand\nnewlines\r\n\n\nend \n", "numbers 1234567 and 3.14159, 42nd",
-    "naïve café résumé — “quotes” ‘single’", "日本語のテキストと中文字符",
-    "emoji 😀🎉👍🏽 and 🇫🇷 flags", "Ünïcödé ßtraße ﬁ ligature",
-    "nbsp\u00a0here\u3000ideographic\u2028line\u2029para\u0085nel\u200bzwsp",
-    "\x00\x01\x7f control", "a" * 300, " " * 40 + "x", "def f(x):\n    return x**2  # c\n",
-    "Ω≈ç√∫˜µ≤≥÷ العربية עברית हिन्दी ไทย", "١٢٣ ٤٥ Ⅻ ½ ²³", "mixed123abc456 7_8-9",
-    "<s>special</s> <unk> tok<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
-    "a <|tool|>  b  <|tool|>c word words sword word_ x",
-    # NFC: decomposed accents, reordered marks, Hangul jamo, singletons and exclusions
-    "cafe\u0301 e\u0301\u0323 a\u0323\u0301 o\u0308\u0304 \u1100\u1161\u11a8 \u1100\u1161 \uac00\u11a8",
-    "\u212b \u2126 \u0958 \u0915\u093c \u0344 \u1e9b\u0323 q\u0307\u0323 \u0301a ñ n\u0303",
-]
-
-DRIVER = r"""
-#include "tokenizer.hpp"
-#include <cstdio>
-#include <iostream>
-#include <string>
-static std::string unhex(const std::string& h) {
-  std::string o;
-  for (size_t i = 0; i + 1 < h.size(); i += 2) o.push_back((char)std::stoi(h.substr(i, 2), nullptr, 16));
-  return o;
-}
-static std::string hex(const std::string& s) {
-  static const char* d = "0123456789abcdef";
-  std::string o;
-  for (unsigned char c : s) { o.push_back(d[c >> 4]); o.push_back(d[c & 15]); }
-  return o;
-}
-int main(int argc, char** argv) {
-  if (argc != 2) return 2;
-  apq::Tokenizer tok;
-  std::string err;
-  if (!tok.load(argv[1], &err)) { std::fprintf(stderr, "load: %s\n", err.c_str()); return 3; }
-  std::string line;
-  while (std::getline(std::cin, line)) {
-    std::vector<int32_t> ids = tok.encode(unhex(line), true);
-    for (size_t i = 0; i < ids.size(); ++i) std::printf(i ? " %d" : "%d", ids[i]);
-    apq::StreamDecoder stream(tok);
-    std::string streamed;
-    for (int32_t id : ids) streamed += stream.push(id, false);
-    streamed += stream.flush();
-    std::printf("\n%s\n%s\n%s\n", hex(tok.decode(ids, false)).c_str(),
-                hex(tok.decode(ids, true)).c_str(), hex(streamed).c_str());
-  }
-  return 0;
-}
-"""
+SAMPLES = STRESS_TEXTS
 
 
 def build_driver(compiler: str, out_dir: Path, extra=()) -> Path:
-    src = out_dir / "src"
-    render_templates(SETS, HOSTILE_CONTEXT, out_dir)
-    (src / "driver.cpp").write_text(DRIVER)
-    exe = out_dir / "tokenize"
-    run([compiler, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{src}",
-         src / "tokenizer.cpp", src / "driver.cpp", "-o", exe, *extra])
-    return exe
-
-
-def tokenize_with(exe_cmd: list, tokenizer_dir: Path, samples: list[str]) -> list[tuple]:
-    stdin = "".join(s.encode("utf-8").hex() + "\n" for s in samples)
-    out = run([*exe_cmd, tokenizer_dir], input=stdin, timeout=300).stdout.split("\n")
-    results = []
-    for k in range(len(samples)):
-        ids_line, dec, dec_skip, streamed = out[4 * k: 4 * k + 4]
-        results.append(([int(x) for x in ids_line.split()],
-                        *(bytes.fromhex(h).decode("utf-8") for h in (dec, dec_skip, streamed))))
-    return results
+    return _build_driver(compiler, out_dir, sets=SETS, context=HOSTILE_CONTEXT, extra=extra)
 
 
 def assert_same_as_hf(results, samples, encode, decode):
@@ -331,14 +266,6 @@ def tiny_tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-tok")
     make_tokenizer(384).save_pretrained(out)
     return out
-
-
-def hf_functions(tokenizer_json: Path):
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    return (lambda s: tok.encode(s).ids,
-            lambda ids, skip: tok.decode(ids, skip_special_tokens=skip))
 
 
 def test_tiny_tokenizer_matches_transformers(driver, tiny_tokenizer_dir, tmp_path):
@@ -413,6 +340,87 @@ def test_tokenizer_variants_match_tokenizers(driver, tiny_tokenizer_dir, tmp_pat
     export_tokenizer(path, tmp_path / "tokenizer")
     results = tokenize_with([driver], tmp_path / "tokenizer", SAMPLES)
     assert_same_as_hf(results, SAMPLES, *hf_functions(path))
+
+
+def _spm_variants(root: Path) -> dict[str, Path]:
+    """SentencePiece-style BPE tokenizers as Gemma, Llama 2 (legacy and Metaspace) and Mistral
+    lay them out, on the tiny vocabulary of apq_sdk.testing.make_sentencepiece_tokenizer."""
+    from apq_sdk.testing import make_sentencepiece_tokenizer
+
+    specs = {}
+    for style in ("gemma", "llama"):
+        make_sentencepiece_tokenizer(512, style).save_pretrained(root / style)
+        specs[style] = json.loads((root / style / "tokenizer.json").read_text())
+    legacy = copy.deepcopy(specs["llama"])  # Llama 2's older files: Prepend + Replace normalizer
+    legacy["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    legacy["pre_tokenizer"] = None
+    specs["llama-legacy"] = legacy
+    split = copy.deepcopy(specs["llama"])  # Metaspace splitting at every U+2581, its decoder
+    metaspace = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                 "split": True}
+    split["pre_tokenizer"] = metaspace
+    split["decoder"] = {"type": "Sequence", "decoders": [metaspace, {"type": "ByteFallback"},
+                                                         {"type": "Fuse"}]}
+    specs["metaspace-split-always"] = split
+    gemma = copy.deepcopy(specs["gemma"])  # Gemma's hub files: no pre-tokenizer; normalized added
+    gemma["pre_tokenizer"] = None
+    gemma["added_tokens"] += [dict(EXTRA_ADDED[0], id=512, content="<|tool| x>")]
+    specs["gemma-added-normalized"] = gemma
+    paths = {}
+    for name, spec in specs.items():
+        paths[name] = root / f"{name}.json"
+        paths[name].write_text(json.dumps(spec), encoding="utf-8")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizers(tmp_path_factory):
+    return _spm_variants(tmp_path_factory.mktemp("spm"))
+
+
+SPM_VARIANTS = ["gemma", "llama", "llama-legacy", "metaspace-split-always",
+                "gemma-added-normalized"]
+SPM_SAMPLES = SAMPLES + ["a <|tool| x> b<|tool| x>c", "<bos>x<eos> <s>y</s>", "\u2581literal"]
+
+
+@pytest.mark.parametrize("variant", SPM_VARIANTS)
+def test_sentencepiece_style_bpe_matches_tokenizers(driver, spm_tokenizers, tmp_path, variant):
+    path = spm_tokenizers[variant]
+    export_tokenizer(path, tmp_path / "tokenizer")
+    results = tokenize_with([driver], tmp_path / "tokenizer", SPM_SAMPLES)
+    encode, decode = hf_functions(path)
+    assert_same_as_hf(results, SPM_SAMPLES, encode, decode)
+    assert any(encode(s) != encode(s.replace(" ", "")) for s in SPM_SAMPLES)  # spaces count
+    byte_ids = {i for t, i in json.loads(path.read_text())["model"]["vocab"].items()
+                if t.startswith("<0x")}
+    assert any(set(encode(s)) & byte_ids for s in SPM_SAMPLES)  # byte fallback is exercised
+
+
+@pytest.mark.parametrize("variant", SPM_VARIANTS)
+def test_sentencepiece_style_decode_of_any_ids(driver, spm_tokenizers, tmp_path, variant):
+    """Decoding ids no text encodes to: byte-token runs that are not UTF-8 (ByteFallback's one
+    U+FFFD per token), runs cut by other tokens, specials, leading spaces (Strip, Metaspace)."""
+    import random
+
+    path = spm_tokenizers[variant]
+    export_tokenizer(path, tmp_path / "tokenizer")
+    vocab = json.loads(path.read_text())["model"]["vocab"]
+    byte = {int(t[3:5], 16): i for t, i in vocab.items() if t.startswith("<0x")}
+    space = vocab.get("\u2581")
+    rng = random.Random(0)
+    lists = [[byte[0xC3], byte[0xA9]], [byte[0xC3]], [byte[0xC3], byte[0xA9], byte[0xFF]],
+             [byte[0xE6], byte[0x97], space, byte[0xA5]], [space, space, 60], [byte[0x20], 70],
+             [2, space, 80, 1], [1, 2, 3]]
+    for _ in range(40):
+        lists.append([rng.choice([rng.randrange(len(vocab)), rng.choice(list(byte.values()))])
+                      for _ in range(rng.randrange(1, 12))])
+    _, decode = hf_functions(path)
+    for ids, (dec, dec_skip, streamed) in zip(lists, decode_with([driver], tmp_path / "tokenizer",
+                                                                  lists)):
+        assert dec == decode(ids, False) == streamed, ids
+        assert dec_skip == decode(ids, True), ids
 
 
 @pytest.mark.demo
