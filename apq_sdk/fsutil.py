@@ -65,9 +65,18 @@ def atomic_directory(final: Path, fill: Callable[[Path], None], tag: str = "buil
         tmp.rename(keep.path)
         raise keep.error from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
         raise
     return final
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove `path` and everything in it; a few tries, in case something still being closed
+    (a file an extension wrote from its own thread) makes the first pass leave a directory."""
+    for _ in range(5):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return
 
 
 def file_mode() -> int:
