@@ -240,3 +240,46 @@ def test_generated_c_sources_compile_with_the_hostile_name(name, tmp_path_factor
             result = subprocess.run([gxx, "-x", lang, std, "-Wall", "-Werror", "-fsyntax-only",
                                      str(probe)], capture_output=True, text=True)
             assert result.returncode == 0, f"{header.name} ({lang}): {result.stderr[-2000:]}"
+
+
+def _extras() -> dict[str, list[str]]:
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    return tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+
+
+def _requirement_name(spec: str) -> str:
+    import re
+
+    return re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].lower()
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_its_tools_come_from_an_extra_that_names_its_runtime(name):
+    """Every `pip install 'apq-sdk[X]'` a target tells a user to run names an extra of
+    pyproject.toml, and that extra installs the runtime packages its manifest records."""
+    import re
+
+    cls = get_target(name)  # no skip: this holds whether or not the tools are installed here
+    extras = _extras()
+    hinted = {m for t in cls.tools for m in re.findall(r"apq-sdk\[([\w,-]+)\]", t.how_to_get)}
+    assert hinted, f"{name}: no tool says which extra installs it"
+    for group in hinted:
+        for extra in group.split(","):
+            assert extra in extras, f"{name} points at apq-sdk[{extra}]; pyproject has {sorted(extras)}"
+    installed = {_requirement_name(s) for g in hinted for e in g.split(",") for s in extras[e]}
+    missing = [p for p in cls.runtime_packages if p.lower() not in installed]
+    assert not missing, f"{name}: runtime packages {missing} are in no extra it names"
+
+
+def test_every_runtime_of_the_roadmap_has_an_extra_and_none_pulls_torch_unpinned():
+    extras = _extras()
+    for extra in ("onnxruntime", "executorch", "coreml", "tensorrt"):
+        assert extra in extras, f"pyproject.toml has no [{extra}] extra: {sorted(extras)}"
+    for extra, specs in extras.items():
+        names = [_requirement_name(s) for s in specs]
+        assert "torch" not in names, f"[{extra}] names torch; the core pins it once"
+    # coremltools 9.0 (pulled by executorch too) breaks with numpy >= 2.4
+    for extra in ("executorch", "coreml"):
+        assert "numpy<2.4" in [s.replace(" ", "") for s in extras[extra]], extra
