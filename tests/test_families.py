@@ -205,3 +205,28 @@ def test_q_k_norms_divide_out_a_heads_scale():
     split = _per_head_errors(fused, hessian, "qkv", info, fused_weight, rows, {})
     assert [len(split[r]) for r in ("q", "k", "v")] == [heads, 2, 2]
     np.testing.assert_allclose(split["q"], plain, rtol=1e-5)
+
+
+def test_the_families_bench_runs_and_reports_what_it_measured(tmp_path, monkeypatch, capsys):
+    """bench/bench_families.py on one windowed family and one unregistered model."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("onnxruntime")
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_families.py"
+    out = tmp_path / "families"
+    monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", [str(bench), "--only", "mistral-window", "granite",
+                                      "--out", str(out)])
+    runpy.run_path(str(bench), run_name="__main__")
+    rows = {r["model"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    window = rows["mistral-window"]
+    assert window["passed"] and window["weights_differing"] == 0
+    assert window["float_full"] < 1e-5 and window["float_decode"] < 1e-5
+    assert window["float_unwindowed"] > 1e-3  # the window does something
+    assert window["kv_prefill"] > 8  # the package's decode check runs past the 8-token window
+    assert "does not lower 'granite'" in rows["granite"]["refusal"]
+    assert rows["granite"]["kl_core"] >= 0
+    assert "| mistral-window |" in out.with_suffix(".md").read_text()
