@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,13 +227,30 @@ def resolve_plan(req: BuildRequest, target_cls, budget, model, tok, info, log):
     return plan, ids, sens
 
 
+#: plan fields that say which target asked and why, not what is quantized how
+_NOT_QUANTIZATION = ("capabilities", "objective", "totals", "loss_model", "sdk_version")
+
+
+def quantization_content(plan) -> dict:
+    """What a plan's quantized weights depend on: the model (identity, name and source) and each
+    module's settings. Not the target's capability table, the budget, the totals or the loss
+    model's predictions: two targets whose plans quantize the same modules the same way (device
+    presets of one runtime, tables that differ in storage only) share one checkpoint."""
+    body = json.loads(plan.to_json())
+    for key in _NOT_QUANTIZATION:
+        body.pop(key, None)
+    for module in body["modules"].values():
+        module.pop("predicted_loss", None)
+    return body
+
+
 def _quantized_cached(model, tok, info, plan, ids, calib_sha: str, req, log) -> tuple[Path, bool]:
-    """The quantized checkpoint of `plan` (cached by plan hash and calibration content), and
-    whether `model` was quantized in place to make it (then it is no longer the float model)."""
-    from .plan_file import plan_sha256
+    """The quantized checkpoint of `plan` (cached by what it quantizes and the calibration
+    content), and whether `model` was quantized in place to make it (then it is no longer the
+    float model)."""
     from .quantizer import quantize_model, save_quantized
 
-    key = _json_sha({"plan": plan_sha256(plan), "calibration": calib_sha,
+    key = _json_sha({"quantization": quantization_content(plan), "calibration": calib_sha,
                      "samples": [req.samples, req.seq_len, req.seed], "sdk": __version__})
     path = cache_dir() / "quantized" / key
     if (path / "model.safetensors").is_file():
@@ -272,6 +290,13 @@ def build(req: BuildRequest, log=print) -> Path:
         _json_sha([req.calib, req.samples, req.seq_len, req.seed])
     quantized, in_place = _quantized_cached(model, tok, info, plan, ids, calib_sha, req, log)
     checkpoint = read_checkpoint(quantized)
+    if checkpoint.plan.to_json() != plan.to_json():  # made for another target whose plan quantizes the same way
+        if quantization_content(checkpoint.plan) != quantization_content(plan):
+            raise ApqError(f"the cached checkpoint {quantized} does not hold this plan's "
+                           f"quantization; delete that directory and build again")
+        log(f"quantize: sharing the checkpoint of the {checkpoint.plan.capabilities.name!r} "
+            f"plan (same modules, same bits)")
+        checkpoint = dataclasses.replace(checkpoint, plan=plan)
     if in_place and req.verify:  # verify's accuracy checks need the unquantized model
         del model
         model, _, _ = load_model(req.model, device=req.device)

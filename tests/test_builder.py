@@ -164,3 +164,44 @@ def test_report_is_self_contained_and_renders_headless(built_package, tmp_path):
     image = Image.open(shot).convert("L")
     assert image.size == (1200, 2000)
     assert len(image.getcolors(maxcolors=256)) > 16, "screenshot is blank"  # grey levels used
+
+
+def test_two_targets_whose_plans_quantize_alike_share_one_checkpoint(built_package,
+                                                                     tiny_model_factory, tmp_path):
+    """A device preset of the same runtime (another table name, the same kernels) re-uses the
+    quantized checkpoint of the first target's plan instead of running GPTQ again, and its
+    package records its own plan and table."""
+    import dataclasses
+
+    from apq_sdk.plan_file import load_plan
+
+    first_cls = get_target("arm64-linux")
+
+    class Preset(first_cls):
+        name = "arm64-linux-preset"
+        description = "the same runtime under another name (test)"
+        capabilities = dataclasses.replace(first_cls.capabilities, name="arm64-linux-preset",
+                                           max_context=1024)
+
+    try:
+        lines = []
+        package = build(BuildRequest(target=Preset.name, model=str(tiny_model_factory("llama")),
+                                     output=tmp_path, bits_per_weight=4.0, **SMALL),
+                        log=lines.append)
+    finally:
+        TARGETS.pop(Preset.name, None)
+    assert any("sharing the checkpoint of the 'arm64-linux' plan" in line for line in lines), lines
+    assert not any(line.startswith("quantize: GPTQ") for line in lines), lines
+    first = json.loads((built_package / "manifest.json").read_text())
+    second = json.loads((package / "manifest.json").read_text())
+    assert second["reference"] == first["reference"]  # one checkpoint
+    plan, first_plan = load_plan(package / "plan.json"), load_plan(built_package / "plan.json")
+    assert plan.capabilities.name == "arm64-linux-preset" != first_plan.capabilities.name
+    assert plan.modules == first_plan.modules
+    assert (package / "model.onnx").read_bytes() != b""  # lowered from the shared weights
+    assert json.loads((package / "verify.json").read_text())["passed"]
+    TARGETS[Preset.name] = Preset  # `apq-sdk verify` finds the shared reference later, too
+    try:
+        assert verify_package(package, windows=1).passed
+    finally:
+        TARGETS.pop(Preset.name, None)
