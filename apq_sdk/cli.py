@@ -21,14 +21,27 @@ log = logging.getLogger("apq_sdk")
 
 
 def _terminate(signum, _frame):
-    # SystemExit unwinds like an exception, so temporary outputs are removed before exiting
+    # SystemExit unwinds like an exception, so temporary outputs are removed before exiting; the
+    # signal is also noted, in case the exception is raised inside a finalizer and dropped
+    from .fsutil import note_signal
+
+    note_signal(signum)
     sys.exit(128 + signum)
+
+
+def _interrupt(signum, _frame):
+    from .fsutil import note_signal
+
+    note_signal(signum)
+    raise KeyboardInterrupt
 
 
 def _setup() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.WARNING, format="apq-sdk: %(levelname)s: %(message)s")
 
@@ -117,8 +130,12 @@ class ApqGroup(click.Group):
     error included, with the file it concerns), 130 for Ctrl-C. Never a traceback."""
 
     def invoke(self, ctx):
+        from .fsutil import raise_if_interrupted
+
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            raise_if_interrupted()  # a signal whose exception was dropped still ends in failure
+            return result
         except UsageError as exc:
             click.echo(f"apq-sdk: error: {exc}", err=True)
             sys.exit(2)

@@ -10,6 +10,27 @@ from pathlib import Path
 from typing import Callable
 
 
+#: signals received by the CLI's handlers. Python raises the handler's exception wherever the
+#: main thread happens to be, and inside a finalizer (__del__, a weakref callback) it is printed
+#: and dropped, so a Ctrl-C or SIGTERM could be lost and the work committed anyway: outputs are
+#: committed only after checking this too.
+_SIGNALS: list[int] = []
+
+
+def note_signal(signum: int) -> None:
+    _SIGNALS.append(int(signum))
+
+
+def raise_if_interrupted() -> None:
+    """Re-raise a signal the CLI received, even if its exception was swallowed on the way."""
+    if _SIGNALS:
+        import signal
+
+        if _SIGNALS[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + _SIGNALS[0])
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write `text` to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
@@ -17,6 +38,7 @@ def atomic_write_text(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
+        raise_if_interrupted()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -52,6 +74,7 @@ def atomic_directory(final: Path, fill: Callable[[Path], None], tag: str = "buil
     try:
         os.mkdir(tmp, 0o777)  # the umask applies, as for any mkdir (mkdtemp would give 0700)
         fill(tmp)
+        raise_if_interrupted()
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
