@@ -69,6 +69,8 @@ class Capabilities:
     activation_modes: tuple[str, ...] = (ACT_NONE, ACT_INT8, ACT_INT8_BLOCK)
     default_activation: str = ACT_NONE  # what `build` plans with unless --activations says otherwise
     symmetric_only: bool = False  # group kernels without zero points (XNNPACK, QNN)
+    whole_groups: bool = False  # a group size must divide the layer's input width: no short last
+    #                             group (XNNPACK's and TensorRT's blocked kernels, coreai-opt)
     fused: tuple[str, ...] = FUSED_GROUPS  # layer groups the runtime fuses: they share bits
     head_bits: tuple[int, ...] = (4, 8, 16)  # output head (and a tied embedding)
     max_context: int = 2048
@@ -108,6 +110,8 @@ class Capabilities:
         object.__setattr__(self, "fused", fused)
         if not isinstance(self.symmetric_only, bool):
             raise ValueError(f"symmetric_only: expected true or false, found {self.symmetric_only!r}")
+        if not isinstance(self.whole_groups, bool):
+            raise ValueError(f"whole_groups: expected true or false, found {self.whole_groups!r}")
         if isinstance(self.max_context, bool) or not isinstance(self.max_context, int) \
                 or self.max_context < 2:
             raise ValueError(f"max_context: expected an integer >= 2, found {self.max_context!r}")
@@ -125,6 +129,10 @@ class Capabilities:
     def symmetric(self) -> bool:
         """Whether plans for this table store symmetric groups (no zero points)."""
         return self.symmetric_only
+
+    def runs_group(self, k: int, group: int) -> bool:
+        """Whether groups of `group` over an input width of `k` are in this table."""
+        return group in self.group_sizes and not (self.whole_groups and k % group)
 
     def profile_group_sizes(self, preferred: tuple[int, ...] = PREFERRED_GROUP_SIZES
                             ) -> tuple[int, ...]:
@@ -179,6 +187,11 @@ class Capabilities:
                 found.append(Violation(name, "bits", entry.bits, allowed_bits))
             elif entry.bits != 16 and entry.group_size not in self.group_sizes:
                 found.append(Violation(name, "group_size", entry.group_size, self.group_sizes))
+            elif entry.bits != 16 and not self.runs_group(entry.shape[1], entry.group_size):
+                k = entry.shape[1]
+                found.append(Violation(name, "group_size", entry.group_size,
+                                       tuple(g for g in self.group_sizes if k % g == 0)
+                                       or f"a divisor of its input width {k}"))
             if entry.activation not in self.activation_modes:
                 found.append(Violation(name, "activation", entry.activation,
                                        self.activation_modes))

@@ -392,7 +392,8 @@ def targets():
         tools = ", ".join(f"{t.name} {'ok' if t.present() else 'MISSING: ' + t.how_to_get}"
                           for t in cls.tools) or "-"
         cells = (name, cls.description, ",".join(map(str, caps.weight_bits)),
-                 ",".join(map(str, caps.group_sizes)),
+                 ",".join(map(str, caps.group_sizes))
+                 + (" (dividing the layer)" if caps.whole_groups else ""),
                  "only" if caps.symmetric_only else "or asymmetric",
                  ", ".join(f"{m} (default)" if m == caps.default_activation else m
                            for m in caps.activation_modes),

@@ -81,7 +81,7 @@ def _module_options(entry: dict, caps: Capabilities, activation: str, alpha: flo
     options = []
     for key, err in sorted(entry["errors"].items()):
         bits, group = parse_candidate_key(key)
-        if bits not in allowed_bits or group not in caps.group_sizes:
+        if bits not in allowed_bits or not caps.runs_group(k, group):
             continue
         loss = alpha * entry["gain"] * err if linear else err
         if activation == ACT_INT8_BLOCK and linear:
@@ -116,8 +116,10 @@ def build_units(sens: SensitivityMap, caps: Capabilities, activation: str, symme
         if not options:
             bits = caps.weight_bits if entry["kind"] == "linear" else caps.head_bits
             profiled = sorted({parse_candidate_key(k)[1] for k in entry["errors"]})
+            whole = (f", dividing its input width {entry['shape'][1]}"
+                     if caps.whole_groups else "")
             raise UsageError(f"{name}: no profiled candidate fits the capability table "
-                             f"{caps.name!r} (bits {bits}, groups {caps.group_sizes}; the "
+                             f"{caps.name!r} (bits {bits}, groups {caps.group_sizes}{whole}; the "
                              f"sensitivity map has groups {profiled}); profile for this table "
                              f"(apq-sdk profile --target {caps.name}, or --group-sizes)")
         tables[name] = {key: (b, loss) for key, b, loss in options}
@@ -152,9 +154,13 @@ def _check_request(sens: SensitivityMap, caps: Capabilities, activation: str, sy
         if int(head_bits) not in caps.head_bits:
             raise UsageError(f"--head-bits {head_bits}: {caps.name!r} runs head bits "
                              f"{caps.head_bits}; choose one of them or 'auto'")
-        if int(head_bits) != 16 and head_group not in caps.group_sizes:
+        head_k = sens.modules["lm_head"]["shape"][1] if "lm_head" in sens.modules else None
+        if int(head_bits) != 16 and (head_group not in caps.group_sizes or head_k is not None
+                                     and not caps.runs_group(head_k, head_group)):
             raise UsageError(f"head group size {head_group} is not in {caps.name!r}'s group sizes "
-                             f"{caps.group_sizes}")
+                             f"{caps.group_sizes}"
+                             + (f" dividing the head's input width {head_k}"
+                                if caps.whole_groups else ""))
     profiled_groups = sorted(sens.settings.get("group_sizes", []))
     quantized_bits = [b for b in caps.weight_bits if b != 16]
     if quantized_bits and not set(profiled_groups) & set(caps.group_sizes):
@@ -169,9 +175,13 @@ def _check_request(sens: SensitivityMap, caps: Capabilities, activation: str, sy
 
 def head_group_for(sens: SensitivityMap, caps: Capabilities) -> int:
     """Group size of a fixed-bit head: the smallest profiled group size the table runs."""
-    profiled = sorted({parse_candidate_key(k)[1] for k in sens.modules["lm_head"]["errors"]})
-    runnable = [g for g in profiled if g in caps.group_sizes]
-    return runnable[0] if runnable else min(caps.group_sizes)
+    head = sens.modules["lm_head"]
+    profiled = sorted({parse_candidate_key(k)[1] for k in head["errors"]})
+    runnable = [g for g in profiled if caps.runs_group(head["shape"][1], g)]
+    if runnable:
+        return runnable[0]
+    fitting = [g for g in sorted(caps.group_sizes) if caps.runs_group(head["shape"][1], g)]
+    return fitting[0] if fitting else min(caps.group_sizes)
 
 
 def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENERIC,
