@@ -149,6 +149,31 @@ def linear_nodes(model) -> list[dict]:
     return found
 
 
+def read_float16_weights(model, shapes: dict[str, tuple[int, int]]) -> dict[str, CheckpointModule]:
+    """The 16-bit layers of `model` as the shared graph writes them (float16 initializers named
+    `<module>.weight`, or `<prefix>.<a>+<b>.weight` for a fused group, split by rows), in the
+    checkpoint's layout; `shapes` are the plan's module shapes."""
+    from onnx import numpy_helper
+
+    out: dict[str, CheckpointModule] = {}
+    for init in model.graph.initializer:
+        if init.data_type != 10 or not init.name.endswith(".weight"):  # 10: FLOAT16
+            continue
+        base = init.name[:-len(".weight")]
+        prefix, _, last = base.rpartition(".")
+        names = [f"{prefix}.{part}" if prefix else part for part in last.split("+")]
+        if not all(n in shapes for n in names):
+            continue
+        weight = numpy_helper.to_array(init)
+        start = 0
+        for name in names:
+            n = shapes[name][0]
+            out[name] = CheckpointModule(name=name, kind="float16", shape=shapes[name],
+                                         arrays={"weight": weight[start:start + n]})
+            start += n
+    return out
+
+
 class LinearLowering:
     """How one runtime writes block-quantized weights. Subclass per runtime; the graph calls:
 

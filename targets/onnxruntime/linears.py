@@ -27,7 +27,7 @@ import numpy as np
 from apq_sdk.checkpoint import CheckpointModule
 
 from ..onnx_graph import (ACT_INT8, ACT_INT8_BLOCK, MS_DOMAIN, DecoderGraph, LinearLowering,
-                          LoweringError, linear_doc, parse_linear_doc)
+                          LoweringError, linear_doc, parse_linear_doc, read_float16_weights)
 
 ACTIVATION_LOWERINGS = ("explicit", "accuracy-level-4")
 
@@ -176,8 +176,6 @@ def read_weights(model, plan) -> dict[str, CheckpointModule]:
     MatMulNBits initializers cut back into qweight / scales (float16) / qzeros per module, float16
     initializers (fused groups split by rows) as weight. Raises LoweringError when the graph holds
     something the plan does not describe (a module it lacks, non-zero block padding)."""
-    from onnx import numpy_helper
-
     shapes = {name: entry.shape for name, entry in plan.modules.items()}
     out: dict[str, CheckpointModule] = {}
     for node in nbits_nodes(model):
@@ -200,19 +198,5 @@ def read_weights(model, plan) -> dict[str, CheckpointModule]:
                 arrays["qzeros"] = np.ascontiguousarray(node["zero_points"][rows])
             out[name] = CheckpointModule(name=name, kind="packed", shape=(n, k), arrays=arrays,
                                          bits=bits, group_size=block)
-    for init in model.graph.initializer:
-        if init.data_type != 10 or not init.name.endswith(".weight"):  # 10: FLOAT16
-            continue
-        base = init.name[:-len(".weight")]
-        prefix, _, last = base.rpartition(".")
-        names = [f"{prefix}.{part}" if prefix else part for part in last.split("+")]
-        if not all(n in shapes for n in names):
-            continue
-        weight = numpy_helper.to_array(init)
-        start = 0
-        for name in names:
-            n = shapes[name][0]
-            out[name] = CheckpointModule(name=name, kind="float16", shape=shapes[name],
-                                         arrays={"weight": weight[start:start + n]})
-            start += n
+    out.update(read_float16_weights(model, shapes))
     return out

@@ -179,7 +179,9 @@ class OnnxRuntimeTarget(Target):
 class OnnxDecoder:
     """model.onnx in an onnxruntime session: full-sequence and step-wise runs (a verify Runner)."""
 
-    def __init__(self, model_path: Path, threads: int = 1):
+    def __init__(self, model_path: Path, threads: int = 1, config: dict[str, str] | None = None):
+        """`config`: extra session config entries (a Q/DQ graph needs
+        session.qdq_matmulnbits_accuracy_level = 0, targets/tensorrt/linears.py)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -188,6 +190,8 @@ class OnnxDecoder:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
         self.model_path = Path(model_path)
         self.options = options
         self.session = ort.InferenceSession(str(model_path), options,
