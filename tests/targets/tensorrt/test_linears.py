@@ -158,3 +158,40 @@ def test_int4_packing_is_onnxs_low_nibble_first():
     assert packed == bytes([0x78, 0xF0, 0x13])  # pairs (-8, 7), (0, -1), (3, 1): low nibble first
     tensor = onnx.helper.make_tensor("w", onnx.TensorProto.INT4, [2, 3], packed, raw=True)
     assert np.array_equal(onnx.numpy_helper.to_array(tensor), values)
+
+
+def test_the_graph_follows_modelopts_int4_pattern(tiny_model_factory, tmp_path):
+    """tests/data/modelopt-int4-pattern.json is what NVIDIA ModelOpt 0.47 writes for TensorRT's
+    weight-only INT4 (bench/modelopt_int4_pattern.py, run in its own environment): every quantized
+    MatMul of ours has the same chain, attributes, types and layout."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    reference = json.loads((root / "tests" / "data" / "modelopt-int4-pattern.json").read_text())
+    spec = importlib.util.spec_from_file_location("modelopt_int4_pattern",
+                                                  root / "bench" / "modelopt_int4_pattern.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def shape_free(entry):  # the layout rules, without the sizes of that particular model
+        k, n = entry["weight"]["dims"]
+        blocks, n_scale = entry["scale"]["dims"]
+        block = entry["dq_attributes"]["block_size"]
+        assert n_scale == n and blocks * block == k
+        return {"chain": entry["ops_from_weight_to_matmul"], "input": entry["matmul_input"],
+                "axis": entry["dq_attributes"]["axis"], "attrs": sorted(entry["dq_attributes"]),
+                "weight": entry["weight"]["dtype"], "scale": entry["scale"]["dtype"],
+                "zero_point": entry["zero_point"]}
+
+    theirs = [shape_free(e) for e in reference["matmuls"]]
+    assert theirs and all(t == theirs[0] for t in theirs)
+    ckpt, _ = _checkpoint(tiny_model_factory("llama"), tmp_path / "q")
+    model = build_decoder(ckpt.config, ckpt.tensors, ckpt.modules, DequantizeLinearLowering())
+    ours = bench.pattern(model)
+    assert ours and len(ours) == sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    for entry in ours:
+        assert shape_free(entry) == theirs[0], entry
+    opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"]
+    assert opset >= reference["opsets"]["ai.onnx"]
