@@ -11,10 +11,10 @@ its verify.json, never under the final name.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,7 +290,8 @@ def build(req: BuildRequest, log=print) -> Path:
         _json_sha([req.calib, req.samples, req.seq_len, req.seed])
     quantized, in_place = _quantized_cached(model, tok, info, plan, ids, calib_sha, req, log)
     checkpoint = read_checkpoint(quantized)
-    if checkpoint.plan.to_json() != plan.to_json():  # made for another target whose plan quantizes the same way
+    if checkpoint.plan.to_json() != plan.to_json():
+        # made for another target whose plan quantizes the same modules the same way
         if quantization_content(checkpoint.plan) != quantization_content(plan):
             raise ApqError(f"the cached checkpoint {quantized} does not hold this plan's "
                            f"quantization; delete that directory and build again")

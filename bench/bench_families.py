@@ -115,7 +115,8 @@ def float_graph(path: Path, work: Path) -> dict:
     if any(w is not None for w in spec.sliding_windows):
         flat = dataclasses.replace(spec, sliding_windows=[None] * spec.num_layers)
         body = {n: m for n, m in modules.items() if n != "lm_head"}
-        graph = DecoderGraph(flat, tensors, body, modules.get("lm_head"), MatMulNBitsLowering(), None)
+        graph = DecoderGraph(flat, tensors, body, modules.get("lm_head"), MatMulNBitsLowering(),
+                             None)
         save_model(graph.build(), work / "fp32-nowindow.onnx")
         far = OnnxDecoder(work / "fp32-nowindow.onnx").full(ids)
         unwindowed = float(np.abs(far - ref).max()) / scale
@@ -208,7 +209,8 @@ def markdown(rows: list[dict], command: str, env: dict) -> str:
     lines += ["", "`planned / files`: the weight bytes the plan counts (budget: 45 % of float16) "
               "and the model files' bytes, graph structure included (large beside weights this "
               "small). `weights off`: modules whose stored integers or scales differ from the "
-              "checkpoint.", "`without windows`: the same graph with its sliding windows removed, against "
+              "checkpoint.",
+              "`without windows`: the same graph with its sliding windows removed, against "
               "transformers (large: the windows do something, and the graph above matches them). "
               "`KL package / reference`: KL(unquantized || int8 package) beside KL(unquantized || "
               "torch reference of the plan) on the shipped verification text; verify bounds the "

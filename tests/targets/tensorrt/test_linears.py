@@ -73,7 +73,8 @@ def test_dq_graph_equals_the_reference_and_holds_the_checkpoints_weights(family,
         assert list(inits[node.input[1]].dims) == [k // attrs["block_size"], n]
         assert len(node.input) == 2  # no zero point: symmetric
         consumers = [c for c in model.graph.node if node.output[0] in c.input]
-        assert [c.op_type for c in consumers] == ["MatMul"] and consumers[0].input[1] == node.output[0]
+        assert [c.op_type for c in consumers] == ["MatMul"]
+        assert consumers[0].input[1] == node.output[0]
         dq_matmuls += 1
     assert dq_matmuls and not [n for n in producers.values() if n.op_type == "MatMulNBits"]
     # bit for bit: what the graph holds is the checkpoint
