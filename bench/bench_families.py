@@ -22,7 +22,6 @@ can show (apq_sdk.testing: every weight random, norms and biases too; windows of
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -91,8 +90,8 @@ def features(spec, config) -> str:
 def float_graph(path: Path, work: Path) -> dict:
     """The float32 graph against transformers: full sequence, decode past the window, and the
     graph without windows."""
-    from apq_sdk.targets.onnx_graph import (DecoderGraph, build_decoder, float_weights_from_model,
-                                            save_model)
+    from apq_sdk.targets.onnx_graph import (GraphOptions, build_decoder,
+                                            float_weights_from_model, save_model)
     from apq_sdk.targets.onnxruntime.linears import MatMulNBitsLowering
     from apq_sdk.targets.onnxruntime.target import OnnxDecoder
 
@@ -113,11 +112,9 @@ def float_graph(path: Path, work: Path) -> dict:
     spec = decoder_spec(config)
     unwindowed = None
     if any(w is not None for w in spec.sliding_windows):
-        flat = dataclasses.replace(spec, sliding_windows=[None] * spec.num_layers)
-        body = {n: m for n, m in modules.items() if n != "lm_head"}
-        graph = DecoderGraph(flat, tensors, body, modules.get("lm_head"), MatMulNBitsLowering(),
-                             None)
-        save_model(graph.build(), work / "fp32-nowindow.onnx")
+        save_model(build_decoder(config, tensors, modules, MatMulNBitsLowering(),
+                                 options=GraphOptions(sliding_windows=False)),
+                   work / "fp32-nowindow.onnx")
         far = OnnxDecoder(work / "fp32-nowindow.onnx").full(ids)
         unwindowed = float(np.abs(far - ref).max()) / scale
     return dict(features=features(spec, model.config), float_full=full, float_decode=decode,
@@ -130,13 +127,13 @@ def package(path: Path, work: Path, calib: Path) -> dict:
                         memory_reduction=0.55, verify_windows=1, **SMALL)
     seconds = time.perf_counter() - start
     verify = json.loads((out / "verify.json").read_text())
+    totals = load_plan(out / "plan.json").totals
     checks = {c["name"]: c for c in verify["checks"]}
     acc = verify.get("accuracy") or {}
     return dict(
         passed=verify["passed"], build_s=seconds,
         model_bytes=verify["model_bytes"],
-        fp16_bytes=2 * load_plan(out / "plan.json").totals.model_params,
-        planned_bytes=load_plan(out / "plan.json").totals.target_bytes,
+        fp16_bytes=2 * totals.model_params, planned_bytes=totals.target_bytes,
         weights_differing=checks["weights equal the checkpoint (modules differing)"]["measured"],
         twin_relative=verify["float_twin"].get("relative") if verify.get("float_twin") else None,
         twin_kl=verify["float_twin"].get("kl_mean") if verify.get("float_twin") else None,

@@ -25,6 +25,7 @@ I/O (fixed; runners depend on it):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,8 @@ class LinearLowering:
 @dataclass
 class GraphOptions:
     fuse: bool = True  # q/k/v and gate/up into one matmul where the members allow
+    sliding_windows: bool = True  # False: every layer attends to all of the past (for showing
+    #                               that the windows change the result; never in a package)
 
 
 class DecoderGraph:
@@ -217,12 +220,14 @@ class DecoderGraph:
     def __init__(self, spec: DecoderSpec, tensors: dict[str, np.ndarray],
                  modules: dict[str, CheckpointModule], head: CheckpointModule | None,
                  lowering: LinearLowering, options: GraphOptions | None = None):
+        self.options = options or GraphOptions()
+        if not self.options.sliding_windows:
+            spec = dataclasses.replace(spec, sliding_windows=[None] * spec.num_layers)
         self.spec = spec
         self.tensors = tensors
         self.modules = modules
         self.head = head
         self.lowering = lowering
-        self.options = options or GraphOptions()
         self.g = GraphBuilder()
         self.shared: dict[str, str] = {}  # initializers the embedding and the head share
         self._fake_quant: dict[tuple[str, float], str] = {}

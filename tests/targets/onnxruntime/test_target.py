@@ -28,7 +28,7 @@ from apq_sdk.sensitivity import ProfileSettings, profile_model  # noqa: E402
 from apq_sdk.quant.packing import stored_bytes  # noqa: E402
 from apq_sdk.quantizer import quantize_model, save_quantized  # noqa: E402
 from apq_sdk.targets.base import BuildContext, get_target  # noqa: E402
-from apq_sdk.targets.onnx_graph import (DecoderGraph, build_decoder,  # noqa: E402
+from apq_sdk.targets.onnx_graph import (GraphOptions, build_decoder,  # noqa: E402
                                         float_weights_from_model, save_model)
 from apq_sdk.targets.onnxruntime.linears import (MatMulNBitsLowering, nbits_initializers,  # noqa: E402
                                                  nbits_nodes)
@@ -389,11 +389,9 @@ def test_fp32_export_matches_transformers_forward(name, tiny_model_factory, work
     spec = decoder_spec(config)
     assert past[0].shape == (1, spec.num_kv_heads, 64, spec.head_dim)
     if any(w is not None for w in spec.sliding_windows):  # the window is not a no-op here
-        unwindowed = dataclasses.replace(spec, sliding_windows=[None] * spec.num_layers)
-        body = {n: m for n, m in modules.items() if n != "lm_head"}
-        graph = DecoderGraph(unwindowed, tensors, body, modules.get("lm_head"),
-                             MatMulNBitsLowering(), None)
-        save_model(graph.build(), work / f"fp32-{name}-nowindow.onnx")
+        save_model(build_decoder(config, tensors, modules, MatMulNBitsLowering(),
+                                 options=GraphOptions(sliding_windows=False)),
+                   work / f"fp32-{name}-nowindow.onnx")
         far = OnnxDecoder(work / f"fp32-{name}-nowindow.onnx").full(ids)
         assert np.abs(far - ref)[20:].max() > 1e-3 * scale
 
