@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,12 @@ def request_budget(req: BuildRequest):
         bits_per_weight=req.bits_per_weight if named else DEFAULT_BITS_PER_WEIGHT,
         memory_reduction=req.memory_reduction,
         max_loss=parse_relative(req.max_loss) if req.max_loss is not None else None)
+
+
+def _is_default_budget(req: BuildRequest) -> bool:
+    """Whether the request names no budget and no plan (so DEFAULT_BITS_PER_WEIGHT applies)."""
+    return req.plan_path is None and all(v is None for v in (
+        req.bits_per_weight, req.linear_bits_per_weight, req.memory_reduction, req.max_loss))
 
 
 def check_request(req: BuildRequest, target_cls):
@@ -176,7 +183,7 @@ def resolve_plan(req: BuildRequest, target_cls, budget, model, tok, info, log):
     re-planned) or a new one."""
     from .calibration import load_calibration
     from .plan_file import PlanError, load_plan
-    from .planning import Budget, make_plan
+    from .planning import Budget, BudgetTooSmall, make_plan
 
     caps = target_cls.capabilities
     if req.plan_path is not None:
@@ -215,7 +222,19 @@ def resolve_plan(req: BuildRequest, target_cls, budget, model, tok, info, log):
         activation = req.activations or caps.default_activation
         head_bits = req.head_bits
     sens, ids, _ = _profile_cached(model, tok, info, req, caps, log)
-    plan = make_plan(sens, budget, caps=caps, activation=activation, head_bits=head_bits)
+    try:
+        plan = make_plan(sens, budget, caps=caps, activation=activation, head_bits=head_bits)
+    except BudgetTooSmall as exc:
+        if not _is_default_budget(req) or exc.least_bits_per_weight is None:
+            raise
+        # the default budget is a starting point, not the user's demand: a target that cannot
+        # store the model that small gets the least it can store (rounded up to 0.01)
+        least = math.ceil(exc.least_bits_per_weight * 100) / 100
+        log(f"plan: {target_cls.name} cannot store this model in the default "
+            f"{DEFAULT_BITS_PER_WEIGHT} bits per weight (the least is "
+            f"{exc.least_bits_per_weight:.3f}); planning {least:.2f}. Pass a budget to choose")
+        budget = Budget(bits_per_weight=least)
+        plan = make_plan(sens, budget, caps=caps, activation=activation, head_bits=head_bits)
     left = target_cls.check_plan(plan)
     if left:
         raise ApqError(_refusal(target_cls, left))
@@ -341,6 +360,7 @@ def build(req: BuildRequest, log=print) -> Path:
                                 "memory_reduction": plan.objective.memory_reduction,
                                 "max_loss": plan.objective.max_loss}},
             "measured_at_build": measured,
+            **target.manifest_extra(tmp),
         })
         if result is not None:
             write_verify(tmp, result.to_dict(), problems=[])

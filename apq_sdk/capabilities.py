@@ -25,6 +25,7 @@ ACT_INT8 = "int8-per-token-dynamic"
 ACT_INT8_BLOCK = "int8-per-block-dynamic"
 ACT_NONE = "none"
 FUSED_GROUPS = ("qkv", "gate_up")
+TIED_LOOKUPS = ("shared", "scales", "copy")
 #: group sizes profiled when a target runs them: groups of 32 reproduce the demo model's Q4_1 grid
 #: for free, so quality is planned and reported on groups of 64 or more unless a target needs less
 PREFERRED_GROUP_SIZES = (64, 128)
@@ -78,8 +79,11 @@ class Capabilities:
     # how the artifact stores a block-quantized tensor, so budgets bound what the package weighs:
     scale_bytes: int = 2  # bytes per group scale (ONNX Runtime's MatMulNBits: float32, 4)
     pads_last_block: bool = False  # a short last group is stored padded to a whole block
-    tied_lookup_copy: bool = False  # a tied quantized head keeps a second copy of its scales
-    #                                 (and unpacked zero points) for the embedding lookup
+    tied_lookup: str = "shared"  # what the embedding lookup of a tied head stores besides the
+    #                              head: nothing ("shared"), a second copy of its scales and
+    #                              unpacked zero points ("scales", ONNX Runtime's
+    #                              GatherBlockQuantized), or a whole second copy in the core's
+    #                              layout ("copy", TensorRT: the runtime looks rows up)
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +121,9 @@ class Capabilities:
             raise ValueError(f"max_context: expected an integer >= 2, found {self.max_context!r}")
         if self.families is not None:
             object.__setattr__(self, "families", tuple(self.families))
+        if self.tied_lookup not in TIED_LOOKUPS:
+            raise ValueError(f"tied_lookup: expected one of {TIED_LOOKUPS}, "
+                             f"found {self.tied_lookup!r}")
         if self.scale_bytes not in (2, 4):
             raise ValueError(f"scale_bytes: expected 2 (float16) or 4 (float32), "
                              f"found {self.scale_bytes!r}")
@@ -150,15 +157,16 @@ class Capabilities:
         from .quant.packing import stored_bytes
 
         core = stored_bytes(n, k, bits, group, symmetric)
+        copy = core if tied_lookup and self.tied_lookup == "copy" else 0
         if bits == 16:
-            return core
+            return core + copy
         groups = -(-k // group)
         extra = n * groups * (self.scale_bytes - 2)
         if self.pads_last_block:
             extra += n * (groups * group - k) * bits // 8
-        if tied_lookup and self.tied_lookup_copy:
+        if tied_lookup and self.tied_lookup == "scales":
             extra += n * groups * (self.scale_bytes + (0 if symmetric else 1))
-        return core + extra
+        return core + extra + copy
 
     # -- identity ---------------------------------------------------------------------------------
 

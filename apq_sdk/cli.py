@@ -408,7 +408,8 @@ def targets():
 
 @main.command("build")
 @click.option("--target", "-t", required=True,
-              help="Target name (see apq-sdk targets), or 'all' for every target whose tools are present.")
+              help="Target name (see apq-sdk targets), or 'all' for every target whose tools are present "
+                   "(device presets of another target excepted).")
 @model_option
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), default=None,
               help="Use this plan instead of profiling and planning (checked against the target).")
@@ -441,7 +442,10 @@ def build_cmd(target, model, plan_file, bits_per_weight, linear_bits_per_weight,
         names = []
         for name, cls in sorted(load_builtin_targets().items()):
             missing = cls.missing_tools("build")
-            if missing:
+            if cls.preset_of is not None:
+                click.echo(f"skipping {name}: a device preset of {cls.preset_of} (the same "
+                           f"model files); build it with --target {name}")
+            elif missing:
                 click.echo(f"skipping {name}: missing " + "; ".join(
                     f"{t.name} ({t.how_to_get})" for t in missing))
             else:

@@ -31,6 +31,16 @@ from .sensitivity import SensitivityMap, candidate_key, parse_candidate_key
 from .quant.modules import ACT_INT8, ACT_INT8_BLOCK, ACT_NONE
 from .quant.packing import stored_bytes
 
+class BudgetTooSmall(UsageError):
+    """A memory budget below the least the target can store the model in. `least_bits_per_weight`:
+    the whole model's least bits per weight (every unit at its smallest option), or None for a
+    linear-only budget."""
+
+    def __init__(self, message: str, least_bits_per_weight: float | None):
+        super().__init__(message)
+        self.least_bits_per_weight = least_bits_per_weight
+
+
 @dataclass(frozen=True)
 class Budget:
     bits_per_weight: float | None = None
@@ -213,14 +223,16 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENE
                                       for e in sens.modules.values() if e["kind"] == "embedding")
     if head_bits != "auto":
         fixed += _fixed_head_bytes(sens, caps, head_bits, head_group, symmetric)
+    least = None if budget.scope == "linear" else \
+        8 * (fixed + sum(min(o.bytes for o in u.options) for u in units)) / model_params
     if budget.bits_per_weight is not None and budget.scope == "linear":
         max_bytes = int(budget.bits_per_weight * linear_params / 8)
     elif budget.bits_per_weight is not None:
         max_bytes = _left_for_the_plan(int(budget.bits_per_weight * model_params / 8), fixed,
-                                       f"--bits-per-weight {budget.bits_per_weight:g}")
+                                       f"--bits-per-weight {budget.bits_per_weight:g}", least)
     elif budget.memory_reduction is not None:
         max_bytes = _left_for_the_plan(int((1 - budget.memory_reduction) * 2 * model_params), fixed,
-                                       f"--memory-reduction {budget.memory_reduction:g}")
+                                       f"--memory-reduction {budget.memory_reduction:g}", least)
     else:
         max_bytes = None
     try:
@@ -230,6 +242,9 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENE
             kl_budget = kl_for_relative_ppl(budget.max_loss, sens.loss_model)
             assignment = knapsack.minimize_bytes(units, kl_budget)
     except knapsack.InfeasibleBudget as exc:
+        if max_bytes is not None and least is not None:
+            raise BudgetTooSmall(f"{exc} ({caps.name!r} stores this model in at least "
+                                 f"{least:.3f} bits per weight of the whole model)", least) from exc
         raise UsageError(str(exc)) from exc
     modules: dict[str, ModulePlan] = {}
     target = _target_bytes(sens, caps, members, assignment, symmetric, fixed)
@@ -276,11 +291,12 @@ def _target_bytes(sens, caps, members, assignment, symmetric, fixed) -> int:
     return total
 
 
-def _left_for_the_plan(total: int, fixed: int, what: str) -> int:
+def _left_for_the_plan(total: int, fixed: int, what: str, least: float | None) -> int:
     if total <= fixed:
-        raise UsageError(f"{what} allows {total:,} bytes for the whole model, but {fixed:,} bytes "
-                         f"are fixed (norms, biases, the float16 embedding table, a fixed head); "
-                         f"raise the budget")
+        raise BudgetTooSmall(f"{what} allows {total:,} bytes for the whole model, but {fixed:,} "
+                             f"bytes are fixed (norms, biases, the float16 embedding table, a "
+                             f"fixed head); raise the budget (the least is {least:.3f} bits per "
+                             f"weight)", least)
     return total - fixed
 
 

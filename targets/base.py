@@ -34,6 +34,8 @@ from apq_sdk.capabilities import Capabilities, Violation  # noqa: F401  (re-expo
 #: every built-in target: name -> module under apq_sdk.targets that defines (registers) it
 BUILTIN_TARGETS = {
     "arm64-linux": "onnxruntime.target",
+    "jetson-orin": "tensorrt.target",
+    "cuda-x86_64": "tensorrt.target",
 }
 TARGETS: dict[str, type["Target"]] = {}
 
@@ -75,6 +77,8 @@ class Target:
     tools: ClassVar[tuple[Tool, ...]] = ()
     runtime_packages: ClassVar[tuple[str, ...]] = ()  # versions recorded in the manifest
     template_sets: ClassVar[tuple[str, ...]] = ()  # rendered in order over templates/common
+    preset_of: ClassVar[str | None] = None  # a device preset of this target: the same build
+    #                                         path and artifact (`build --target all` skips it)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -126,6 +130,16 @@ class Target:
         (apq_sdk.checkpoint.CheckpointModule), or None when the format cannot be read here."""
         return None
 
+    def stored_codes(self, module) -> bytes:
+        """A packed module's codes as the artifact stores them (for tests that corrupt one layer
+        where it lies in the model files): the core's first qweight row unless the format
+        re-lays the codes out."""
+        return module.arrays["qweight"][0].tobytes()
+
+    def manifest_extra(self, package_dir: Path) -> dict:
+        """Entries the target adds to manifest.json (e.g. what was validated and what was not)."""
+        return {}
+
     def float_twin(self, package_dir: Path, workdir: Path, *, threads: int = 1):
         """A Runner of the artifact with float activations (for int8-per-block plans), or None."""
         return None
@@ -150,6 +164,47 @@ class Target:
                 read_weights=lambda: self.read_weights(package_dir, checkpoint.plan),
                 float_twin=lambda: self.float_twin(package_dir, Path(work), threads=threads),
                 float_model=float_model, threads=threads, **options)
+
+
+# -- helpers the targets' lowerings share ------------------------------------------------------------
+
+def glue_numbers(checkpoint, max_context: int) -> dict:
+    """The model constants the native glue is rendered with (apq_model.h's macros)."""
+    spec = checkpoint.spec
+    config = checkpoint.config
+    return {"vocab_size": spec.vocab_size, "num_layers": spec.num_layers,
+            "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+            "hidden_size": spec.hidden_size, "max_context": min(max_context, spec.max_context),
+            "bos_token_id": _token_id(getattr(config, "bos_token_id", None), spec.vocab_size),
+            "eos_token_id": _token_id(getattr(config, "eos_token_id", None), spec.vocab_size)}
+
+
+def _token_id(value, vocab: int) -> int:
+    """A config's bos/eos id (the first of a list) when it is inside the vocabulary, else -1."""
+    if isinstance(value, (list, tuple)):
+        value = next((v for v in value if isinstance(v, int) and 0 <= v < vocab), None)
+    return value if isinstance(value, int) and 0 <= value < vocab else -1
+
+
+def export_glue_tokenizer(checkpoint, package_dir: Path, target: str) -> None:
+    """The checkpoint's tokenizer as the plain-text files the C++ tokenizer reads (tokenizer/);
+    LoweringError when the package's runtime cannot reproduce it."""
+    from apq_sdk.tokenizer_export import TOKENIZER_DIR, TokenizerExportError, export_tokenizer
+
+    from .onnx_graph import LoweringError
+
+    tokenizer = checkpoint.path / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise LoweringError(f"{checkpoint.path} has no tokenizer.json; the package's C++ runtime "
+                            f"needs it (quantize again: the checkpoint keeps the model's "
+                            f"tokenizer)")
+    try:
+        export_tokenizer(tokenizer, Path(package_dir) / TOKENIZER_DIR)
+    except TokenizerExportError as exc:
+        raise LoweringError(f"the package's C++ runtime cannot reproduce this model's tokenizer: "
+                            f"{exc}. It reproduces byte-level BPE tokenizers (GPT-2, Llama 3, "
+                            f"Qwen, SmolLM) id for id; this one is not supported by the {target} "
+                            f"target") from exc
 
 
 def get_target(name: str) -> type[Target]:

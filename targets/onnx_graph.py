@@ -18,7 +18,8 @@ runtimes at load). Layers a runtime fuses (q/k/v and gate/up) reach the lowering
 share format, activation mode and clip.
 
 I/O (fixed; runners depend on it):
-  inputs   input_ids int64 [1, S], attention_mask int64 [1, P+S], position_ids int64 [1, S],
+  inputs   input_ids int64 [1, S] (or, with GraphOptions(embeddings_input=True), inputs_embeds
+           float32 [1, S, hidden]: the embedding rows, looked up by the runtime), attention_mask int64 [1, P+S], position_ids int64 [1, S],
            past_key_values.{i}.key / .value float32 [1, kv_heads, P, head_dim]
   outputs  logits float32 [1, S, vocab], present.{i}.key / .value float32 [1, kv_heads, P+S, head_dim]
 """
@@ -212,6 +213,10 @@ class GraphOptions:
     fuse: bool = True  # q/k/v and gate/up into one matmul where the members allow
     sliding_windows: bool = True  # False: every layer attends to all of the past (for showing
     #                               that the windows change the result; never in a package)
+    embeddings_input: bool = False  # True: the graph takes `inputs_embeds` [1, S, hidden] float32
+    #                                 (the rows of the embedding table, looked up by the runtime)
+    #                                 instead of input_ids, and a tied head is an ordinary linear
+    #                                 (TensorRT, whose Gather takes no quantized table)
 
 
 class DecoderGraph:
@@ -345,7 +350,8 @@ class DecoderGraph:
         if "kv_idx" not in self._masks:
             one = g.const(1, np.int64)
             total = g.op("Gather", [g.op("Shape", ["attention_mask"], "mask"), one], "mask", axis=0)
-            seq = g.op("Gather", [g.op("Shape", ["input_ids"], "mask"), one], "mask", axis=0)
+            first = "inputs_embeds" if self.options.embeddings_input else "input_ids"
+            seq = g.op("Gather", [g.op("Shape", [first], "mask"), one], "mask", axis=0)
             past = g.op("Sub", [total, seq], "mask")
             kv_idx = g.op("Range", [g.const(0, np.int64), total, one], "mask")
             q_idx = g.op("Range", [past, total, one], "mask")
@@ -466,7 +472,9 @@ class DecoderGraph:
         g, spec = self.g, self.spec
         s = spec.embedding_name
         head = self.head
-        if spec.tie_word_embeddings and head is not None and head.kind == "packed":
+        if self.options.embeddings_input:
+            x = "inputs_embeds"
+        elif spec.tie_word_embeddings and head is not None and head.kind == "packed":
             x = self.lowering.tied_embedding(self, head)  # one copy of the head's codes
         elif spec.tie_word_embeddings and head is not None and head.kind == "float16":
             self.shared["lm_head.weight"] = g.init("lm_head.weight",
@@ -493,9 +501,12 @@ class DecoderGraph:
             w = name if name in g.initializers else g.init(name, self.tensor(name))
             y = g.op("MatMul", [x, g.op("Transpose", [w], "lm_head", perm=[1, 0])], "lm_head",
                      outputs=[out])
-        elif head.kind == "packed" and spec.tie_word_embeddings:
+        elif head.kind == "packed" and spec.tie_word_embeddings and not self.options.embeddings_input:
             y = self.lowering.tied_head(self, x, head, out)
         elif head.kind == "float16" and spec.tie_word_embeddings:
+            if "lm_head.weight" not in self.shared:  # the embedding is looked up outside the graph
+                self.shared["lm_head.weight"] = g.init("lm_head.weight",
+                                                       head.arrays["weight"].astype(np.float16))
             w = g.op("Cast", [self.shared["lm_head.weight"]], "lm_head", to=1)
             y = g.op("MatMul", [x, g.op("Transpose", [w], "lm_head", perm=[1, 0])], "lm_head",
                      outputs=[out], doc=linear_doc([head], x))
@@ -534,7 +545,11 @@ class DecoderGraph:
         f32, i64 = TensorProto.FLOAT, TensorProto.INT64
         kv_shape = [1, spec.num_kv_heads, "past_sequence_length", spec.head_dim]
         present_shape = [1, spec.num_kv_heads, "total_sequence_length", spec.head_dim]
-        inputs = [helper.make_tensor_value_info("input_ids", i64, [1, "sequence_length"]),
+        first = helper.make_tensor_value_info("input_ids", i64, [1, "sequence_length"])
+        if self.options.embeddings_input:
+            first = helper.make_tensor_value_info("inputs_embeds", f32,
+                                                  [1, "sequence_length", spec.hidden_size])
+        inputs = [first,
                   helper.make_tensor_value_info("attention_mask", i64, [1, "total_sequence_length"]),
                   helper.make_tensor_value_info("position_ids", i64, [1, "sequence_length"])]
         outputs = [helper.make_tensor_value_info("logits", f32, [1, "sequence_length", spec.vocab_size])]
@@ -544,9 +559,11 @@ class DecoderGraph:
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, present_shape))
         graph = helper.make_graph(g.nodes, "apq_decoder", inputs, outputs,
                                   list(g.initializers.values()))
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(node.domain == MS_DOMAIN for node in g.nodes):  # declared only where used
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         model = helper.make_model(graph, producer_name="apq-sdk", ir_version=IR_VERSION,
-                                  opset_imports=[helper.make_opsetid("", OPSET),
-                                                 helper.make_opsetid(MS_DOMAIN, 1)])
+                                  opset_imports=opsets)
         for key, value in sorted((metadata or {}).items()):
             entry = model.metadata_props.add()
             entry.key, entry.value = key, str(value)

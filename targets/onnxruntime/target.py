@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..base import BuildContext, Capabilities, Target, Tool
-from ..onnx_graph import (EXTERNAL_DATA_FILE, OPSET, GraphOptions, LoweringError, build_decoder,
+from ..base import BuildContext, Capabilities, Target, Tool, export_glue_tokenizer, glue_numbers
+from ..onnx_graph import (EXTERNAL_DATA_FILE, OPSET, GraphOptions, build_decoder,
                           describe_io, dumps_json, linear_nodes, save_model)
 from .linears import MatMulNBitsLowering, read_weights
 
@@ -65,7 +65,7 @@ class OnnxRuntimeTarget(Target):
                   "smollm3"),
         scale_bytes=4,  # MatMulNBits scales have A's type: float32
         pads_last_block=True,  # B is [N, blocks, blob]: a ragged row ends in a padded block
-        tied_lookup_copy=True,  # GatherBlockQuantized: its own float32 scales, unpacked zeros
+        tied_lookup="scales",  # GatherBlockQuantized: its own float32 scales, unpacked zeros
         notes=("MatMulNBits packs 2, 4 and 8 bits only: 3-bit layers are excluded. Block sizes are "
                "powers of two >= 32 (at 16, 2-bit accuracy_level 4 silently computes with float "
                "activations in onnxruntime 1.32). Default activations int8-per-block-dynamic: MatMulNBits "
@@ -110,11 +110,7 @@ class OnnxRuntimeTarget(Target):
         for source in ckpt.tokenizer_files():
             (package_dir / source.name).write_bytes(source.read_bytes())
         spec = ckpt.spec
-        numbers = {"vocab_size": spec.vocab_size, "num_layers": spec.num_layers,
-                   "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-                   "max_context": min(self.capabilities.max_context, spec.max_context),
-                   "bos_token_id": _token_id(getattr(ckpt.config, "bos_token_id", None), spec.vocab_size),
-                   "eos_token_id": _token_id(getattr(ckpt.config, "eos_token_id", None), spec.vocab_size)}
+        numbers = glue_numbers(ckpt, self.capabilities.max_context)
         io = describe_io(spec)
         io.update(numbers)
         io.update({"model_file": MODEL_FILE, "model_type": spec.family, "onnx_opset": OPSET,
@@ -129,20 +125,8 @@ class OnnxRuntimeTarget(Target):
         plain-text tokenizer."""
         from apq_sdk import __version__
         from apq_sdk.native_glue import render_templates
-        from apq_sdk.tokenizer_export import TOKENIZER_DIR, TokenizerExportError, export_tokenizer
 
-        tokenizer = ctx.checkpoint.path / "tokenizer.json"  # what package_dir holds a copy of
-        if not tokenizer.is_file():
-            raise LoweringError(f"{ctx.checkpoint.path} has no tokenizer.json; the package's C++ "
-                                f"runner needs it (quantize again: the checkpoint keeps the "
-                                f"model's tokenizer)")
-        try:
-            export_tokenizer(tokenizer, package_dir / TOKENIZER_DIR)
-        except TokenizerExportError as exc:
-            raise LoweringError(f"the package's C++ runner cannot reproduce this model's "
-                                f"tokenizer: {exc}. It reproduces byte-level BPE tokenizers "
-                                f"(GPT-2, Llama 3, Qwen, SmolLM) id for id; this one is not "
-                                f"supported by the arm64-linux target") from exc
+        export_glue_tokenizer(ctx.checkpoint, package_dir, self.name)
         render_templates(("common", *self.template_sets),
                          {"package_name": ctx.package_name, "model_name": ctx.model_name,
                           "target": self.name, "runtime": "ONNX Runtime",
@@ -205,18 +189,27 @@ class OnnxDecoder:
 
     def step(self, ids: np.ndarray, past: list[np.ndarray] | None):
         """Logits [S, V] of `ids` after `past` (None = empty cache), and the new cache."""
-        ids = np.asarray(ids, dtype=np.int64)
-        p = 0 if past is None else past[0].shape[2]
-        if past is None:
-            past = [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)] * len(self.past_names)
-        feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, p + ids.shape[0]), np.int64),
-                 "position_ids": np.arange(p, p + ids.shape[0], dtype=np.int64)[None]}
-        feeds.update(zip(self.past_names, past))
-        outputs = self.session.run(["logits"] + self.present_names, feeds)
+        outputs = self.session.run(["logits"] + self.present_names, self.feeds(ids, past))
         return outputs[0][0], outputs[1:]
 
     def full(self, ids: np.ndarray) -> np.ndarray:
         return self.step(ids, None)[0]
+
+    def feeds(self, ids: np.ndarray, past: list[np.ndarray] | None) -> dict[str, np.ndarray]:
+        """The session inputs for `ids` after `past` (None = empty cache)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        p = 0 if past is None else past[0].shape[2]
+        if past is None:
+            past = [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)] * len(self.past_names)
+        feeds = {**self.first_input(ids),
+                 "attention_mask": np.ones((1, p + ids.shape[0]), np.int64),
+                 "position_ids": np.arange(p, p + ids.shape[0], dtype=np.int64)[None]}
+        feeds.update(zip(self.past_names, past))
+        return feeds
+
+    def first_input(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """What stands for the tokens: input_ids here (TensorRT's graph takes embedding rows)."""
+        return {"input_ids": ids[None]}
 
     def record_linears(self, ids: np.ndarray) -> list[dict]:
         """Every linear layer's input (before activation quantization) and output on `ids`, from
@@ -238,19 +231,7 @@ class OnnxDecoder:
             save_model(model, Path(tmp) / "record.onnx")
             session = ort.InferenceSession(str(Path(tmp) / "record.onnx"), self.options,
                                            providers=["CPUExecutionProvider"])
-        ids = np.asarray(ids, dtype=np.int64)
-        feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, ids.shape[0]), np.int64),
-                 "position_ids": np.arange(ids.shape[0], dtype=np.int64)[None]}
-        feeds.update({n: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
-                      for n in self.past_names})
         names = [o.name for o in session.get_outputs()]
-        values = dict(zip(names, session.run(names, feeds)))
+        values = dict(zip(names, session.run(names, self.feeds(ids, None))))
         return [{"node": n["node"], "modules": n["modules"], "x": values[n["input"]][0],
                  "y": values[n["output"]][0]} for n in nodes]
-
-
-def _token_id(value, vocab: int) -> int:
-    """A config's bos/eos id (the first of a list) when it is inside the vocabulary, else -1."""
-    if isinstance(value, (list, tuple)):
-        value = next((v for v in value if isinstance(v, int) and 0 <= v < vocab), None)
-    return value if isinstance(value, int) and 0 <= value < vocab else -1

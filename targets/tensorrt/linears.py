@@ -64,6 +64,9 @@ def check_module(module: CheckpointModule) -> None:
     if k % module.group_size:
         raise LoweringError(f"{module.name}: groups of {module.group_size} do not divide its input "
                             f"width {k}; TensorRT's blocks must (plan with whole groups)")
+    if not (np.asarray(module.arrays["scales"], np.float32) > 0).all():
+        raise LoweringError(f"{module.name}: a scale is not positive; TensorRT's Dequantize "
+                            f"needs positive scales (the checkpoint is damaged: quantize again)")
 
 
 def pack_int4(values: np.ndarray) -> bytes:

@@ -42,9 +42,10 @@ TARGETS = sorted(BUILTIN_TARGETS)
 # cannot be part of a directory name, so no "*/" here: tests/templates covers it in package names)
 HOSTILE = 'evil"m \'x\' ??= $(id) `id` ${HOME} ;; <b>x<b> [a](b) \\ \u202eRLO\u200bZW ü'
 SMALL = dict(samples=8, seq_len=48, verify_windows=1)
-# the whole model within 45 % of its float16 size: feasible for the tiny untied models too, whose
-# float16 embedding table alone is 40 % of their parameters
-BUDGET = dict(memory_reduction=0.55)
+# the whole model within half its float16 size: feasible for the tiny untied models too, whose
+# float16 embedding table alone is 40 % of their parameters, on every target (TensorRT's least,
+# 4-bit layers with float32 scales, is 7.2 bits per weight for the tiny phi3)
+BUDGET = dict(memory_reduction=0.5)
 _BUILDS: dict = {}
 
 
@@ -138,7 +139,7 @@ def test_a_corrupted_weight_fails_verify(name, family, tmp_path_factory, calib, 
     # flip bits of one quantized layer's codes where the artifact stores them
     module = next(m for n, m in sorted(checkpoint.modules.items())
                   if m.kind == "packed" and n != "lm_head")
-    needle = module.arrays["qweight"][0, :32].tobytes()
+    needle = cls().stored_codes(module)[:32]  # not fused with others (down_proj leads the sort)
     for path in cls().model_files(broken):
         data = bytearray(path.read_bytes())
         at = data.find(needle)
