@@ -41,6 +41,7 @@ from .linears import DequantizeLinearLowering, read_weights
 
 MODEL_FILE = "model.onnx"
 IO_FILE = "onnx_io.json"
+PREFILL_CHUNK = 128  # the C++ runtime feeds a prompt in chunks of this many tokens
 #: TensorRT's DequantizeLinear runs symmetric INT4 blocks along the input dimension; weight-only
 #: INT8 is per channel (one scale per output row), which the core's groups do not express, and
 #: 2/3-bit layers have no TensorRT kernel (a plugin in runtime_kernels/ is the way to add them)
@@ -128,7 +129,7 @@ class TensorRtTarget(Target):
                                 "support_matrix_check": {**summary(model), "findings": 0}}})
         (package_dir / IO_FILE).write_text(dumps_json(io))
         if options.get("native_glue", True):
-            self._write_glue(ctx, package_dir, numbers)
+            self._write_glue(ctx, package_dir, {**numbers, **embedding_macros(embeddings)})
 
     def _write_glue(self, ctx: BuildContext, package_dir: Path, numbers: dict) -> None:
         """The C API header and tokenizer (templates/common), build_engine.sh and the README
@@ -146,6 +147,8 @@ class TensorRtTarget(Target):
                    "sdk_version": __version__, "device": self.device, "gpu_arch": self.gpu_arch,
                    "device_check": self.device_check, "tensorrt_version": self.tensorrt_version,
                    "jetpack": self.jetpack, "plan_sha256": plan_sha256(ctx.plan), **numbers,
+                   "on_jetson": int(self.device_check == "jetson-orin"),
+                   "prefill_chunk": min(PREFILL_CHUNK, numbers["max_context"]),
                    **engine_profiles(numbers)}
         render_templates(("common", *self.template_sets), context, package_dir)
         script = package_dir / "build_engine.sh"
@@ -197,12 +200,26 @@ class TensorRtTarget(Target):
                 "(onnx_io.json: tensorrt.support_matrix_check)"],
             "not_validated_here": [
                 "building the TensorRT engine (needs an NVIDIA GPU and TensorRT "
-                f"{self.tensorrt_version}: build_engine.sh on the {self.device})",
+                f"{self.tensorrt_version}: build_engine.sh on {self.device})",
                 "TensorRT's numerics: under --fp16 activations run in float16 on the device, "
                 "while verify ran the graph in float32",
                 "speed and memory on the device",
-                "the C++ runtime (not generated yet: build_engine.sh and trtexec run the engine)"],
+                "the C++ runtime (src/apq_model.cpp): compiled against the CUDA runtime headers "
+                "and a minimal declaration set of TensorRT's C++ API written from its "
+                "documentation, not against TensorRT's own headers; not linked, not run"],
         }}
+
+
+def embedding_macros(desc: dict) -> dict[str, int]:
+    """embeddings.bin's layout as the C++ runtime's constants (apq_model.cpp: APQ_EMBED_*)."""
+    blocks = desc["format"] == "blocks"
+    return {"embed_format": {"float32": 0, "float16": 1, "blocks": 2}[desc["format"]],
+            "embed_bits": desc["bits"] if blocks else 0,
+            "embed_group": desc["group_size"] if blocks else 0,
+            "embed_zero": desc["zero_point"] if blocks else 0,
+            "embed_codes_offset": desc["codes"]["offset"] if blocks else 0,
+            "embed_scales_offset": desc["scales"]["offset"] if blocks else 0,
+            "embed_bytes": desc["bytes"]}
 
 
 def engine_profiles(numbers: dict) -> dict[str, str]:
@@ -222,7 +239,7 @@ def engine_profiles(numbers: dict) -> dict[str, str]:
 
     return {"decode_min": shapes(1, 0, 1), "decode_opt": shapes(1, ctx // 2, ctx // 2 + 1),
             "decode_max": shapes(1, ctx - 1, ctx), "prefill_min": shapes(1, 0, 1),
-            "prefill_opt": shapes(min(128, ctx), 0, min(128, ctx)),
+            "prefill_opt": shapes(min(PREFILL_CHUNK, ctx), 0, min(PREFILL_CHUNK, ctx)),
             "prefill_max": shapes(ctx, ctx - 1, ctx)}
 
 
@@ -230,7 +247,7 @@ class JetsonOrinTarget(TensorRtTarget):
     name = "jetson-orin"
     description = ("TensorRT 10.3 on Jetson Orin (JetPack 6.1/6.2, SM 8.7): INT4 DequantizeLinear "
                    "weights, engine built on the device")
-    device = "Jetson Orin (Nano, NX or AGX) with JetPack 6.1 or 6.2"
+    device = "a Jetson Orin (Nano, NX or AGX)"
     gpu_arch = "sm_87"
     device_check = "jetson-orin"
     capabilities = Capabilities(name="jetson-orin", **CAPABILITIES)

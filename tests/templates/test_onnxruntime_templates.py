@@ -78,7 +78,7 @@ def hostile(tmp_path_factory) -> Path:
     written = render_templates(SETS, HOSTILE_CONTEXT, out)
     assert {p.relative_to(out).as_posix() for p in written} == {
         "CMakeLists.txt", "README.md", "include/apq_model.h", "src/apq_model.cpp",
-        "src/apq_run.cpp", "src/tokenizer.cpp", "src/tokenizer.hpp"}
+        "src/apq_run.cpp", "src/apq_util.hpp", "src/tokenizer.cpp", "src/tokenizer.hpp"}
     return out
 
 

@@ -332,6 +332,9 @@ def test_build_engine_on_a_desktop_gpu(tiny_model_factory, tmp_path_factory, cal
     assert result.returncode == 0, result.stderr
     engines = sorted((package / "engines").glob("*.engine"))
     assert len(engines) == 1 and engines[0].read_text() == "engine\n"
+    plan_sha = json.loads((package / "manifest.json").read_text())["plan"]["sha256"]
+    # the key src/apq_model.cpp computes too: GPU name (bytes but [A-Za-z0-9] as _), version, plan
+    assert engines[0].name == f"NVIDIA_GeForce_RTX_4090-trt100300-{plan_sha[:16]}.engine"
     args = (tmp_path / "args.txt").read_text().splitlines()
     assert f"--onnx={package}/model.onnx" in args and "--fp16" in args
     io = json.loads((package / "onnx_io.json").read_text())
