@@ -443,8 +443,8 @@ def build_cmd(target, model, plan_file, bits_per_weight, linear_bits_per_weight,
         for name, cls in sorted(load_builtin_targets().items()):
             missing = cls.missing_tools("build")
             if cls.preset_of is not None:
-                click.echo(f"skipping {name}: a device preset of {cls.preset_of} (the same "
-                           f"model files); build it with --target {name}")
+                click.echo(f"skipping {name}: a device preset of {cls.preset_of} (the same graph and "
+                           f"weights); build it with --target {name}")
             elif missing:
                 click.echo(f"skipping {name}: missing " + "; ".join(
                     f"{t.name} ({t.how_to_get})" for t in missing))

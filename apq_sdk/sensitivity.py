@@ -86,9 +86,13 @@ class ProfileSettings:
     @classmethod
     def for_capabilities(cls, caps, **overrides) -> "ProfileSettings":
         """The candidates a capability table needs: its preferred group sizes (64 and 128 where
-        it runs them, else its own) and its symmetry. Bits stay 2/3/4/8: the planner drops what
-        the table cannot run, and 3 bits is the reference perturbation of the gains."""
-        settings = dict(group_sizes=caps.profile_group_sizes(), symmetric=caps.symmetric)
+        it runs them, else its own), its symmetry, and the bit-widths it runs, always with 3 and
+        4 bits (3 is the reference perturbation of the gains, 3 and 4 fit the loss model). A
+        4/16-bit table (TensorRT) so profiles half the candidates of a 2/3/4/8-bit one."""
+        bits = tuple(b for b in DEFAULT_BITS if b in caps.weight_bits or b in (REFERENCE_BITS, 4))
+        head = tuple(b for b in HEAD_BITS if b in caps.head_bits) or HEAD_BITS[:1]
+        settings = dict(group_sizes=caps.profile_group_sizes(), symmetric=caps.symmetric,
+                        bits=bits, head_bits=head)
         settings.update(overrides)
         return cls(**settings)
 

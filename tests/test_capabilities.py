@@ -56,6 +56,15 @@ def test_profile_candidates_follow_the_table():
     assert Capabilities(name="x", group_sizes=(128, 256)).profile_group_sizes() == (128,)
     settings = ProfileSettings.for_capabilities(SYM32)
     assert settings.group_sizes == (32,) and settings.symmetric is True
+    # bits: the table's, always with 3 (the gains' reference) and 4 (the loss-model fit)
+    assert ProfileSettings.for_capabilities(GENERIC).bits == (2, 3, 4, 8)
+    assert ProfileSettings.for_capabilities(GENERIC).head_bits == (4, 8)
+    four = Capabilities(name="four", weight_bits=(4, 16), head_bits=(4, 16))
+    assert ProfileSettings.for_capabilities(four).bits == (3, 4)
+    assert ProfileSettings.for_capabilities(four).head_bits == (4,)
+    eight = Capabilities(name="eight", weight_bits=(8, 16), head_bits=(16,))
+    assert ProfileSettings.for_capabilities(eight).bits == (3, 4, 8)
+    assert ProfileSettings.for_capabilities(eight).head_bits == (4,)  # one, for the profile's shape
 
 
 def test_symmetric_group32_no_3bit_target_gets_a_plan_it_accepts(tiny_llama):
