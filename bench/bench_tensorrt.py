@@ -34,11 +34,22 @@ import numpy as np  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 BANDWIDTH_GB_S = {"Jetson Orin Nano Super (102 GB/s)": 102.0, "Jetson AGX Orin (204.8 GB/s)": 204.8}
 CONTEXTS = (512, 2048)
-#: the one published decode figure for this model on an Orin found while writing this (third
-#: party, llama.cpp CUDA; NVIDIA's Edge-LLM and MLC pages give none for a model this small)
-PEERS = [{"what": "SmolLM2-135M, llama.cpp CUDA, Jetson Orin Nano Super 8GB at 25 W "
-                  "(101 MB model file), decode", "tokens_per_s": 165.2,
-          "source": "https://www.smolhub.com/posts/jetson-nano-super-benchmark-non-reasoning/"}]
+#: published decode figures near this model's size found while writing this: NVIDIA's TensorRT
+#: Edge-LLM benchmark page (its only platform is a Jetson AGX Thor, not an Orin) and a third-party
+#: llama.cpp run of this very model on an Orin Nano Super; no MLC figure for a model this small
+PEERS = [
+    {"what": "SmolLM2-135M, llama.cpp CUDA, Jetson Orin Nano Super 8GB at 25 W (101 MB model "
+             "file), decode, batch 1 (third party)", "tokens_per_s": 165.2,
+     "source": "https://www.smolhub.com/posts/jetson-nano-super-benchmark-non-reasoning/"},
+    {"what": "Qwen3-1.7B NVFP4, TensorRT Edge-LLM 0.7.0 (TensorRT 10.13), Jetson AGX Thor, "
+             "generation, batch 1 (NVIDIA)", "tokens_per_s": 170.4,
+     "source": "https://nvidia.github.io/TensorRT-Edge-LLM/latest/user_guide/performance/"
+               "performance-benchmarks.html"},
+    {"what": "Qwen3.5-0.8B (VLM, LLM in NVFP4), TensorRT Edge-LLM 0.7.0, Jetson AGX Thor, "
+             "generation, batch 1 (NVIDIA)", "tokens_per_s": 232.2,
+     "source": "https://nvidia.github.io/TensorRT-Edge-LLM/latest/user_guide/performance/"
+               "performance-benchmarks.html"},
+]
 
 
 def bytes_per_token(model, io: dict, context: int) -> dict:
@@ -196,8 +207,8 @@ def render_markdown(r: dict) -> str:
     lines += ["", "Published figures for comparison:", ""]
     lines += [f"- {peer['what']}: {peer['tokens_per_s']} tokens/s ({peer['source']})"
               for peer in r["peers"]]
-    lines += ["- NVIDIA's TensorRT Edge-LLM and MLC pages list no figure for a model this small "
-              "(as found while writing this); none is quoted.", "",
+    lines += ["- No MLC figure for a model of this size on an Orin was found; none is quoted. "
+              "Edge-LLM's page measures a Jetson AGX Thor (Blackwell), not an Orin.", "",
               "Not measured: " + "; ".join(r["not_measured"]) + ".", ""]
     return "\n".join(lines)
 
