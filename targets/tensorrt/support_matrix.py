@@ -120,10 +120,22 @@ RULES = {
 def _value_types(model) -> dict[str, int]:
     import onnx
 
+    # inference on a copy without the large initializers' bytes: the same types (shape-carrying
+    # initializers are small and kept), and no protobuf 2 GiB limit for big models
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.graph.node.extend(model.graph.node)
+    for field in ("input", "output", "value_info"):
+        getattr(light.graph, field).extend(getattr(model.graph, field))
+    for init in model.graph.initializer:
+        small = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
+        if init.ByteSize() <= 4096:  # shape and axes constants: inference reads their values
+            small.CopyFrom(init)
+        light.graph.initializer.append(small)
     try:
-        graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+        graph = onnx.shape_inference.infer_shapes(light, strict_mode=False).graph
     except onnx.shape_inference.InferenceError:  # e.g. an undeclared custom domain (a finding)
-        graph = model.graph
+        graph = light.graph
     types = {t.name: t.data_type for t in graph.initializer}
     for value in list(graph.input) + list(graph.output) + list(graph.value_info):
         if value.type.HasField("tensor_type"):
