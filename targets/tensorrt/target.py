@@ -204,9 +204,9 @@ class TensorRtTarget(Target):
                 "TensorRT's numerics: under --fp16 activations run in float16 on the device, "
                 "while verify ran the graph in float32",
                 "speed and memory on the device",
-                "the C++ runtime (src/apq_model.cpp): compiled against the CUDA runtime headers "
-                "and a minimal declaration set of TensorRT's C++ API written from its "
-                "documentation, not against TensorRT's own headers; not linked, not run"],
+                "the C++ runtime (src/apq_model.cpp): compiled (syntax) against the CUDA runtime "
+                "headers and TensorRT's public headers or, where those cannot be had, a minimal "
+                "declaration set of its documented API; not linked, not run"],
         }}
 
 

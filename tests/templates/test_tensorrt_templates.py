@@ -1,10 +1,13 @@
 """The tensorrt template set: hostile names cannot break the generated C++/CMake/shell/README, the
 runtime compiles, and its embedding lookup equals the Python reference bit for bit.
 
-TensorRT's headers cannot be had here (its packages download from a host this machine cannot
-reach), so src/apq_model.cpp is compiled against the real CUDA runtime headers (the CUDA toolkit
-beside nvcc) and tests/templates/tensorrt_decls/, a minimal declaration set of TensorRT 10's C++
-API written from its documentation and labelled as such. It is not linked and not run here.
+No package registry here carries TensorRT's headers (its packages download from a host this
+machine cannot reach), so src/apq_model.cpp is compiled against the real CUDA runtime headers
+(the CUDA toolkit beside nvcc) and tests/templates/tensorrt_decls/, a minimal declaration set of
+TensorRT 10's C++ API written from its documentation and labelled as such; with
+APQ_TENSORRT_INCLUDE pointing at TensorRT's public headers (e.g. NVIDIA/TensorRT's include/ at
+v10.3.0 plus onnx-tensorrt's NvOnnxParser.h) it is compiled against those too. It is not linked
+and not run here.
 """
 
 from __future__ import annotations
@@ -116,6 +119,22 @@ def test_runtime_compiles_against_cuda_and_the_tensorrt_declarations(embed_forma
             run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-fsyntax-only",
                  f"-I{out / 'include'}", f"-I{out / 'src'}", f"-I{DECLS}", f"-I{CUDA_INCLUDE}",
                  out / source])
+
+
+REAL_TENSORRT = os.environ.get("APQ_TENSORRT_INCLUDE")
+
+
+@pytest.mark.skipif(
+    not REAL_TENSORRT or GXX is None or CUDA_INCLUDE is None,
+    reason="set APQ_TENSORRT_INCLUDE to a directory with TensorRT's public headers (NvInfer.h and "
+           "friends, NvOnnxParser.h) to compile against them; no package registry here carries them")
+@pytest.mark.parametrize("embed_format", [0, 1, 2])
+def test_runtime_compiles_against_tensorrts_own_headers(embed_format, tmp_path):
+    out = tmp_path / "pkg"
+    render_templates(SETS, _context(embed_format=embed_format), out)
+    run([GXX, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-fsyntax-only",
+         f"-I{out / 'include'}", f"-I{out / 'src'}", "-isystem", REAL_TENSORRT,
+         "-isystem", CUDA_INCLUDE, out / "src/apq_model.cpp"])
 
 
 def test_the_declaration_set_says_what_it_is():

@@ -339,10 +339,14 @@ def test_build_engine_on_a_desktop_gpu(tiny_model_factory, tmp_path_factory, cal
     assert f"--onnx={package}/model.onnx" in args and "--fp16" in args
     io = json.loads((package / "onnx_io.json").read_text())
     profiles = engine_profiles({**io, "num_kv_heads": io["num_key_value_heads"]})
-    for flag, key in [("--minShapes", "decode_min"), ("--optShapes", "decode_opt"),
-                      ("--maxShapes", "decode_max"), ("--minShapes", "prefill_min"),
-                      ("--optShapes", "prefill_opt"), ("--maxShapes", "prefill_max")]:
-        assert f"{flag}={profiles[key]}" in args
+    # trtexec (TensorRT 10.3, samples/common/sampleOptions.cpp) takes each profile as --profile=N
+    # followed directly by its three shape lists
+    at = args.index("--profile=0")
+    assert args[at:at + 8] == [
+        "--profile=0", f"--minShapes={profiles['decode_min']}",
+        f"--optShapes={profiles['decode_opt']}", f"--maxShapes={profiles['decode_max']}",
+        "--profile=1", f"--minShapes={profiles['prefill_min']}",
+        f"--optShapes={profiles['prefill_opt']}", f"--maxShapes={profiles['prefill_max']}"]
     assert f"inputs_embeds:1x{io['max_context']}x{io['hidden_size']}" in profiles["prefill_max"]
     # the same device, TensorRT and plan: up to date; another TensorRT: another key
     again = subprocess.run([script], capture_output=True, text=True, env=env)
