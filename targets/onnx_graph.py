@@ -19,7 +19,8 @@ share format, activation mode and clip.
 
 I/O (fixed; runners depend on it):
   inputs   input_ids int64 [1, S] (or, with GraphOptions(embeddings_input=True), inputs_embeds
-           float32 [1, S, hidden]: the embedding rows, looked up by the runtime), attention_mask int64 [1, P+S], position_ids int64 [1, S],
+           float32 [1, S, hidden]: the embedding rows, looked up by the runtime),
+           attention_mask int64 [1, P+S], position_ids int64 [1, S],
            past_key_values.{i}.key / .value float32 [1, kv_heads, P, head_dim]
   outputs  logits float32 [1, S, vocab], present.{i}.key / .value float32 [1, kv_heads, P+S, head_dim]
 """
@@ -606,9 +607,26 @@ def save_model(model, path: Path, external_data: bool | None = None) -> list[Pat
     return [path, path.parent / EXTERNAL_DATA_FILE]
 
 
-def describe_io(spec: DecoderSpec) -> dict:
+def write_package_model(model, path: Path, external_data: bool | None = None) -> list[Path]:
+    """A package's model file: stale files of an earlier build removed, the model written
+    (save_model) and, when it is one file, checked by onnx.checker; returns the files."""
+    path = Path(path)
+    for stale in (path, path.parent / EXTERNAL_DATA_FILE):
+        stale.unlink(missing_ok=True)
+    files = save_model(model, path, external_data)
+    if len(files) == 1:
+        import onnx
+
+        onnx.checker.check_model(model)
+    return files
+
+
+def describe_io(spec: DecoderSpec, embeddings_input: bool = False) -> dict:
+    """The graph's I/O contract (onnx_io.json); `embeddings_input` as in GraphOptions."""
+    first = {"inputs_embeds": ["float32", [1, "S", spec.hidden_size]]} if embeddings_input \
+        else {"input_ids": ["int64", [1, "S"]]}
     return {
-        "inputs": {"input_ids": ["int64", [1, "S"]], "attention_mask": ["int64", [1, "P+S"]],
+        "inputs": {**first, "attention_mask": ["int64", [1, "P+S"]],
                    "position_ids": ["int64", [1, "S"]],
                    "past_key_values.{i}.key": ["float32", [1, spec.num_kv_heads, "P", spec.head_dim]],
                    "past_key_values.{i}.value": ["float32", [1, spec.num_kv_heads, "P", spec.head_dim]]},

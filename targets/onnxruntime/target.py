@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from ..base import BuildContext, Capabilities, Target, Tool, export_glue_tokenizer, glue_numbers
-from ..onnx_graph import (EXTERNAL_DATA_FILE, OPSET, GraphOptions, build_decoder,
-                          describe_io, dumps_json, linear_nodes, save_model)
+from ..onnx_graph import (EXTERNAL_DATA_FILE, OPSET, GraphOptions, build_decoder, describe_io,
+                          dumps_json, linear_nodes, save_model, write_package_model)
 from .linears import MatMulNBitsLowering, read_weights
 
 MODEL_FILE = "model.onnx"
@@ -100,13 +100,7 @@ class OnnxRuntimeTarget(Target):
         model = build_decoder(ckpt.config, ckpt.tensors, ckpt.modules, lowering,
                               options=GraphOptions(fuse=bool(options.get("fuse", True))),
                               metadata=metadata)
-        for stale in (MODEL_FILE, EXTERNAL_DATA_FILE):
-            (package_dir / stale).unlink(missing_ok=True)
-        files = save_model(model, package_dir / MODEL_FILE, options.get("external_data"))
-        if len(files) == 1:
-            import onnx
-
-            onnx.checker.check_model(model)
+        write_package_model(model, package_dir / MODEL_FILE, options.get("external_data"))
         for source in ckpt.tokenizer_files():
             (package_dir / source.name).write_bytes(source.read_bytes())
         spec = ckpt.spec

@@ -41,31 +41,29 @@ def table_parts(spec, modules: dict[str, CheckpointModule], tensors: dict[str, n
         if not head.symmetric:
             raise LoweringError("lm_head: an asymmetric tied head cannot be looked up from "
                                 "embeddings.bin (symmetric groups only); plan symmetric groups")
-        qweight = np.ascontiguousarray(head.arrays["qweight"], np.uint8)
-        scales = np.ascontiguousarray(head.arrays["scales"], np.float16)
         desc = {"format": "blocks", "bits": head.bits, "group_size": head.group_size,
                 "zero_point": 1 << (head.bits - 1), "source": "lm_head"}
-        arrays = [qweight, scales]
-        parts = {"codes": qweight, "scales": scales}
+        parts = {"codes": np.ascontiguousarray(head.arrays["qweight"], np.uint8),
+                 "scales": np.ascontiguousarray(head.arrays["scales"], np.float16)}
     elif spec.tie_word_embeddings and head is not None and head.kind == "float16":
-        table = np.ascontiguousarray(head.arrays["weight"], np.float16)
-        desc, arrays, parts = {"format": "float16", "source": "lm_head"}, [table], {"table": table}
+        desc = {"format": "float16", "source": "lm_head"}
+        parts = {"table": np.ascontiguousarray(head.arrays["weight"], np.float16)}
     elif name in modules and modules[name].kind == "float16":
-        table = np.ascontiguousarray(modules[name].arrays["weight"], np.float16)
-        desc, arrays, parts = {"format": "float16", "source": name}, [table], {"table": table}
+        desc = {"format": "float16", "source": name}
+        parts = {"table": np.ascontiguousarray(modules[name].arrays["weight"], np.float16)}
     else:
         weight_name = f"{name}.weight"
         if weight_name not in tensors:
             raise LoweringError(f"the model has no tensor {weight_name!r}")
-        table = np.ascontiguousarray(tensors[weight_name], np.float32)
-        desc, arrays, parts = {"format": "float32", "source": weight_name}, [table], {"table": table}
+        desc = {"format": "float32", "source": weight_name}
+        parts = {"table": np.ascontiguousarray(tensors[weight_name], np.float32)}
     offset = 0
     for key, array in parts.items():
         desc[key] = {"offset": offset, "bytes": int(array.nbytes), "shape": list(array.shape),
                      "dtype": str(array.dtype)}
         offset += array.nbytes
     desc.update(file=EMBEDDINGS_FILE, rows=v, cols=k, bytes=offset)
-    return desc, arrays
+    return desc, list(parts.values())
 
 
 def write_table(spec, modules, tensors, package_dir: Path) -> dict:

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..base import BuildContext, Capabilities, Target, Tool, export_glue_tokenizer, glue_numbers
 from ..onnx_graph import (EXTERNAL_DATA_FILE, OPSET, GraphOptions, LoweringError, build_decoder,
-                          describe_io, dumps_json, save_model)
+                          describe_io, dumps_json, write_package_model)
 from ..onnxruntime.target import OnnxDecoder
 from .embeddings import EMBEDDINGS_FILE, EmbeddingTable, write_table
 from .linears import DequantizeLinearLowering, read_weights
@@ -87,7 +87,7 @@ class TensorRtTarget(Target):
     def lower(self, ctx: BuildContext) -> None:
         from apq_sdk.plan_file import plan_sha256
 
-        from .support_matrix import check_model, summary
+        from .support_matrix import check_model, load_matrix, summary
 
         package_dir = Path(ctx.package_dir)
         package_dir.mkdir(parents=True, exist_ok=True)
@@ -99,34 +99,27 @@ class TensorRtTarget(Target):
                               options=GraphOptions(fuse=bool(options.get("fuse", True)),
                                                    embeddings_input=True),
                               metadata=metadata)
-        findings = check_model(model)
+        matrix = load_matrix()
+        findings = check_model(model, matrix)
         if findings:
             shown = "\n".join(f"  - {f}" for f in findings[:12])
             more = f"\n  … and {len(findings) - 12} more" if len(findings) > 12 else ""
             raise LoweringError(f"the graph for {self.name} has {len(findings)} nodes TensorRT "
                                 f"{self.tensorrt_version}'s ONNX parser does not take:\n{shown}"
                                 f"{more}\n(targets/tensorrt/onnx_support_matrix.json)")
-        for stale in (MODEL_FILE, EXTERNAL_DATA_FILE, EMBEDDINGS_FILE):
-            (package_dir / stale).unlink(missing_ok=True)
-        files = save_model(model, package_dir / MODEL_FILE, options.get("external_data"))
-        if len(files) == 1:
-            import onnx
-
-            onnx.checker.check_model(model)
+        write_package_model(model, package_dir / MODEL_FILE, options.get("external_data"))
         spec = ckpt.spec
         embeddings = write_table(spec, ckpt.modules, ckpt.tensors, package_dir)
         for source in ckpt.tokenizer_files():
             (package_dir / source.name).write_bytes(source.read_bytes())
         numbers = glue_numbers(ckpt, self.capabilities.max_context)
-        io = describe_io(spec)
-        del io["inputs"]["input_ids"]
-        io["inputs"]["inputs_embeds"] = ["float32", [1, "S", spec.hidden_size]]
+        io = describe_io(spec, embeddings_input=True)
         io.update(numbers)
         io.update({"model_file": MODEL_FILE, "model_type": spec.family, "onnx_opset": OPSET,
                    "embeddings": embeddings,
                    "tensorrt": {"version": self.tensorrt_version, "jetpack": self.jetpack,
                                 "device": self.device, "gpu_arch": self.gpu_arch,
-                                "support_matrix_check": {**summary(model), "findings": 0}}})
+                                "support_matrix_check": {**summary(model, matrix), "findings": 0}}})
         (package_dir / IO_FILE).write_text(dumps_json(io))
         if options.get("native_glue", True):
             self._write_glue(ctx, package_dir, {**numbers, **embedding_macros(embeddings)})
