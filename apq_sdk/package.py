@@ -96,6 +96,22 @@ def read_manifest(package_dir: Path) -> dict:
     return manifest
 
 
+def reference_dir(package_dir: Path, manifest: dict | None = None) -> Path:
+    """The cached quantized checkpoint a package was built from (its torch reference), from the
+    manifest (read and checked when not given); ApqError when it is not in the cache."""
+    from .errors import ApqError
+    from .fsutil import cache_dir
+
+    manifest = read_manifest(package_dir) if manifest is None else manifest
+    path = cache_dir() / "quantized" / manifest["reference"]["quantized_cache_key"]
+    if not (path / "model.safetensors").is_file():
+        raise ApqError(f"the torch reference of {package_dir} is not in the cache ({path}): "
+                       f"build the package again (its build puts the reference there), or give "
+                       f"apq-sdk verify --reference QUANTIZED_DIR (apq-sdk quantize with the same "
+                       f"plan)")
+    return path
+
+
 def check_manifest(package_dir: Path) -> list[str]:
     """Problems with the package's files against its manifest (empty when all match); ApqError
     when there is no manifest or it is malformed."""

@@ -514,8 +514,7 @@ def verify_package(package_dir: Path, reference: Path | None = None, windows: in
 
     from .checkpoint import read_checkpoint
     from .errors import ApqError
-    from .fsutil import cache_dir
-    from .package import check_manifest, read_manifest, write_verify
+    from .package import check_manifest, read_manifest, reference_dir, write_verify
     from .targets.base import get_target
 
     package_dir = Path(package_dir)
@@ -525,11 +524,10 @@ def verify_package(package_dir: Path, reference: Path | None = None, windows: in
         target_cls = get_target(manifest["target"]["name"])
     except KeyError as exc:
         raise ApqError(f"{package_dir}: {exc.args[0]}") from None
-    reference = Path(reference) if reference else \
-        cache_dir() / "quantized" / manifest["reference"]["quantized_cache_key"]
+    reference = Path(reference) if reference else reference_dir(package_dir, manifest)
     if not (reference / "model.safetensors").is_file():
-        raise ApqError(f"the torch reference of this package is not in the cache ({reference}); "
-                       f"pass --reference QUANTIZED_DIR (from apq-sdk quantize with the same plan)")
+        raise ApqError(f"{reference} holds no quantized checkpoint (model.safetensors); pass "
+                       f"--reference QUANTIZED_DIR (from apq-sdk quantize with the same plan)")
     result = None
     if not problems:
         checkpoint = read_checkpoint(reference)

@@ -48,10 +48,9 @@ def resolve_quantized(path: Path) -> Path:
     """A quantized directory, or the cached one a built package's manifest names."""
     if (path / "model.safetensors").is_file() or not (path / "manifest.json").is_file():
         return path
-    from apq_sdk.builder import cache_dir
+    from apq_sdk.package import reference_dir
 
-    key = json.loads((path / "manifest.json").read_text())["reference"]["quantized_cache_key"]
-    return cache_dir() / "quantized" / key
+    return reference_dir(path)
 
 
 def build_fp32(model_spec: str, out_dir: Path) -> tuple[Path, str]:

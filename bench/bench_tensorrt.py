@@ -82,16 +82,23 @@ def main() -> None:
     torch.set_num_threads(1)
     from apq_sdk.calibration import eval_text_path, eval_windows
     from apq_sdk.checkpoint import load_quantized, read_checkpoint
-    from apq_sdk.fsutil import cache_dir
+    from apq_sdk.errors import ApqError
     from apq_sdk.model_io import load_model
-    from apq_sdk.targets.tensorrt.target import JetsonOrinTarget
+    from apq_sdk.package import read_manifest, reference_dir
+    from apq_sdk.targets.tensorrt.target import JetsonOrinTarget, TensorRtTarget
+    from apq_sdk.targets.base import get_target
     from apq_sdk.verification import nll
 
     started = time.time()
     package = Path(args.package)
-    manifest = json.loads((package / "manifest.json").read_text())
-    checkpoint = read_checkpoint(cache_dir() / "quantized" /
-                                 manifest["reference"]["quantized_cache_key"])
+    try:
+        manifest = read_manifest(package)
+        if not issubclass(get_target(manifest["target"]["name"]), TensorRtTarget):
+            raise ApqError(f"{package} was built for {manifest['target']['name']}; this bench "
+                           f"measures a jetson-orin or cuda-x86_64 package")
+        checkpoint = read_checkpoint(reference_dir(package, manifest))
+    except (ApqError, KeyError) as exc:
+        raise SystemExit(f"bench_tensorrt: {exc}") from None
     plan = checkpoint.plan
     io = json.loads((package / "onnx_io.json").read_text())
     text = Path(args.text) if args.text else eval_text_path()

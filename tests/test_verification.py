@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from apq_sdk.builder import BuildRequest, build
 from apq_sdk.calibration import builtin_text
 from apq_sdk.checkpoint import CheckpointModule, read_checkpoint
-from apq_sdk.fsutil import cache_dir
+from apq_sdk.package import reference_dir
 from apq_sdk.model_io import load_model
 from apq_sdk.quant.weights import quantize_rtn
 from apq_sdk.targets.base import get_target
@@ -52,7 +52,6 @@ def _build(tiny_model_factory, tmp_path_factory, family, activation, calib, seed
     """(model dir, package, checkpoint dir) of an arm64-linux build: planned at 4.5 bits per
     weight of the decoder linears, or (uniform) every linear at 4 bits in groups of 64, so the
     layers share one layout and can be swapped."""
-    import json
 
     from apq_sdk import api
     from apq_sdk.plan_file import save_plan
@@ -74,8 +73,7 @@ def _build(tiny_model_factory, tmp_path_factory, family, activation, calib, seed
             request = BuildRequest(linear_bits_per_weight=4.5, head_bits="8",
                                    activations=activation, **common)
         package = build(request, log=lambda _: None)
-        key_dir = json.loads((package / "manifest.json").read_text())["reference"]
-        _BUILT[key] = (model, package, cache_dir() / "quantized" / key_dir["quantized_cache_key"])
+        _BUILT[key] = (model, package, reference_dir(package))
     return _BUILT[key]
 
 

@@ -30,7 +30,7 @@ from apq_sdk.builder import BuildRequest, build
 from apq_sdk.calibration import builtin_text
 from apq_sdk.checkpoint import read_checkpoint
 from apq_sdk.errors import ApqError
-from apq_sdk.fsutil import cache_dir
+from apq_sdk.package import reference_dir
 from apq_sdk.plan_file import compute_totals, load_plan, save_plan
 from apq_sdk.quant.packing import stored_bytes
 from apq_sdk.targets.base import BUILTIN_TARGETS, get_target
@@ -78,9 +78,7 @@ def _build(name, family, tmp_path_factory, calib) -> tuple[Path, Path, Path]:
         out = tmp_path_factory.mktemp(f"pkg-{name}-{family}")
         package = build(BuildRequest(target=name, model=str(model), output=out, calib=str(calib),
                                      **BUDGET, **SMALL), log=lambda _: None)
-        manifest = json.loads((package / "manifest.json").read_text())
-        checkpoint = cache_dir() / "quantized" / manifest["reference"]["quantized_cache_key"]
-        _BUILDS[name, family] = (model, package, checkpoint)
+        _BUILDS[name, family] = (model, package, reference_dir(package))
     return _BUILDS[name, family]
 
 

@@ -26,7 +26,7 @@ from apq_sdk.builder import BuildRequest, build  # noqa: E402
 from apq_sdk.calibration import builtin_text  # noqa: E402
 from apq_sdk.checkpoint import load_quantized, read_checkpoint  # noqa: E402
 from apq_sdk.errors import UsageError  # noqa: E402
-from apq_sdk.fsutil import cache_dir  # noqa: E402
+from apq_sdk.package import reference_dir  # noqa: E402
 from apq_sdk.plan_file import compute_totals, load_plan  # noqa: E402
 from apq_sdk.quant.packing import stored_bytes  # noqa: E402
 from apq_sdk.targets.base import get_target, load_builtin_targets  # noqa: E402
@@ -60,8 +60,7 @@ def _package(target, family, tiny_model_factory, tmp_path_factory, calib, **budg
 
 
 def _checkpoint(package: Path):
-    manifest = json.loads((package / "manifest.json").read_text())
-    return read_checkpoint(cache_dir() / "quantized" / manifest["reference"]["quantized_cache_key"])
+    return read_checkpoint(reference_dir(package))
 
 
 # -- the targets and their table -------------------------------------------------------------------
