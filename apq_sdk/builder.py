@@ -60,10 +60,7 @@ def request_budget(req: BuildRequest):
     """The request's budget (None with --plan), checked before any work starts."""
     from .planning import Budget, parse_relative
 
-    given = {"--bits-per-weight": req.bits_per_weight,
-             "--linear-bits-per-weight": req.linear_bits_per_weight,
-             "--memory-reduction": req.memory_reduction, "--max-loss": req.max_loss}
-    named = [flag for flag, value in given.items() if value is not None]
+    named = _named_budgets(req)
     if req.plan_path is not None:
         if named:
             raise UsageError(f"--plan carries its own budget; {', '.join(named)} would be "
@@ -80,10 +77,17 @@ def request_budget(req: BuildRequest):
         max_loss=parse_relative(req.max_loss) if req.max_loss is not None else None)
 
 
+def _named_budgets(req: BuildRequest) -> list[str]:
+    """The budget options the request names."""
+    given = {"--bits-per-weight": req.bits_per_weight,
+             "--linear-bits-per-weight": req.linear_bits_per_weight,
+             "--memory-reduction": req.memory_reduction, "--max-loss": req.max_loss}
+    return [flag for flag, value in given.items() if value is not None]
+
+
 def _is_default_budget(req: BuildRequest) -> bool:
     """Whether the request names no budget and no plan (so DEFAULT_BITS_PER_WEIGHT applies)."""
-    return req.plan_path is None and all(v is None for v in (
-        req.bits_per_weight, req.linear_bits_per_weight, req.memory_reduction, req.max_loss))
+    return req.plan_path is None and not _named_budgets(req)
 
 
 def check_request(req: BuildRequest, target_cls):
