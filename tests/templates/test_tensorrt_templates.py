@@ -46,8 +46,10 @@ def _context(**changes) -> dict:
                    max_context=256, eos_token_id=2, bos_token_id=-1)
     context = dict(package_name=HOSTILE_PACKAGE, model_name=HOSTILE_MODEL,
                    target='jetson-orin"; ??= */', sdk_version="0.1.0 $(x) \\ ;",
-                   runtime='TensorRT "10.3" */', device="Orin 'x' $(touch PWNED) `touch PWNED`", gpu_arch="sm_87",
-                   device_check="jetson-orin", tensorrt_version="10.3", jetpack="6.1 \"$(touch PWNED)\"",
+                   runtime='TensorRT "10.3" */', gpu_arch="sm_87",
+                   device="Orin 'x' $(touch PWNED) `touch PWNED`",
+                   device_check="jetson-orin", tensorrt_version="10.3",
+                   jetpack="6.1 \"$(touch PWNED)\"",
                    plan_sha256="ab" * 32, on_jetson=1, prefill_chunk=128, embed_format=2,
                    embed_bits=4, embed_group=32, embed_zero=8, embed_codes_offset=0,
                    embed_scales_offset=384 * 32, embed_bytes=384 * 32 + 384 * 2 * 2,
@@ -58,7 +60,8 @@ def _context(**changes) -> dict:
 
 def run(cmd, **kw):
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
-    assert result.returncode == 0, f"{' '.join(map(str, cmd))}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, \
+        f"{' '.join(map(str, cmd))}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
 
@@ -73,7 +76,7 @@ def hostile(tmp_path_factory) -> Path:
     return out
 
 
-def test_the_context_keys_are_what_the_target_passes():
+def test_the_test_context_covers_every_template_key():
     from apq_sdk.targets.tensorrt.target import embedding_macros, engine_profiles
 
     assert set(_context()) == template_variables(SETS)
