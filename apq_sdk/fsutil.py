@@ -71,6 +71,7 @@ def atomic_directory(final: Path, fill: Callable[[Path], None], tag: str = "buil
     # the name is chosen before the directory exists, so an interruption at any point (even
     # between mkdir and the first statement after it) leaves a name the cleanup knows
     tmp = final.parent / f".{final.name}.{tag}-{secrets.token_hex(6)}"
+    _pending(tmp)
     try:
         os.mkdir(tmp, 0o777)  # the umask applies, as for any mkdir (mkdtemp would give 0700)
         fill(tmp)
@@ -90,16 +91,49 @@ def atomic_directory(final: Path, fill: Callable[[Path], None], tag: str = "buil
     except BaseException:
         _remove_tree(tmp)
         raise
+    finally:
+        if not os.path.lexists(tmp):
+            _PENDING.discard(tmp)
     return final
 
 
+#: temporary directories of atomic_directory calls still under way, or whose cleanup could not
+#: finish (something kept writing into one): removed again when the interpreter exits
+_PENDING: set[Path] = set()
+
+
+def _pending(path: Path) -> None:
+    global _AT_EXIT
+    if not _AT_EXIT:
+        import atexit
+
+        atexit.register(_remove_pending)
+        _AT_EXIT = True
+    _PENDING.add(path)
+
+
+_AT_EXIT = False
+
+
+def _remove_pending() -> None:
+    for path in sorted(_PENDING):
+        _remove_tree(path)
+    _PENDING.clear()
+
+
 def _remove_tree(path: Path) -> None:
-    """Remove `path` and everything in it; a few tries, in case something still being closed
-    (a file an extension wrote from its own thread) makes the first pass leave a directory."""
-    for _ in range(5):
+    """Remove `path` and everything in it. Something still finishing a write (a file an
+    extension writes from its own thread, a child process) can make a pass leave a directory:
+    then try again for up to about two seconds; what is still left then is removed at exit."""
+    import time
+
+    delay = 0.01
+    for _ in range(9):
         shutil.rmtree(path, ignore_errors=True)
         if not os.path.lexists(path):
             return
+        time.sleep(delay)
+        delay *= 2
 
 
 def file_mode() -> int:
