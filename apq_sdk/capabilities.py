@@ -19,10 +19,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
-from .plan_file import ACTIVATIONS, SUPPORTED_BITS
+from .plan_file import ACTIVATIONS, SCALE_DTYPES, SUPPORTED_BITS
 
 ACT_INT8 = "int8-per-token-dynamic"
 ACT_INT8_BLOCK = "int8-per-block-dynamic"
+ACT_INT8_ASYM = "int8-per-token-asym-dynamic"
 ACT_NONE = "none"
 FUSED_GROUPS = ("qkv", "gate_up")
 TIED_LOOKUPS = ("shared", "scales", "copy")
@@ -84,7 +85,20 @@ class Capabilities:
     #                              unpacked zero points ("scales", ONNX Runtime's
     #                              GatherBlockQuantized), or a whole second copy in the core's
     #                              layout ("copy", TensorRT: the runtime looks rows up)
+    float_weight_bytes: int = 2  # bytes per weight of a 16-bit linear in the artifact: float16,
+    #                              or float32 (4) where the runtime's float GEMM reads float32
+    scale_dtype: str = "float16"  # the grid block scales lie on: "bfloat16" where the runtime
+    #                               keeps bfloat16 scales (XNNPACK's 4-bit kernels), so the
+    #                               core rounds to it and the artifact holds the same values
+    quantized_activation: str | None = None  # set where low-bit weights run only with dynamic
+    #                               int8 activations (XNNPACK): every quantized layer must take
+    #                               this mode and every 16-bit one float activations
     notes: str = field(default="", compare=False)
+
+    #: fields added after the first tables were published: hashed only when they differ from
+    #: these defaults, so a table that does not use them keeps its capability hash
+    _HASHED_WHEN_SET: ClassVar[dict] = {"float_weight_bytes": 2, "scale_dtype": "float16",
+                                        "quantized_activation": None}
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -129,6 +143,16 @@ class Capabilities:
                              f"found {self.scale_bytes!r}")
         if not [b for b in self.weight_bits if b != 16] and 16 not in self.weight_bits:
             raise ValueError("weight_bits: expected at least one bit-width")
+        if self.float_weight_bytes not in (2, 4):
+            raise ValueError(f"float_weight_bytes: expected 2 (float16) or 4 (float32), "
+                             f"found {self.float_weight_bytes!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype: expected one of {SCALE_DTYPES}, "
+                             f"found {self.scale_dtype!r}")
+        if self.quantized_activation is not None and \
+                self.quantized_activation not in self.activation_modes:
+            raise ValueError(f"quantized_activation: expected one of activation_modes "
+                             f"{self.activation_modes} or None, found {self.quantized_activation!r}")
 
     # -- what profile measures ------------------------------------------------------------------
 
@@ -158,8 +182,8 @@ class Capabilities:
 
         core = stored_bytes(n, k, bits, group, symmetric)
         copy = core if tied_lookup and self.tied_lookup == "copy" else 0
-        if bits == 16:
-            return core + copy
+        if bits == 16:  # a lookup copy of a tied float head stays float16
+            return n * k * self.float_weight_bytes + copy
         groups = -(-k // group)
         extra = n * groups * (self.scale_bytes - 2)
         if self.pads_last_block:
@@ -182,6 +206,9 @@ class Capabilities:
         """Hash of everything that changes what runs (all fields but `notes`)."""
         data = self.to_dict()
         data.pop("notes")
+        for key, default in self._HASHED_WHEN_SET.items():
+            if data[key] == default:
+                data.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     # -- plan check -------------------------------------------------------------------------------
@@ -200,9 +227,17 @@ class Capabilities:
                 found.append(Violation(name, "group_size", entry.group_size,
                                        tuple(g for g in self.group_sizes if k % g == 0)
                                        or f"a divisor of its input width {k}"))
-            if entry.activation not in self.activation_modes:
+            if self.quantized_activation is not None:
+                want = self.quantized_activation if entry.bits != 16 else ACT_NONE
+                if entry.activation != want:
+                    found.append(Violation(name, "activation", entry.activation, (want,)))
+            elif entry.activation not in self.activation_modes:
                 found.append(Violation(name, "activation", entry.activation,
                                        self.activation_modes))
+            if entry.bits != 16 and self.scale_dtype != "float16" \
+                    and entry.scale_dtype != self.scale_dtype:
+                found.append(Violation(name, "scale_dtype", entry.scale_dtype,
+                                       (self.scale_dtype,)))
             if self.symmetric_only and not entry.symmetric and entry.bits != 16:
                 found.append(Violation(name, "symmetric", False, (True,)))
         if self.families is not None and plan.model.model_type not in self.families:

@@ -103,12 +103,15 @@ budget_options = [
     click.option("--max-loss", type=str, default=None,
                  help="Accuracy budget: relative perplexity increase, e.g. '0.5%'. Minimizes memory."),
     click.option("--activations",
-                 type=click.Choice(["none", "int8-per-token-dynamic", "int8-per-block-dynamic"]),
+                 type=click.Choice(["none", "int8-per-token-dynamic", "int8-per-block-dynamic",
+                                    "int8-per-token-asym-dynamic"]),
                  default=None,
                  help="Activation mode of the linear layers: 'none' (float activations, "
                       "weight-only), 'int8-per-token-dynamic' (one int8 scale per token, calibrated "
                       "clip), or 'int8-per-block-dynamic' (one scale per token and weight group, "
-                      "what int8 kernels such as MatMulNBits accuracy_level 4 compute). Default: "
+                      "what int8 kernels such as MatMulNBits accuracy_level 4 compute), or "
+                      "'int8-per-token-asym-dynamic' (an affine int8 grid per token, what "
+                      "XNNPACK's dynamically quantized linears compute). Default: "
                       "'none' for `plan`; the target's own default for `build` (see `targets`)."),
     click.option("--head-bits", type=click.Choice(["auto", "4", "8", "16"]), default="auto",
                  show_default=True,

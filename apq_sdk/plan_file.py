@@ -64,11 +64,14 @@ PLAN_FORMAT = "apq-plan"
 PLAN_VERSION = 2
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 MODULE_KINDS = ("linear", "embedding", "lm_head")
-ACTIVATIONS = ("int8-per-token-dynamic", "int8-per-block-dynamic", "none")
+ACTIVATIONS = ("int8-per-token-dynamic", "int8-per-block-dynamic", "int8-per-token-asym-dynamic",
+               "none")
 CALIBRATION_KINDS = ("file", "data-dir", "builtin")
 OBJECTIVE_MODES = ("memory", "loss")
 BUDGET_SCOPES = ("model", "linear")
-SCALE_DTYPES = ("float16",)
+#: the grid a module's scales lie on: float16, or bfloat16's (for runtimes that keep bfloat16
+#: scales; stored as float16 all the same, every such value being exact in float16)
+SCALE_DTYPES = ("float16", "bfloat16")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -365,13 +368,14 @@ class ModulePlan:
         _enum(self, "scale_dtype", p, SCALE_DTYPES)
         _enum(self, "activation", p, ACTIVATIONS)
         _num(self, "act_clip", p, exclusive_min=0, maximum=1)
-        if self.activation == "int8-per-block-dynamic":
+        if self.activation in ("int8-per-block-dynamic", "int8-per-token-asym-dynamic"):
             if self.bits == 16:
                 raise _fail(_join(p, "activation"), "'none' or 'int8-per-token-dynamic' for a "
-                            "16-bit layer (per-block scaling uses the weight groups)",
+                            f"16-bit layer ({self.activation} quantizes the activations of "
+                            "quantized layers only)",
                             self.activation, "set activation to 'none' for 16-bit layers")
             if self.act_clip != 1:
-                raise _fail(_join(p, "act_clip"), "1.0 with int8-per-block-dynamic (no clip)",
+                raise _fail(_join(p, "act_clip"), f"1.0 with {self.activation} (no clip)",
                             self.act_clip)
         tie = self.tie_group
         if tie is not None and (not isinstance(tie, str) or not tie):

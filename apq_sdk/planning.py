@@ -28,7 +28,7 @@ from .loss_model import kl_for_relative_ppl
 from .plan_file import (CalibrationInfo, CapabilitiesRef, LossModel, ModelInfo, ModulePlan,
                         Objective, Plan, compute_totals)
 from .sensitivity import SensitivityMap, candidate_key, parse_candidate_key
-from .quant.modules import ACT_INT8, ACT_INT8_BLOCK, ACT_NONE
+from .quant.modules import ACT_INT8, ACT_INT8_BLOCK, ACT_NONE, QUANTIZED_LAYERS_ONLY
 from .quant.packing import stored_bytes
 
 class BudgetTooSmall(UsageError):
@@ -100,8 +100,10 @@ def _module_options(entry: dict, caps: Capabilities, activation: str, alpha: flo
         size = caps.stored_bytes(n, k, bits, group, symmetric, tied_lookup=tied) if as_target \
             else stored_bytes(n, k, bits, group, symmetric)
         options.append((key, size, loss + act_loss))
-    if 16 in allowed_bits:
-        options.append(("fp16", n * k * 2, act_loss))  # 16-bit layers keep float activations
+    if 16 in allowed_bits:  # 16-bit layers keep float activations (float16, or wider on targets
+        #                     that store float32: Capabilities.float_weight_bytes)
+        size = caps.stored_bytes(n, k, 16, None, symmetric) if as_target else n * k * 2
+        options.append(("fp16", size, act_loss))
     return options
 
 
@@ -254,14 +256,15 @@ def make_plan(sens: SensitivityMap, budget: Budget, *, caps: Capabilities = GENE
         for name in names:
             modules[name] = _module_plan(sens.modules[name], bits, group, symmetric, activation,
                                          tables[name][key][1],
-                                         unit if len(names) > 1 else None)
+                                         unit if len(names) > 1 else None, caps.scale_dtype)
     if head_bits != "auto":
         bits = int(head_bits)
         group = None if bits == 16 else head_group
         entry = sens.modules["lm_head"]
         key = candidate_key(bits, group)
         loss = entry["errors"].get(key, 0.0) if bits != 16 else 0.0
-        modules["lm_head"] = _module_plan(entry, bits, group, symmetric, activation, loss, None)
+        modules["lm_head"] = _module_plan(entry, bits, group, symmetric, activation, loss, None,
+                                          caps.scale_dtype)
     for name, entry in sens.modules.items():
         if entry["kind"] == "embedding":
             modules[name] = _module_plan(entry, 16, None, symmetric, ACT_NONE, 0.0, None)
@@ -310,18 +313,20 @@ def _fixed_head_bytes(sens, caps: Capabilities, head_bits: str, head_group: int,
 
 
 def _activation_of(kind: str, activation: str, bits: int) -> str:
-    """Per-block int8 applies to every block-quantized matmul, the head included (int8 kernels
-    read its weight too); 16-bit layers keep float activations. Other modes: linears only."""
-    if activation == ACT_INT8_BLOCK:
-        return ACT_INT8_BLOCK if bits != 16 else ACT_NONE
+    """Per-block and asymmetric per-token int8 apply to every block-quantized matmul, the head
+    included (int8 kernels read its weight too); 16-bit layers keep float activations. Other
+    modes: linears only."""
+    if activation in QUANTIZED_LAYERS_ONLY:
+        return activation if bits != 16 else ACT_NONE
     return activation if kind == "linear" else ACT_NONE
 
 
 def _module_plan(entry: dict, bits: int, group: int | None, symmetric: bool, activation: str,
-                 loss: float, tie_group: str | None) -> ModulePlan:
+                 loss: float, tie_group: str | None, scale_dtype: str = "float16") -> ModulePlan:
     n, k = entry["shape"]
     kind = entry["kind"] if entry["kind"] in ("linear", "embedding") else "lm_head"
     return ModulePlan(kind=kind, shape=(n, k), bits=bits, group_size=group, symmetric=symmetric,
+                      scale_dtype=scale_dtype if bits != 16 else "float16",
                       activation=_activation_of(kind, activation, bits),
                       act_clip=float(entry.get("act_clip", 1.0)) if activation == ACT_INT8 else 1.0,
                       tie_group=tie_group, bytes=stored_bytes(n, k, bits, group, symmetric),

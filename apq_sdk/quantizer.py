@@ -64,10 +64,11 @@ def _quantized_module(module: nn.Module, entry, hessian: torch.Tensor | None, me
         return Float16Linear(weight, bias, entry.activation, entry.act_clip)
     if method == "gptq" and hessian is not None:
         qweight = gptq_quantize(weight, hessian, entry.bits, entry.group_size, entry.symmetric,
-                                act_order=act_order)
+                                act_order=act_order, scale_dtype=entry.scale_dtype)
     else:
         qweight = quantize_rtn(weight, entry.bits, entry.group_size, entry.symmetric,
-                               None if hessian is None else torch.diag(hessian))
+                               None if hessian is None else torch.diag(hessian),
+                               scale_dtype=entry.scale_dtype)
     return QuantLinear(qweight, bias, entry.activation, entry.act_clip)
 
 
@@ -85,7 +86,7 @@ def _gptq_group(modules: dict[str, nn.Module], plan: Plan, hessian: torch.Tensor
             by_symmetry.setdefault(entry.symmetric, []).append(name)
     for symmetric, names in by_symmetry.items():
         tasks = [GptqTask(modules[n].weight.data.float(), plan.modules[n].bits,
-                          plan.modules[n].group_size) for n in names]
+                          plan.modules[n].group_size, plan.modules[n].scale_dtype) for n in names]
         for name, qweight in zip(names, gptq_quantize_many(tasks, hessian, symmetric, act_order)):
             entry = plan.modules[name]
             out[name] = QuantLinear(qweight, getattr(modules[name], "bias", None), entry.activation,

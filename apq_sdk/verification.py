@@ -39,6 +39,7 @@ import numpy as np
 
 ACT_INT8 = "int8-per-token-dynamic"
 ACT_INT8_BLOCK = "int8-per-block-dynamic"
+ACT_INT8_ASYM = "int8-per-token-asym-dynamic"
 
 # Exact checks (float activations, float twin): only float32 summation order differs between a
 # runtime and torch; measured <= 7e-7 of the logit scale on the tiny models of every family, so
@@ -340,7 +341,8 @@ def verify_runner(*, target: str, runner: Runner, checkpoint, package_dir: Path,
 
     reference = load_quantized(checkpoint.path, checkpoint=checkpoint).eval()
     plan = checkpoint.plan
-    int8 = any(m.activation in (ACT_INT8, ACT_INT8_BLOCK) for m in plan.modules.values())
+    int8 = any(m.activation in (ACT_INT8, ACT_INT8_BLOCK, ACT_INT8_ASYM)
+               for m in plan.modules.values())
     per_block = any(m.activation == ACT_INT8_BLOCK for m in plan.modules.values())
     text_path = Path(text_path) if text_path is not None else verify_text_path()
     max_ctx = min(max_context, checkpoint.spec.max_context)  # a static RoPE's limit included

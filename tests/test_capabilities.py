@@ -152,3 +152,58 @@ def test_whole_groups_tables_plan_only_groups_that_divide_each_layer(tmp_path):
     # the ragged table does use groups of 64 on the 96-wide layers at some budget: the check bites
     loose = make_plan(sens, Budget(bits_per_weight=2.6, scope="linear"), caps=ragged, head_bits="8")
     assert any(v.module.endswith("down_proj") for v in whole.check_plan(loose))
+
+
+# what XNNPACK runs (the android table): int4 only with dynamic int8 activations, bfloat16 scales,
+# float32 weights for 16-bit layers
+XNN_LIKE = Capabilities(name="xnn-like", weight_bits=(4, 16), group_sizes=(32,), symmetric_only=True,
+                        whole_groups=True, head_bits=(4, 16),
+                        activation_modes=("int8-per-token-asym-dynamic",),
+                        default_activation="int8-per-token-asym-dynamic",
+                        quantized_activation="int8-per-token-asym-dynamic",
+                        scale_dtype="bfloat16", float_weight_bytes=4)
+
+
+def test_fields_added_later_leave_older_tables_hashes_alone():
+    """scale_dtype, quantized_activation and float_weight_bytes came after tables were
+    published: a table that leaves them at their defaults hashes as it did before them."""
+    import hashlib
+    import json
+
+    base = Capabilities(name="t", head_bits=(8, 16))
+    data = base.to_dict()
+    for key in ("notes", "scale_dtype", "quantized_activation", "float_weight_bytes"):
+        data.pop(key)
+    assert base.sha256() == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    for change in (dict(scale_dtype="bfloat16"), dict(float_weight_bytes=4),
+                   dict(activation_modes=("none", "int8-per-token-asym-dynamic"),
+                        quantized_activation="int8-per-token-asym-dynamic")):
+        assert replace(base, **change).sha256() != base.sha256(), change
+    with pytest.raises(ValueError, match="scale_dtype: expected one of .*found 'float8'"):
+        Capabilities(name="x", scale_dtype="float8")
+    with pytest.raises(ValueError, match="float_weight_bytes: expected 2 .* or 4 .*, found 3"):
+        Capabilities(name="x", float_weight_bytes=3)
+    with pytest.raises(ValueError, match="quantized_activation: expected one of activation_modes"):
+        Capabilities(name="x", quantized_activation="int8-per-token-asym-dynamic")
+
+
+def test_a_table_whose_low_bit_layers_need_dynamic_activations(tiny_llama):
+    """The planner gives every quantized layer (the head included) the table's activation mode
+    and bfloat16-grid scales, and 16-bit layers float activations; 16-bit layers weigh float32."""
+    sens = _profile(tiny_llama, XNN_LIKE)
+    plan = make_plan(sens, Budget(bits_per_weight=8.0), caps=XNN_LIKE,
+                     activation="int8-per-token-asym-dynamic")
+    assert XNN_LIKE.check_plan(plan) == []
+    quantized = [m for m in plan.modules.values() if m.bits != 16]
+    floats = [m for m in plan.modules.values() if m.bits == 16 and m.kind != "embedding"]
+    assert quantized and floats, "the budget should leave some layers at 16 bits"
+    assert all(m.activation == "int8-per-token-asym-dynamic" and m.scale_dtype == "bfloat16"
+               for m in quantized)
+    assert all(m.activation == "none" and m.scale_dtype == "float16" for m in floats)
+    assert XNN_LIKE.stored_bytes(64, 96, 16, None, True) == 64 * 96 * 4
+    # a plan made for another table: weight-only int4 and float16-grid scales are refused
+    other = make_plan(sens, Budget(bits_per_weight=8.0), caps=replace(
+        XNN_LIKE, name="weight-only", activation_modes=("none",), default_activation="none",
+        quantized_activation=None, scale_dtype="float16"), activation="none")
+    found = {(v.field, str(v.found)) for v in XNN_LIKE.check_plan(other)}
+    assert ("activation", "none") in found and ("scale_dtype", "float16") in found

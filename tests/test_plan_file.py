@@ -192,13 +192,23 @@ CORRUPTIONS = {
     "bad activation": (
         lambda d: d["modules"][UP].update(activation="int4"),
         [f'modules["{UP}"].activation: expected one of "int8-per-token-dynamic", '
-         f'"int8-per-block-dynamic", "none"'],
+         f'"int8-per-block-dynamic", "int8-per-token-asym-dynamic", "none"'],
     ),
     "per-block activations on a 16-bit layer": (
         lambda d: d["modules"][UP].update(activation="int8-per-block-dynamic", bits=16,
                                           group_size=None),
         [f'modules["{UP}"].activation: expected \'none\' or \'int8-per-token-dynamic\' for a '
          f'16-bit layer'],
+    ),
+    "asymmetric per-token activations on a 16-bit layer": (
+        lambda d: d["modules"][UP].update(activation="int8-per-token-asym-dynamic", bits=16,
+                                          group_size=None),
+        [f'modules["{UP}"].activation: expected \'none\' or \'int8-per-token-dynamic\' for a '
+         f'16-bit layer (int8-per-token-asym-dynamic quantizes'],
+    ),
+    "bad scale grid": (
+        lambda d: d["modules"][UP].update(scale_dtype="float8"),
+        [f'modules["{UP}"].scale_dtype: expected one of "float16", "bfloat16"'],
     ),
     "bad sha": (
         lambda d: d["model"].update(config_sha256="ABC"),

@@ -9,7 +9,11 @@ computes with their dequantized values. Activation modes (docs/formats.md):
   along the input dimension, and each block gets its own scale amax / 127 with codes
   round-half-to-even(x * (127 / amax)), no clip. This is what int8 kernels with block-quantized
   weights compute (onnxruntime's MatMulNBits at accuracy_level 4: the integer dot product of a
-  block of codes with a block of weight codes, times both scales).
+  block of codes with a block of weight codes, times both scales);
+* `int8-per-token-asym-dynamic`: every token's row gets an affine int8 grid over
+  [min(x, 0), max(x, 0)]: scale (max - min) / 255, an integer zero point, codes -128..127. This is
+  what XNNPACK's dynamically quantized linears (ExecuTorch's "8da", torchao's
+  int8_asym_per_token) compute, formula for formula as torchao writes it.
 
 Eval uses these modules, and every target's output is checked against them.
 """
@@ -24,8 +28,11 @@ from .weights import QuantizedWeight
 
 ACT_INT8 = "int8-per-token-dynamic"
 ACT_INT8_BLOCK = "int8-per-block-dynamic"
+ACT_INT8_ASYM = "int8-per-token-asym-dynamic"
 ACT_NONE = "none"
-ACTIVATION_MODES = (ACT_INT8, ACT_INT8_BLOCK, ACT_NONE)
+ACTIVATION_MODES = (ACT_INT8, ACT_INT8_BLOCK, ACT_INT8_ASYM, ACT_NONE)
+#: modes that quantize the activations of quantized layers only (a 16-bit layer keeps floats)
+QUANTIZED_LAYERS_ONLY = (ACT_INT8_BLOCK, ACT_INT8_ASYM)
 
 
 def quantize_activations_per_token(x: torch.Tensor, clip: float = 1.0):
@@ -67,6 +74,25 @@ def fake_quantize_activations_per_block(x: torch.Tensor, block: int) -> torch.Te
     return (codes * scale.repeat_interleave(block, dim=-1)[..., :k]).to(x.dtype)
 
 
+def quantize_activations_per_token_asym(x: torch.Tensor):
+    """(codes, scale, zero) per token row, float32: lo = min(x, 0), hi = max(x, 0),
+    scale = max((hi - lo) / 255, float32's smallest normal),
+    zero = clamp(-128 - round(lo / scale), -128, 127),
+    codes = clamp(round(x * (1 / scale)) + zero, -128, 127), round-half-to-even."""
+    x32 = x.float()
+    lo = x32.amin(-1, keepdim=True).clamp(max=0)
+    hi = x32.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / 255.0).clamp(min=torch.finfo(torch.float32).smallest_normal)
+    zero = torch.clamp(-128 - torch.round(lo / scale), -128, 127)
+    codes = torch.clamp(torch.round(x32 * (1.0 / scale)) + zero, -128, 127)
+    return codes, scale, zero
+
+
+def fake_quantize_activations_asym(x: torch.Tensor) -> torch.Tensor:
+    codes, scale, zero = quantize_activations_per_token_asym(x)
+    return ((codes - zero) * scale).to(x.dtype)
+
+
 class QuantLinear(nn.Module):
     """A linear layer with b-bit group-quantized weights and optional dynamic int8 activations."""
 
@@ -95,6 +121,8 @@ class QuantLinear(nn.Module):
             x = fake_quantize_activations(x, self.act_clip)
         elif self.activation == ACT_INT8_BLOCK:
             x = fake_quantize_activations_per_block(x, self.group_size)
+        elif self.activation == ACT_INT8_ASYM:
+            x = fake_quantize_activations_asym(x)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -108,9 +136,10 @@ class Float16Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = ACT_NONE,
                  act_clip: float = 1.0):
         super().__init__()
-        if activation == ACT_INT8_BLOCK:
-            raise ValueError(f"activation: {ACT_INT8_BLOCK!r} needs a weight group size; a 16-bit "
-                             f"layer keeps float activations ('none') in that mode")
+        if activation in QUANTIZED_LAYERS_ONLY:
+            raise ValueError(f"activation: {activation!r} quantizes the activations of quantized "
+                             f"layers only; a 16-bit layer keeps float activations ('none') in "
+                             f"that mode")
         self.out_features, self.in_features = weight.shape
         self.bits = 16
         self.activation = activation

@@ -143,13 +143,33 @@ def _pad_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.view(n, groups, group_size)
 
 
+def round_scales(scale: torch.Tensor, scale_dtype: str = "float16") -> torch.Tensor:
+    """Scales on the grid they are stored and run with, as float32.
+
+    "float16": float16's grid. "bfloat16": bfloat16's grid (XNNPACK keeps 4-bit block scales in
+    bfloat16), from float16's smallest normal up to 65280, where every bfloat16 value is a
+    float16 value too: the checkpoint still stores float16, and the target converts them
+    exactly."""
+    tiny = torch.finfo(torch.float16).tiny
+    if scale_dtype == "float16":
+        return scale.half().float().clamp(min=tiny)
+    if scale_dtype == "bfloat16":
+        return scale.clamp(min=tiny, max=BF16_IN_F16_MAX).to(torch.bfloat16).float()
+    raise ValueError(f"scale_dtype: expected 'float16' or 'bfloat16', found {scale_dtype!r}")
+
+
+BF16_IN_F16_MAX = 65280.0  # the largest bfloat16 value float16 holds (0x477f)
+
+
 def group_params(w: torch.Tensor, maxq: torch.Tensor, symmetric: bool,
-                 importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 importance: torch.Tensor | None = None,
+                 scale_dtype: str = "float16") -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per group for w [..., g], with a clip search on the range.
 
     `maxq` broadcasts against w[..., 0] (one value per row allows batching bit-widths). The clip
     factor minimises the importance-weighted squared error of the group (importance = the Hessian
-    diagonal of each input channel, or 1). Scales are rounded to float16 before codes are chosen.
+    diagonal of each input channel, or 1). Scales are rounded to their stored grid (`round_scales`)
+    before codes are chosen.
     """
     maxq = maxq.to(w.dtype)
     weights = importance if importance is not None else torch.ones_like(w[..., :1])
@@ -164,13 +184,13 @@ def group_params(w: torch.Tensor, maxq: torch.Tensor, symmetric: bool,
             amax = torch.maximum(-lo, hi)
             scale = amax / ((maxq + 1) / 2 - 1).clamp(min=1)
             scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-            scale = scale.half().float().clamp(min=torch.finfo(torch.float16).tiny)
+            scale = round_scales(scale, scale_dtype)
             zero = torch.floor((maxq + 1) / 2)
             zero = zero.expand_as(scale)
         else:
             scale = (hi - lo) / maxq
             scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-            scale = scale.half().float().clamp(min=torch.finfo(torch.float16).tiny)
+            scale = round_scales(scale, scale_dtype)
             zero = torch.clamp(torch.round(-lo / scale), torch.zeros_like(maxq), maxq)
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
         d = torch.div(w, s).round_().add_(z).clamp_(min=0)  # in place: this loop dominates RTN
@@ -184,25 +204,29 @@ def group_params(w: torch.Tensor, maxq: torch.Tensor, symmetric: bool,
 
 
 def _grouped_params(weight: torch.Tensor, bits_per_row: torch.Tensor, group_size: int,
-                    symmetric: bool, hessian_diag: torch.Tensor | None):
+                    symmetric: bool, hessian_diag: torch.Tensor | None,
+                    scale_dtype: str = "float16"):
     n, k = weight.shape
     groups = num_groups(k, group_size)
     maxq = (2.0 ** bits_per_row.float() - 1).view(n, 1).expand(n, groups)
     diag = hessian_diag.clamp(min=0) + 1e-8 if hessian_diag is not None else \
         torch.ones(k, device=weight.device)
     importance = _pad_groups(diag.view(1, k), group_size)  # padding gets importance 0
-    return group_params(_pad_groups(weight, group_size), maxq, symmetric, importance)
+    return group_params(_pad_groups(weight, group_size), maxq, symmetric, importance,
+                        scale_dtype)
 
 
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                 hessian_diag: torch.Tensor | None = None) -> QuantizedWeight:
+                 hessian_diag: torch.Tensor | None = None,
+                 scale_dtype: str = "float16") -> QuantizedWeight:
     """Round-to-nearest with the clip search; the baseline GPTQ improves on."""
     weight_format(bits)
     n, k = weight.shape
     check_group_size(k, group_size)
     w = weight.float()
     bits_row = torch.full((n,), bits, device=w.device)
-    scales, zeros = _grouped_params(w, bits_row, group_size, symmetric, hessian_diag)
+    scales, zeros = _grouped_params(w, bits_row, group_size, symmetric, hessian_diag,
+                                    scale_dtype)
     maxq = float((1 << bits) - 1)
     codes = torch.clamp(torch.round(w / expand_groups(scales, group_size, k))
                         + expand_groups(zeros, group_size, k), 0, maxq)
@@ -233,6 +257,7 @@ class GptqTask:
     weight: torch.Tensor
     bits: int
     group_size: int
+    scale_dtype: str = "float16"  # the grid its scales are rounded to (round_scales)
 
 
 MAX_SWEEP_ELEMENTS = 1 << 25  # rows x columns swept at once (~128 MiB per float32 buffer)
@@ -270,7 +295,8 @@ def gptq_quantize_many(tasks: list[GptqTask], hessian: torch.Tensor, symmetric: 
         w = task.weight.float().clone()
         w[:, dead] = 0
         bits_row = torch.full((w.shape[0],), task.bits, device=w.device)
-        scales, zeros = _grouped_params(w, bits_row, task.group_size, symmetric, diag)
+        scales, zeros = _grouped_params(w, bits_row, task.group_size, symmetric, diag,
+                                        task.scale_dtype)
         prepared.append((w, scales, zeros))
 
     max_rows = max(1, MAX_SWEEP_ELEMENTS // k)
@@ -345,10 +371,10 @@ def _sweep_chunk(chunk, tasks, prepared, codes, perm, hinv, block_size, inner_bl
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
                   symmetric: bool = False, act_order: bool = True,
-                  damp: float = 0.01) -> QuantizedWeight:
+                  damp: float = 0.01, scale_dtype: str = "float16") -> QuantizedWeight:
     """GPTQ of one weight (static groups, act-order); see gptq_quantize_many."""
-    return gptq_quantize_many([GptqTask(weight, bits, group_size)], hessian, symmetric, act_order,
-                              damp)[0]
+    return gptq_quantize_many([GptqTask(weight, bits, group_size, scale_dtype)], hessian,
+                              symmetric, act_order, damp)[0]
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

@@ -202,3 +202,45 @@ def test_sixteen_bit_layers_refuse_per_block_activations():
 
     with pytest.raises(ValueError, match="keeps float activations"):
         Float16Linear(torch.randn(4, 32), None, "int8-per-block-dynamic")
+
+
+def test_bfloat16_scale_grid_is_exact_in_float16():
+    """Scales on bfloat16's grid (XNNPACK's 4-bit kernels keep bfloat16 scales) are stored as
+    float16 by the checkpoint and converted back to bfloat16 by the target: both exact."""
+    from apq_sdk.quant.weights import quantize_rtn, round_scales
+
+    torch.manual_seed(0)
+    raw = torch.cat([torch.rand(4096) * 10.0 ** torch.randint(-6, 4, (4096,)).float(),
+                     torch.tensor([0.0, 1e-9, 70000.0])])
+    grid = round_scales(raw, "bfloat16")
+    assert torch.equal(grid.to(torch.bfloat16).float(), grid)
+    assert torch.equal(grid.half().float(), grid)
+    assert grid.min() >= torch.finfo(torch.float16).tiny and grid.max() <= 65280
+    with pytest.raises(ValueError, match="scale_dtype: expected 'float16' or 'bfloat16'"):
+        round_scales(raw, "float8")
+    weight = torch.randn(48, 128)
+    q = quantize_rtn(weight, 4, 32, symmetric=True, scale_dtype="bfloat16")
+    s = q.scales.float()
+    assert torch.equal(s.to(torch.bfloat16).float(), s)
+    # codes were chosen for the rounded scales: the error is that of a round-to-nearest
+    assert (q.dequantize() - weight).abs().max() <= s.max() * 8.5
+
+
+def test_asymmetric_per_token_activations_are_torchaos_formula_bit_for_bit():
+    """int8-per-token-asym-dynamic is what XNNPACK's dynamically quantized linears compute and
+    what torchao writes for them (int8_asym_per_token): the reference matches torchao exactly,
+    ties, all-positive, all-negative and all-zero rows included."""
+    from apq_sdk.quant.modules import fake_quantize_activations_asym
+
+    intx = pytest.importorskip(
+        "torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor")
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 96) * torch.logspace(-3, 2, 5).view(1, 5, 1)
+    x[0, 0] = 0.0
+    x[0, 1] = x[0, 1].abs()
+    x[0, 2] = -x[0, 2].abs()
+    x[1, 0, :4] = torch.tensor([255.0, -0.5, 0.5, 1.5])  # halves of the step: ties
+    ours = fake_quantize_activations_asym(x)
+    theirs = intx._apply_int8_act_asym_per_token_quant_dequant(x)
+    assert torch.equal(ours, theirs)
+    assert (ours - x).abs().max() <= (x.amax(-1) - x.amin(-1)).max() / 255
