@@ -102,7 +102,8 @@ def _module_options(entry: dict, caps: Capabilities, activation: str, alpha: flo
         options.append((key, size, loss + act_loss))
     if 16 in allowed_bits:  # 16-bit layers keep float activations (float16, or wider on targets
         #                     that store float32: Capabilities.float_weight_bytes)
-        size = caps.stored_bytes(n, k, 16, None, symmetric) if as_target else n * k * 2
+        size = caps.stored_bytes(n, k, 16, None, symmetric, tied_lookup=tied) if as_target \
+            else n * k * 2
         options.append(("fp16", size, act_loss))
     return options
 

@@ -21,7 +21,8 @@ _PROFILES: dict = {}
 
 def _profile(tiny_llama, caps):
     settings = ProfileSettings.for_capabilities(caps, batch_size=4)
-    key = (settings.symmetric, tuple(settings.group_sizes))
+    key = (settings.symmetric, tuple(settings.group_sizes), tuple(settings.bits),
+           tuple(settings.head_bits))
     if key not in _PROFILES:
         model, tok, info = load_model(tiny_llama)
         ids, calib = load_calibration(tok, num_samples=8, seq_len=48, seed=0)
@@ -161,7 +162,7 @@ XNN_LIKE = Capabilities(name="xnn-like", weight_bits=(4, 16), group_sizes=(32,),
                         activation_modes=("int8-per-token-asym-dynamic",),
                         default_activation="int8-per-token-asym-dynamic",
                         quantized_activation="int8-per-token-asym-dynamic",
-                        scale_dtype="bfloat16", float_weight_bytes=4)
+                        scale_dtype="bfloat16", float_weight_bytes=4, tied_lookup="copy")
 
 
 def test_fields_added_later_leave_older_tables_hashes_alone():
@@ -207,3 +208,14 @@ def test_a_table_whose_low_bit_layers_need_dynamic_activations(tiny_llama):
         quantized_activation=None, scale_dtype="float16"), activation="none")
     found = {(v.field, str(v.found)) for v in XNN_LIKE.check_plan(other)}
     assert ("activation", "none") in found and ("scale_dtype", "float16") in found
+
+
+@pytest.mark.parametrize("bits_per_weight", [6.0, 10.0, 16.0])
+def test_a_budget_bounds_what_the_target_stores_float_heads_included(tiny_llama, bits_per_weight):
+    """A tied 16-bit head on a table that stores float32 GEMM weights and a float16 lookup copy
+    weighs both: the plan stays within the budget whatever the head gets."""
+    sens = _profile(tiny_llama, XNN_LIKE)
+    plan = make_plan(sens, Budget(bits_per_weight=bits_per_weight), caps=XNN_LIKE,
+                     activation="int8-per-token-asym-dynamic")
+    t = plan.totals
+    assert t.target_bytes <= bits_per_weight * t.model_params / 8
