@@ -14,6 +14,8 @@ escaping filters, chosen by the language of the spot they land in:
 ``shell_single``   one complete bash word (adds its own quotes) for README shell snippets
 ``markdown_text``  inline Markdown text (Markdown specials and HTML escaped, one line)
 ``c_int``          an integer literal (refuses anything that is not an int)
+``kotlin_string``  body of a Kotlin (and Gradle Kotlin DSL) string literal (``"{{ x | kotlin_string }}"``)
+``jvm_package``    a Kotlin/Java package name (Android namespace): dotted lowercase identifiers
 =================  ==========================================================================
 
 Several template sets can be rendered in order, later sets replacing files of the same path:
@@ -36,7 +38,7 @@ import jinja2.meta
 
 __all__ = ["render_templates", "template_sets", "template_variables", "make_environment",
            "TemplateContextError", "c_string", "c_identifier", "c_comment", "cmake_string",
-           "shell_single", "markdown_text", "c_int"]
+           "shell_single", "markdown_text", "c_int", "kotlin_string", "jvm_package"]
 
 def _templates_root() -> Path:
     """`apq_sdk.templates` (the repository's templates/ in a source checkout or editable install,
@@ -205,9 +207,62 @@ def c_int(value) -> str:
     return f"({value})" if value < 0 else str(value)
 
 
+def kotlin_string(value) -> str:
+    """Body of a Kotlin string literal (Gradle's Kotlin DSL included): backslash, quotes and `$`
+    (string templates) escaped, printable ASCII kept, everything else as `\\uXXXX` (UTF-16 units,
+    so a character outside the BMP is a surrogate pair), so no invisible character is written
+    raw."""
+    out = []
+    for ch in _text(value):
+        if ch in '\\"\'$':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif 0x20 <= ord(ch) < 0x7F:
+            out.append(ch)
+        else:
+            units = ch.encode("utf-16-be", "surrogatepass")
+            for i in range(0, len(units), 2):
+                out.append("\\u%04x" % int.from_bytes(units[i:i + 2], "big"))
+    return "".join(out)
+
+
+_JVM_KEYWORDS = frozenset("""
+abstract as assert boolean break byte case catch char class const continue default do double else
+enum extends false final finally float for fun goto if implements import in instanceof int
+interface is long native new null object package private protected public return short static
+strictfp super switch synchronized this throw throws transient true try typealias typeof val var
+void volatile when while _
+""".split())
+
+
+def jvm_package(value) -> str:
+    """A Kotlin/Java package name (an Android namespace) derived from a dotted value: each part
+    lowercase `[a-z][a-z0-9_]*`, no Java or Kotlin keyword, at least two parts."""
+    parts = []
+    for part in _text(value).split("."):
+        ident = re.sub(r"[^a-z0-9_]", "_", part.lower())
+        ident = re.sub(r"_+", "_", ident).strip("_")
+        if not ident:
+            continue
+        if not ident[0].isalpha():
+            ident = "m" + ident
+        if ident in _JVM_KEYWORDS:
+            ident += "_"
+        parts.append(ident)
+    while len(parts) < 2:
+        parts.insert(0, "apq")
+    return ".".join(parts)
+
+
 FILTERS = {"c_string": c_string, "c_identifier": c_identifier, "c_comment": c_comment,
            "cmake_string": cmake_string, "shell_single": shell_single,
-           "markdown_text": markdown_text, "c_int": c_int}
+           "markdown_text": markdown_text, "c_int": c_int, "kotlin_string": kotlin_string,
+           "jvm_package": jvm_package}
 
 
 # ------------------------------------------------------------------------------------ rendering

@@ -36,22 +36,31 @@ BUILTIN_TARGETS = {
     "arm64-linux": "onnxruntime.target",
     "jetson-orin": "tensorrt.target",
     "cuda-x86_64": "tensorrt.target",
+    "android": "executorch.target",
+    "qualcomm": "executorch.target",
 }
 TARGETS: dict[str, type["Target"]] = {}
 
 
 @dataclass(frozen=True)
 class Tool:
-    """Something a target needs on the build machine: a Python module or an executable."""
+    """Something a target needs on the build machine: a Python module, an executable, or an SDK
+    (`name` an environment variable naming its directory, which must hold `requires`)."""
 
     name: str
-    kind: str  # "python" | "executable"
+    kind: str  # "python" | "executable" | "sdk"
     how_to_get: str
     needed_for: str = "build"  # "build" | "verify" | "compile-check"
+    requires: str = ""  # kind "sdk": a file the SDK directory holds
 
     def present(self) -> bool:
         if self.kind == "python":
             return importlib.util.find_spec(self.name) is not None
+        if self.kind == "sdk":
+            import os
+
+            root = os.environ.get(self.name)
+            return bool(root) and (Path(root) / self.requires).is_file()
         return shutil.which(self.name) is not None
 
 

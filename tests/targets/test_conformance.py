@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import unicodedata
@@ -32,6 +33,7 @@ from apq_sdk.checkpoint import read_checkpoint
 from apq_sdk.errors import ApqError
 from apq_sdk.package import reference_dir
 from apq_sdk.plan_file import compute_totals, load_plan, save_plan
+from apq_sdk.planning import BudgetTooSmall
 from apq_sdk.quant.packing import stored_bytes
 from apq_sdk.targets.base import BUILTIN_TARGETS, get_target
 from apq_sdk.testing import TINY_MODELS, make_tiny_model
@@ -44,9 +46,12 @@ HOSTILE = 'evil"m \'x\' ??= $(id) `id` ${HOME} ;; <b>x<b> [a](b) \\ \u202eRLO\u2
 SMALL = dict(samples=8, seq_len=48, verify_windows=1)
 # the whole model within half its float16 size: feasible for the tiny untied models too, whose
 # float16 embedding table alone is 40 % of their parameters, on every target (TensorRT's least,
-# 4-bit layers with float32 scales, is 7.2 bits per weight for the tiny phi3)
+# 4-bit layers with float32 scales, is 7.2 bits per weight for the tiny phi3), or else the least
+# the target stores the model in (android: the tiny qwen3's attention output, 96 wide, fits no
+# profiled group, so it stays 16-bit, which XNNPACK stores as float32: 8.35 bits per weight)
 BUDGET = dict(memory_reduction=0.5)
 _BUILDS: dict = {}
+_BUDGETS: dict = {}
 
 
 pytestmark = pytest.mark.usefixtures("module_cache")
@@ -76,8 +81,15 @@ def _build(name, family, tmp_path_factory, calib) -> tuple[Path, Path, Path]:
     if (name, family) not in _BUILDS:
         model = _model(tmp_path_factory, family)
         out = tmp_path_factory.mktemp(f"pkg-{name}-{family}")
-        package = build(BuildRequest(target=name, model=str(model), output=out, calib=str(calib),
-                                     **BUDGET, **SMALL), log=lambda _: None)
+        try:
+            package = build(BuildRequest(target=name, model=str(model), output=out,
+                                         calib=str(calib), **BUDGET, **SMALL), log=lambda _: None)
+            _BUDGETS[name, family] = BUDGET
+        except BudgetTooSmall as exc:  # see BUDGET: the least the target stores the model in
+            least = dict(bits_per_weight=math.ceil(exc.least_bits_per_weight * 100) / 100)
+            package = build(BuildRequest(target=name, model=str(model), output=out,
+                                         calib=str(calib), **least, **SMALL), log=lambda _: None)
+            _BUDGETS[name, family] = least
         _BUILDS[name, family] = (model, package, reference_dir(package))
     return _BUILDS[name, family]
 
@@ -161,7 +173,7 @@ def test_a_rebuild_is_byte_identical(name, family, tmp_path_factory, calib, tmp_
     _target(name)
     model, package, _ = _build(name, family, tmp_path_factory, calib)
     again = build(BuildRequest(target=name, model=str(model), output=tmp_path, calib=str(calib),
-                               **BUDGET, **SMALL), log=lambda _: None)
+                               **_BUDGETS[name, family], **SMALL), log=lambda _: None)
     first, second = _digests(package), _digests(again)
     assert first.keys() == second.keys()
     differing = sorted(k for k in first if first[k] != second[k])

@@ -1,0 +1,347 @@
+"""The ExecuTorch program of a quantized checkpoint: torch modules built from the core's integers
+and scales, `torch.export`, lowering with a partitioner, and the audit that nothing planned was
+left outside the delegate.
+
+The decoder is the transformers model of the checkpoint (the torch reference, `load_quantized`)
+with every planned layer swapped for an exportable one:
+
+* a 4-bit linear becomes an `nn.Linear` whose weight is torchao's `IntxUnpackedToInt8Tensor`
+  holding the core's codes (minus the symmetric zero point 8, as int8), its scales (float32 of
+  the bfloat16-grid values: XNNPACK stores them as bfloat16, exactly) and asymmetric per-token
+  int8 activations: the pattern XNNPACK's partitioner lowers to its dynamically quantized
+  blockwise GEMM (qd8-f32-qb4w);
+* a 16-bit linear becomes a float32 `nn.Linear` of its float16 values (XNNPACK's float GEMM);
+* a tied 4-bit head's embedding lookup becomes `quantized_decomposed::embedding_4bit` over the
+  same codes and float16 scales, nibbles re-laid out as that kernel reads them (first element in
+  the high nibble): a second copy of the head in the core's size (Capabilities.tied_lookup),
+  and a float table (an untied embedding, a tied 16-bit head's lookup) stays float16, cast after
+  the lookup.
+
+The KV cache is transformers' static cache registered as mutable buffers (max_context long); the
+program's `forward(tokens [1, n], cache_position [n])` returns logits [1, n, vocab], the
+signature ExecuTorch's LLM runner (TextLLMRunner, Android's LlmModule) calls with
+`enable_dynamic_shape`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+#: ops that must never run outside the delegate where a planned quantized layer produced them
+#: (a quantized linear left in portable ops, dequantized to float on every call)
+QUANT_OPS = ("dequantize_affine", "quantize_affine", "choose_qparams_affine",
+             "dequantize_per_channel_group", "choose_qparams_per_token_asymmetric",
+             "quantize_per_token", "dequantize_per_token", "_weight_int4pack_mm",
+             "linear_dynamic_fp16")
+LINEAR_OPS = ("aten.linear.", "aten.mm.", "aten.addmm.", "aten.matmul.")
+#: the portable/quantized-library op the embedding lookup of a tied 4-bit head runs with
+EMBEDDING_4BIT = "quantized_decomposed.embedding_4bit"
+
+
+@dataclass
+class DelegationAudit:
+    """What the partitioner took: planned linears inside the delegate and what stayed outside."""
+
+    delegates: int = 0
+    planned_linears: int = 0
+    delegated_linears: int = 0
+    outside: Counter = field(default_factory=Counter)  # op name -> count, outside any delegate
+    undelegated_modules: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"delegates": self.delegates, "planned_linears": self.planned_linears,
+                "delegated_linears": self.delegated_linears,
+                "ops_outside_delegates": dict(sorted(self.outside.items())),
+                "undelegated_modules": self.undelegated_modules}
+
+
+def nibbles_high_first(qweight: np.ndarray) -> np.ndarray:
+    """The core's 4-bit rows (element 2i in the low nibble of byte i) as embedding_4bit reads
+    them (element 2i in the high nibble): the same codes, each byte's nibbles swapped."""
+    q = np.asarray(qweight, dtype=np.uint8)
+    return ((q & 0x0F) << 4) | (q >> 4)
+
+
+def signed_codes(module) -> np.ndarray:
+    """int8 codes [N, K] of a symmetric packed module: the stored codes minus the zero point
+    2**(bits-1) (docs/formats.md)."""
+    from apq_sdk.quant.packing import unpack_bits
+
+    n, k = module.shape
+    codes = unpack_bits(module.arrays["qweight"], module.bits, k)
+    return (codes.astype(np.int16) - (1 << (module.bits - 1))).astype(np.int8).reshape(n, k)
+
+
+def bf16_exact(scales: np.ndarray) -> bool:
+    """Whether float16 scales are all bfloat16 values (what XNNPACK's 4-bit kernels store)."""
+    s = torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float16)).float()
+    return bool(torch.equal(s.to(torch.bfloat16).float(), s))
+
+
+def exportable_model(checkpoint, *, activation_quantization: bool = True):
+    """The reference model of `checkpoint` with every planned layer exportable (module docstring).
+    Raises LoweringError for a layer the program cannot hold exactly."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization)
+
+    from apq_sdk.checkpoint import load_quantized
+    from apq_sdk.placement import replace_module
+
+    from ..onnx_graph import LoweringError
+
+    model = load_quantized(checkpoint.path, checkpoint=checkpoint).eval()
+    plan = checkpoint.plan
+    int4 = {4: torch.int4}
+    act = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN \
+        if activation_quantization else None
+    for name, module in checkpoint.modules.items():
+        entry = plan.modules[name]
+        if entry.kind == "embedding":
+            replace_module(model, name, HalfEmbedding(module.arrays["weight"],
+                                                      _embed_scale(model)))
+            continue
+        bias = None if module.bias is None else torch.from_numpy(module.bias).float()
+        if module.kind == "packed":
+            if module.bits not in int4 or not module.symmetric:
+                raise LoweringError(f"{name}: {module.bits}-bit "
+                                    f"{'symmetric' if module.symmetric else 'asymmetric'} groups "
+                                    f"have no XNNPACK kernel (4-bit symmetric only)")
+            if module.shape[1] % module.group_size:
+                raise LoweringError(f"{name}: groups of {module.group_size} do not divide its "
+                                    f"input width {module.shape[1]}; XNNPACK would leave it in "
+                                    f"float")
+            if not bf16_exact(module.arrays["scales"]):
+                raise LoweringError(f"{name}: its scales are not on bfloat16's grid, which "
+                                    f"XNNPACK's 4-bit kernels store; quantize with a plan for "
+                                    f"this target (scale_dtype bfloat16)")
+            n, k = module.shape
+            groups = k // module.group_size
+            weight = IntxUnpackedToInt8Tensor(
+                torch.from_numpy(signed_codes(module)),
+                torch.from_numpy(module.arrays["scales"].astype(np.float32)),
+                torch.zeros((n, groups), dtype=torch.int8), int4[module.bits],
+                (1, module.group_size), torch.float32, act)
+            linear = nn.Linear(k, n, bias=bias is not None)
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+        else:
+            weight = torch.from_numpy(module.arrays["weight"].astype(np.float32))
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias, requires_grad=False)
+        replace_module(model, name, linear)
+    if model.config.tie_word_embeddings and "lm_head" in checkpoint.modules:
+        head = checkpoint.modules["lm_head"]
+        lookup = Embedding4Bit(head, _embed_scale(model)) if head.kind == "packed" else \
+            HalfEmbedding(head.arrays["weight"], _embed_scale(model))
+        model.set_input_embeddings(lookup)
+    model.requires_grad_(False)
+    return model
+
+
+def _embed_scale(model):
+    """The factor a family's embedding module multiplies its rows by inside the module
+    (Gemma 3's scaled word embedding), or None."""
+    scale = getattr(model.get_input_embeddings(), "embed_scale", None)
+    return None if scale is None else torch.as_tensor(scale, dtype=torch.float32).clone()
+
+
+class HalfEmbedding(nn.Module):
+    """A float16 table looked up, then cast to float32 (the lookup copy weighs float16)."""
+
+    def __init__(self, weight: np.ndarray, scale=None):
+        super().__init__()
+        self.register_buffer("weight", torch.from_numpy(
+            np.ascontiguousarray(weight, dtype=np.float16)))
+        self.register_buffer("embed_scale", scale)
+
+    def forward(self, ids):
+        rows = torch.nn.functional.embedding(ids, self.weight).float()
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
+
+class Embedding4Bit(nn.Module):
+    """A tied 4-bit head's rows looked up with quantized_decomposed::embedding_4bit: the core's
+    codes (nibbles re-laid out) and float16 scales, no zero points; rows come out float32
+    (scale widened, then multiplied: exact)."""
+
+    def __init__(self, module, scale=None):
+        super().__init__()
+        self.register_buffer("embed_scale", scale)
+        # registers the op with torch (its definition lives in ExecuTorch's quant patterns)
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401
+
+        self.register_buffer("packed", torch.from_numpy(
+            nibbles_high_first(module.arrays["qweight"])))
+        self.register_buffer("scales", torch.from_numpy(
+            np.ascontiguousarray(module.arrays["scales"], dtype=np.float16)))
+
+    def forward(self, ids):
+        rows = torch.ops.quantized_decomposed.embedding_4bit.dtype(
+            self.packed, self.scales, None, -8, 7, ids, dtype=torch.float32)
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
+
+class CachedDecoder(nn.Module):
+    """`forward(tokens [1, n], cache_position [n]) -> logits [1, n, vocab]` over transformers'
+    static cache (mutable buffers): the signature ExecuTorch's LLM runner calls."""
+
+    def __init__(self, model, max_context: int):
+        super().__init__()
+        from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+        model.generation_config.use_cache = True
+        model.generation_config.cache_implementation = "static"
+        self.inner = TorchExportableModuleWithStaticCache(model, batch_size=1,
+                                                          max_cache_len=max_context)
+
+    def forward(self, tokens, cache_position):
+        return self.inner(input_ids=tokens, cache_position=cache_position)
+
+
+def export_program(model, max_context: int):
+    """torch.export of the cached decoder, the sequence length dynamic from 1 to max_context."""
+    decoder = CachedDecoder(model, max_context).eval()
+    seq = torch.export.Dim("seq", min=1, max=max_context)
+    example = (torch.zeros((1, 2), dtype=torch.long), torch.arange(2, dtype=torch.long))
+    with torch.no_grad():
+        return torch.export.export(decoder, example, dynamic_shapes=({1: seq}, {0: seq}),
+                                   strict=True)
+
+
+def lower_program(exported, partitioners, metadata: dict):
+    """to_edge_transform_and_lower with `partitioners`; the metadata become constant methods."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    return to_edge_transform_and_lower(
+        exported, partitioner=list(partitioners),
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods=metadata)
+
+
+def _op_name(node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", None) or str(target)
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        name = f"{schema.name.replace('::', '.')}.{schema.overload_name or 'default'}"
+    return name
+
+
+def _module_of(node, planned: set[str]) -> str | None:
+    """The planned module a node was traced from (the innermost one in its module stack)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    found = None
+    for path, _ in stack.values():
+        name = _clean_path(path)
+        if name in planned:
+            found = name
+    return found
+
+
+def _clean_path(path: str) -> str:
+    """A module path as torch.export records it ("L['self'].inner.model.model.layers[0].mlp",
+    "inner.model.model.layers.0.mlp") as the transformers model names it."""
+    import re
+
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    for prefix in ("inner.model.",):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+    return path
+
+
+def audit_delegation(edge, planned: set[str]) -> DelegationAudit:
+    """Count what the partitioner took. A planned linear whose matmul or quantization ops stayed
+    outside every delegate is listed by module name (the build refuses it)."""
+    audit = DelegationAudit(planned_linears=len(planned))
+    program = edge.exported_program()
+    delegated: set[str] = set()
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = _op_name(node)
+        if "executorch_call_delegate" in name:
+            audit.delegates += 1
+            lowered = getattr(program.graph_module, node.args[0].target)
+            for inner in lowered.original_module.graph.nodes:
+                module = _module_of(inner, planned) if inner.op == "call_function" else None
+                if module is not None and any(op in _op_name(inner) for op in LINEAR_OPS):
+                    delegated.add(module)
+            continue
+        if name in ("getitem", "<built-in function getitem>") or name.startswith("getitem"):
+            continue
+        short = name.split(".")[1] if name.count(".") >= 2 else name
+        audit.outside[short] += 1
+        module = _module_of(node, planned)
+        quant = any(op in name for op in QUANT_OPS)
+        if module is not None and (quant or any(op in name for op in LINEAR_OPS)):
+            if module not in audit.undelegated_modules:
+                audit.undelegated_modules.append(module)
+    audit.delegated_linears = len(delegated)
+    missing = sorted(planned - delegated - set(audit.undelegated_modules))
+    audit.undelegated_modules = sorted(set(audit.undelegated_modules) | set(missing))
+    return audit
+
+
+class _Recording(nn.Module):
+    """A planned linear that also hands its input and output to the recorder's list."""
+
+    def __init__(self, inner: nn.Module, sink: list, name: str, order: list):
+        super().__init__()
+        self.inner = inner
+        self._sink, self._name, self._order = sink, name, order
+
+    def forward(self, x):
+        y = self.inner(x)
+        self._sink.extend((x, y))
+        self._order.append(self._name)
+        return y
+
+
+class LinearRecorder(nn.Module):
+    """`forward(tokens [1, n]) -> (logits, x_0, y_0, x_1, y_1, ...)`: the exportable model
+    (no cache) that also returns every planned linear's input and output, in the order they run
+    (`order`, known after one call)."""
+
+    def __init__(self, model, names: list[str]):
+        from apq_sdk.placement import replace_module
+
+        super().__init__()
+        self._sink: list = []
+        self.order: list[str] = []
+        for name in names:
+            replace_module(model, name, _Recording(model.get_submodule(name), self._sink, name,
+                                                   self.order))
+        self.model = model
+
+    def forward(self, tokens):
+        self._sink.clear()
+        self.order.clear()
+        logits = self.model(input_ids=tokens, use_cache=False).logits
+        return (logits, *self._sink)
+
+
+def recording_program(checkpoint, length: int, partitioners):
+    """The recorder of `checkpoint` for `length` tokens, lowered like the package's program."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    model = exportable_model(checkpoint)
+    names = [n for n, m in checkpoint.plan.modules.items()
+             if m.kind in ("linear", "lm_head")]
+    recorder = LinearRecorder(model, names).eval()
+    example = (torch.zeros((1, length), dtype=torch.long),)
+    with torch.no_grad():
+        recorder(*example)
+        order = list(recorder.order)
+        exported = torch.export.export(recorder, example, strict=True)
+    edge = to_edge_transform_and_lower(exported, partitioner=list(partitioners),
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    return edge.to_executorch().buffer, order

@@ -1,0 +1,378 @@
+"""ExecuTorch targets: `android` (XNNPACK on Arm CPUs) and `qualcomm` (QNN on Snapdragon NPUs).
+
+`lower` builds the program from the checkpoint (targets/executorch/program.py: the core's codes
+and scales in torchao's unpacked int4 tensors, never re-quantized), exports it with a static KV
+cache, lowers it with the XNNPACK partitioner and audits the result: every planned linear must sit
+inside an XNNPACK delegate, or the build fails naming the module. It writes
+
+* `model.pte`: the program, with the metadata ExecuTorch's LLM runner and Android's `LlmModule`
+  read (get_max_seq_len, get_max_context_len, get_vocab_size, get_bos_id, get_eos_ids,
+  use_kv_cache, enable_dynamic_shape, use_sdpa_with_kv_cache);
+* `tokenizer.json` (the runner's HF tokenizer), `program.json` (the I/O contract, geometry and
+  the delegation audit);
+* the Android library module and README (templates/executorch).
+
+What XNNPACK runs, measured here with ExecuTorch 1.5.1 and torchao 0.18 (tests/targets/executorch):
+4-bit weights per group (a group size dividing the input width) or per channel with int8
+per-token asymmetric dynamic activations, and int8 weights per channel. 2-, 3- and 8-bit groups
+fail at lowering ("Only 4b group quantization is supported"); 2 and 3 bits per channel are
+silently widened to int8 (no memory saved); weight-only int4 (float activations) is taken by the
+partitioner and computes garbage (max error 1e3 on a unit-scale layer), so quantized layers must
+take the dynamic activations; the 4-bit kernels keep their scales in bfloat16, so the core rounds
+them to bfloat16's grid for this target; float16 weights are not delegated (a cast and a portable
+matmul), so 16-bit layers are float32 in the program.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..base import BuildContext, Capabilities, Target, Tool, export_glue_tokenizer, glue_numbers
+
+MODEL_FILE = "model.pte"
+PROGRAM_FILE = "program.json"
+TOKENIZER_FILE = "tokenizer.json"
+EXECUTORCH_VERSION = "1.5.1"  # what packages are exported with and checked against here
+
+ANDROID_CAPABILITIES = Capabilities(
+    name="android",
+    weight_bits=(4, 16),
+    group_sizes=(32, 64, 128, 256),
+    activation_modes=("int8-per-token-asym-dynamic",),
+    default_activation="int8-per-token-asym-dynamic",
+    quantized_activation="int8-per-token-asym-dynamic",
+    symmetric_only=True,
+    whole_groups=True,
+    fused=(),
+    head_bits=(4, 16),
+    max_context=2048,
+    families=("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
+              "smollm3"),
+    scale_bytes=2,  # XNNPACK's blockwise int4 kernels keep bfloat16 scales
+    scale_dtype="bfloat16",
+    float_weight_bytes=4,  # XNNPACK's float GEMM reads float32 weights
+    tied_lookup="copy",  # embedding_4bit reads its own copy of a tied head's codes
+    notes=("XNNPACK (ExecuTorch 1.5.1, torchao 0.18): 4-bit symmetric groups that divide the "
+           "input width, with int8 per-token asymmetric dynamic activations (qd8-f32-qb4w); "
+           "bfloat16 block scales; 16-bit layers float32. 2-, 3- and 8-bit groups are refused "
+           "(no XNNPACK kernel: they fail at lowering or are silently widened to int8), and "
+           "weight-only int4 is refused (XNNPACK computes it wrongly). A tied 4-bit head's "
+           "lookup is quantized_decomposed::embedding_4bit over a second copy of its codes."),
+)
+
+
+class ExecuTorchTarget(Target):
+    """The ExecuTorch build path shared by the Android (XNNPACK) and Qualcomm (QNN) targets."""
+
+    backend: ClassVar[str]
+    backend_name: ClassVar[str]  # as the README names it
+    maven_artifact: ClassVar[str]  # the Android runtime the generated Gradle module depends on
+    min_sdk: ClassVar[int] = 26
+    template_sets = ("executorch",)
+    tools = (
+        Tool("executorch", "python", "pip install 'apq-sdk[executorch]' torch==2.13.0", "build"),
+        Tool("torchao", "python", "pip install 'apq-sdk[executorch]' torch==2.13.0", "build"),
+    )
+    runtime_packages = ("executorch", "torchao")
+
+    def partitioners(self) -> list:
+        raise NotImplementedError
+
+    # -- lowering ----------------------------------------------------------------------------------
+
+    def lower(self, ctx: BuildContext) -> None:
+        import torch
+
+        from apq_sdk.plan_file import plan_sha256
+
+        from ..onnx_graph import LoweringError, dumps_json
+        from .program import audit_delegation, export_program, exportable_model, lower_program
+
+        package_dir = Path(ctx.package_dir)
+        package_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = ctx.checkpoint
+        numbers = glue_numbers(ckpt, self.capabilities.max_context)
+        max_context = int((ctx.options or {}).get("max_context", numbers["max_context"]))
+        metadata = {
+            "get_max_seq_len": max_context, "get_max_context_len": max_context,
+            "get_vocab_size": numbers["vocab_size"], "get_n_layers": numbers["num_layers"],
+            "get_bos_id": numbers["bos_token_id"], "get_eos_ids": eos_ids(ckpt),
+            "use_kv_cache": True, "enable_dynamic_shape": True, "use_sdpa_with_kv_cache": False,
+        }
+        with torch.no_grad():
+            model = exportable_model(ckpt)
+            exported = export_program(model, max_context)
+        edge = lower_program(exported, self.partitioners(), metadata)
+        planned = {n for n, m in ckpt.plan.modules.items() if m.kind != "embedding"}
+        audit = audit_delegation(edge, planned)
+        if audit.undelegated_modules:
+            shown = ", ".join(audit.undelegated_modules[:8])
+            more = f" and {len(audit.undelegated_modules) - 8} more" \
+                if len(audit.undelegated_modules) > 8 else ""
+            raise LoweringError(
+                f"{len(audit.undelegated_modules)} planned layers stayed outside the "
+                f"{self.backend} delegate after lowering (they would run as portable float ops): "
+                f"{shown}{more}. Ops outside any delegate: {dict(audit.outside)}")
+        program = edge.to_executorch()
+        from .pte_reader import Pte, PteFormatError, weights_index
+
+        try:
+            weights = weights_index(Pte(program.buffer), ckpt)
+        except PteFormatError as exc:
+            raise LoweringError(f"the lowered program does not hold the checkpoint's weights "
+                                f"as planned: {exc}") from exc
+        (package_dir / MODEL_FILE).write_bytes(program.buffer)
+        for source in ckpt.tokenizer_files():
+            (package_dir / source.name).write_bytes(source.read_bytes())
+        from executorch.version import __version__ as et_version
+
+        description = {
+            "model_file": MODEL_FILE, "model_type": ckpt.spec.family, **numbers,
+            "max_context": max_context,
+            "forward": {"inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "n"]},
+                                   {"name": "cache_position", "dtype": "int64", "shape": ["n"]}],
+                        "outputs": [{"name": "logits", "dtype": "float32",
+                                     "shape": [1, "n", numbers["vocab_size"]]}],
+                        "n": f"1..{max_context}; positions continue the cache"},
+            "metadata": metadata, "backend": self.backend, "executorch": et_version,
+            "plan_sha256": plan_sha256(ckpt.plan), "delegation": audit.to_dict(),
+            "weights": weights}
+        (package_dir / PROGRAM_FILE).write_text(dumps_json(description))
+        if (ctx.options or {}).get("native_glue", True):
+            self._write_glue(ctx, package_dir, {**numbers, "max_context": max_context},
+                             et_version, len(program.buffer))
+
+    def _write_glue(self, ctx: BuildContext, package_dir: Path, numbers: dict, et_version: str,
+                    model_bytes: int) -> None:
+        """The C API, tokenizer and command-line runner (templates/common) on the ExecuTorch
+        runtime, the Android library module, the example screen and the README
+        (templates/executorch), and the plain-text tokenizer the C++ runner reads."""
+        from apq_sdk import __version__
+        from apq_sdk.native_glue import render_templates
+        from apq_sdk.plan_file import plan_sha256
+
+        export_glue_tokenizer(ctx.checkpoint, package_dir, self.name)
+        spec = ctx.checkpoint.spec
+        kv_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4 * \
+            numbers["max_context"]
+        context = {"package_name": ctx.package_name, "model_name": ctx.model_name,
+                   "target": self.name, "sdk_version": __version__,
+                   "runtime": f"ExecuTorch {et_version} ({self.backend_name})",
+                   "backend_name": self.backend_name, "executorch_version": et_version,
+                   "maven_artifact": self.maven_artifact, "min_sdk": self.min_sdk,
+                   "namespace": f"org.apq.{ctx.package_name}", "model_file": MODEL_FILE,
+                   "tokenizer_file": TOKENIZER_FILE, "plan_sha256": plan_sha256(ctx.plan),
+                   "model_megabytes": f"{model_bytes / 1e6:.1f}",
+                   "kv_cache_megabytes": f"{kv_bytes / 1e6:.1f}", **numbers}
+        render_templates(("common", *self.template_sets), context, package_dir)
+
+    # -- what verify runs --------------------------------------------------------------------------
+
+    def model_files(self, package_dir: Path) -> list[Path]:
+        return [Path(package_dir) / MODEL_FILE]
+
+    def runner(self, package_dir: Path, *, threads: int = 1, checkpoint=None) -> "PteDecoder":
+        """The package's program; with `checkpoint`, it can also record every linear's input
+        and output (from a recording program lowered the same way: verify's per-layer check)."""
+        recorder = None
+        if checkpoint is not None:
+            from .program import recording_program
+
+            def recorder(length: int):
+                return recording_program(checkpoint, length, self.partitioners())
+        return PteDecoder(Path(package_dir) / MODEL_FILE, threads=threads, recorder=recorder)
+
+    def manifest_extra(self, package_dir: Path) -> dict:
+        return {"validation": {
+            "validated_here": [
+                f"model.pte runs in ExecuTorch's Python runtime (its C++ runtime, the "
+                f"{self.backend_name} delegate and kernels, for x86-64) and matches the torch "
+                f"reference of the plan (verify.json: logits, KL, perplexity, prefill and decode "
+                f"through the KV cache, every linear on recorded inputs)",
+                "every weight in model.pte equals the checkpoint, bit for bit "
+                "(program.json: weights)",
+                f"every planned linear sits inside a {self.backend_name} delegate "
+                f"(program.json: delegation)"],
+            "not_validated_here": [
+                "building the Android library with Gradle and the Android Gradle plugin, and "
+                f"resolving {self.maven_artifact} from Maven Central (no Android SDK, no "
+                "network); the Kotlin and Gradle files are checked for syntax only",
+                f"{self.backend_name}'s Arm kernels and the speed and memory on a phone "
+                "(verification ran the x86-64 kernels)"],
+        }}
+
+    def read_weights(self, package_dir: Path, plan) -> dict:
+        from apq_sdk.errors import ApqError
+
+        from .pte_reader import Pte, PteFormatError, read_weights
+
+        package_dir = Path(package_dir)
+        try:
+            index = read_program(package_dir)["weights"]
+            return read_weights(Pte.load(package_dir / MODEL_FILE), index, plan)
+        except (PteFormatError, KeyError, ValueError) as exc:
+            raise ApqError(f"{package_dir / MODEL_FILE}: {exc}") from exc
+
+    def verify(self, package_dir: Path, *, checkpoint, text_path, windows: int,
+               threads: int = 1, float_model=None, **options):
+        """The shared verify, with a runner that can record linears (it needs the checkpoint)."""
+        import tempfile
+
+        from apq_sdk.verification import verify_runner
+
+        package_dir = Path(package_dir)
+        with tempfile.TemporaryDirectory(prefix="apq-verify-"):
+            return verify_runner(
+                target=self.name,
+                runner=self.runner(package_dir, threads=threads, checkpoint=checkpoint),
+                checkpoint=checkpoint, package_dir=package_dir, text_path=text_path,
+                windows=windows, max_context=self.capabilities.max_context,
+                model_bytes=sum(p.stat().st_size for p in self.model_files(package_dir)),
+                read_weights=lambda: self.read_weights(package_dir, checkpoint.plan),
+                float_model=float_model, threads=threads, **options)
+
+
+def eos_ids(checkpoint) -> list[int]:
+    """Every end-of-sequence id the config names (the runner stops on any of them)."""
+    value = getattr(checkpoint.config, "eos_token_id", None)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    vocab = checkpoint.spec.vocab_size
+    return [int(v) for v in values if isinstance(v, int) and 0 <= v < vocab]
+
+
+class AndroidTarget(ExecuTorchTarget):
+    name = "android"
+    description = ("ExecuTorch with XNNPACK on Android (Arm64 CPUs): 4-bit blockwise weights "
+                   "with dynamic int8 activations, an Android library module over LlmModule")
+    backend = "XnnpackBackend"
+    backend_name = "XNNPACK"
+    maven_artifact = "org.pytorch:executorch-android"
+    capabilities = ANDROID_CAPABILITIES
+
+    def partitioners(self) -> list:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return [XnnpackPartitioner()]
+
+
+QNN_SDK_VERSION = "2.37.0.250724"  # what ExecuTorch 1.5.1's Qualcomm backend is built against
+QUALCOMM_SOCS = ("SM8650", "SM8750", "SM8850")  # Snapdragon 8 Gen 3, 8 Elite, 8 Elite Gen 5
+
+QUALCOMM_CAPABILITIES = Capabilities(
+    name="qualcomm",
+    weight_bits=(4, 8, 16),
+    group_sizes=(32, 64, 128, 256),
+    activation_modes=("none",),
+    default_activation="none",
+    symmetric_only=True,
+    whole_groups=True,
+    fused=(),
+    head_bits=(8, 16),
+    max_context=2048,
+    families=ANDROID_CAPABILITIES.families,
+    tied_lookup="copy",
+    notes=("QNN's HTP (Hexagon NPU) runs statically quantized graphs: 16-bit activations with "
+           "ranges calibrated ahead of time, 8-bit weights per channel and 4-bit weights per "
+           "block (16a8w, 16a4w_block). Per-token dynamic scaling becomes static 16-bit "
+           "activations on this target. Building needs Qualcomm's QNN SDK (QNN_SDK_ROOT); "
+           "without it the build stops before any work. The QNN lowering itself is not "
+           "implemented in this release: it could not be validated without the SDK."),
+)
+
+
+class QualcommTarget(ExecuTorchTarget):
+    """Snapdragon NPUs through ExecuTorch's QNN backend. The build stops before any work
+    without Qualcomm's QNN SDK; with it, it stops at lowering, which is not implemented yet
+    (nothing of it could be run or validated on a machine without the SDK)."""
+
+    name = "qualcomm"
+    description = ("ExecuTorch with Qualcomm's QNN backend on Snapdragon NPUs (HTP): static "
+                   "16-bit activations; needs the QNN SDK")
+    backend = "QnnBackend"
+    backend_name = "QNN"
+    maven_artifact = "org.pytorch:executorch-android-qnn"
+    capabilities = QUALCOMM_CAPABILITIES
+    tools = ExecuTorchTarget.tools + (
+        Tool("QNN_SDK_ROOT", "sdk",
+             f"Qualcomm AI Engine Direct (QNN) SDK {QNN_SDK_VERSION}, the version ExecuTorch "
+             f"{EXECUTORCH_VERSION}'s Qualcomm backend is built against: download it from "
+             f"Qualcomm's software center (softwarecenter.qualcomm.com, 'Qualcomm AI Engine "
+             f"Direct SDK'; free account), unpack it and set QNN_SDK_ROOT to its directory, "
+             f"which holds lib/x86_64-linux-clang/libQnnHtp.so; apq-sdk[executorch] brings "
+             f"the rest", "build", requires="lib/x86_64-linux-clang/libQnnHtp.so"),
+    )
+
+    def lower(self, ctx: BuildContext) -> None:
+        from ..onnx_graph import LoweringError
+
+        raise LoweringError(
+            "the qualcomm target's QNN lowering is not implemented in this release of apq-sdk: "
+            "it needs the plan's weights in QNN's block encoding and static 16-bit activation "
+            "ranges, and none of it could be validated without the QNN SDK. Build the android "
+            "target (XNNPACK, Arm CPUs) for Snapdragon phones meanwhile.")
+
+
+class PteDecoder:
+    """model.pte in the ExecuTorch Python runtime (portable, quantized and XNNPACK kernels): a
+    verify Runner. The KV cache lives in the program's mutable buffers, so a step's state is the
+    token ids the cache holds; a step from any other state first re-fills the cache."""
+
+    def __init__(self, path: Path, threads: int = 1, recorder=None):
+        import executorch.kernels.quantized  # noqa: F401  (embedding_4bit)
+        from executorch.runtime import Runtime
+        from executorch.version import __version__
+
+        self.path = Path(path)
+        self.program = Runtime.get().load_program(str(self.path))
+        self.method = self.program.load_method("forward")
+        self.runtime = f"executorch {__version__} (XNNPACK, Python runtime)"
+        self.live: tuple[int, ...] = ()
+        self.recorder = recorder
+        if recorder is not None:
+            self.record_linears = self._record_linears
+
+    def _record_linears(self, ids: np.ndarray) -> list[dict]:
+        """Every planned linear's input and output on `ids` (verify's per-layer check)."""
+        import torch
+        from executorch.runtime import Runtime
+
+        ids = np.asarray(ids, dtype=np.int64)
+        buffer, names = self.recorder(int(ids.shape[0]))
+        method = Runtime.get().load_program(buffer).load_method("forward")
+        outputs = method.execute([torch.from_numpy(ids.copy())[None]])
+        records = []
+        for i, name in enumerate(names):
+            x, y = outputs[1 + 2 * i], outputs[2 + 2 * i]
+            records.append({"node": name, "modules": [name], "x": x[0].numpy().copy(),
+                            "y": y[0].numpy().copy()})
+        return records
+
+    def _run(self, ids: np.ndarray, start: int) -> np.ndarray:
+        import torch
+
+        ids = np.asarray(ids, dtype=np.int64)
+        tokens = torch.from_numpy(ids.copy())[None]
+        positions = torch.arange(start, start + ids.shape[0], dtype=torch.long)
+        logits = self.method.execute([tokens, positions])[0]
+        return logits[0].numpy().astype(np.float32, copy=True)
+
+    def step(self, ids: np.ndarray, state):
+        prefix = () if state is None else tuple(state)
+        if self.live != prefix:  # the cache holds something else: fill it with `prefix` again
+            if prefix:
+                self._run(np.array(prefix), 0)
+            self.live = prefix
+        logits = self._run(ids, len(prefix))
+        self.live = prefix + tuple(int(i) for i in np.asarray(ids).reshape(-1))
+        return logits, self.live
+
+    def full(self, ids: np.ndarray) -> np.ndarray:
+        return self.step(ids, None)[0]
+
+
+def read_program(package_dir: Path) -> dict:
+    return json.loads((Path(package_dir) / PROGRAM_FILE).read_text())

@@ -1,0 +1,297 @@
+"""The android target (targets/executorch): the program holds the core's weights and runs them as
+the plan says, inside XNNPACK, in ExecuTorch's own LLM runner too; nothing planned is left in
+float or outside the delegate without the build failing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch", reason="pip install 'apq-sdk[executorch]' torch==2.13.0")
+pytest.importorskip("torchao", reason="pip install 'apq-sdk[executorch]' torch==2.13.0")
+
+from apq_sdk.builder import BuildRequest, build  # noqa: E402
+from apq_sdk.calibration import builtin_text  # noqa: E402
+from apq_sdk.checkpoint import load_quantized, read_checkpoint  # noqa: E402
+from apq_sdk.errors import ApqError  # noqa: E402
+from apq_sdk.package import reference_dir  # noqa: E402
+from apq_sdk.targets.executorch import program as et_program  # noqa: E402
+from apq_sdk.targets.executorch.pte_reader import Pte, PteFormatError, weights_index  # noqa: E402
+from apq_sdk.targets.executorch.target import AndroidTarget, PteDecoder  # noqa: E402
+from apq_sdk.testing import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    calib = tmp_path_factory.mktemp("calib") / "calib.txt"
+    calib.write_text(builtin_text()[:60_000])
+    model = make_tiny_model(tmp_path_factory.mktemp("m") / "tiny-llama", "llama")
+    out = tmp_path_factory.mktemp("pkg")
+    return build(BuildRequest(target="android", model=str(model), output=out, calib=str(calib),
+                              memory_reduction=0.5, samples=8, seq_len=48, verify_windows=1),
+                 log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(package):
+    return read_checkpoint(reference_dir(package))
+
+
+def test_the_program_is_delegated_and_says_what_it_holds(package, checkpoint):
+    desc = json.loads((package / "program.json").read_text())
+    audit = desc["delegation"]
+    planned = [n for n, m in checkpoint.plan.modules.items() if m.kind != "embedding"]
+    assert audit["planned_linears"] == audit["delegated_linears"] == len(planned)
+    assert audit["undelegated_modules"] == []
+    assert set(desc["weights"]) == set(checkpoint.plan.modules)
+    meta = desc["metadata"]
+    assert meta["use_kv_cache"] and meta["enable_dynamic_shape"]
+    assert meta["get_max_seq_len"] == desc["max_context"]
+    assert meta["get_vocab_size"] == checkpoint.spec.vocab_size
+    # the quantized layers are XNNPACK's blockwise int4 with the plan's dynamic activations
+    quantized = {n for n, m in checkpoint.plan.modules.items() if m.bits == 4}
+    assert quantized and all(desc["weights"][n]["kind"] == "xnnpack-qbint4" for n in quantized)
+    assert all(checkpoint.plan.modules[n].activation == "int8-per-token-asym-dynamic"
+               and checkpoint.plan.modules[n].scale_dtype == "bfloat16" for n in quantized)
+
+
+def test_the_exportable_model_is_the_reference_in_eager_torch(checkpoint):
+    """torchao's int4 tensors built from the codes compute what the reference modules do."""
+    ids = torch.randint(0, checkpoint.spec.vocab_size, (1, 24), generator=torch.Generator()
+                        .manual_seed(0))
+    with torch.no_grad():
+        want = load_quantized(checkpoint.path, checkpoint=checkpoint)(ids).logits
+        got = et_program.exportable_model(checkpoint)(ids).logits
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_executorchs_own_llm_runner_generates_what_our_runner_decodes(package):
+    """The .pte and tokenizer.json load in ExecuTorch's TextLLMRunner (the C++ runner Android's
+    LlmModule wraps); its greedy text equals argmax decoding through our runner."""
+    import executorch.kernels.quantized  # noqa: F401  (embedding_4bit in the runner's registry)
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    from tokenizers import Tokenizer
+
+    prompt = "The history of the city begins"
+    tokenizer = Tokenizer.from_file(str(package / "tokenizer.json"))
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    ours = PteDecoder(package / "model.pte")
+    logits, state = ours.step(np.array(ids), None)
+    tokens = []
+    for _ in range(6):
+        tokens.append(int(np.argmax(logits[-1])))
+        logits, state = ours.step(np.array(tokens[-1:]), state)
+    pieces: list[str] = []
+    runner = TextLLMRunner(str(package / "model.pte"), str(package / "tokenizer.json"))
+    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=6, temperature=0.0),
+                    token_callback=pieces.append)
+    assert "".join(pieces) == tokenizer.decode(tokens)
+
+
+def test_a_runner_step_from_an_older_state_refills_the_cache(package):
+    runner = PteDecoder(package / "model.pte")
+    ids = np.arange(3, 19)
+    full = runner.full(ids)
+    _, state = runner.step(ids[:8], None)
+    runner.full(ids[:3])  # the program's cache now holds something else
+    tail, _ = runner.step(ids[8:], state)
+    assert np.abs(tail - full[8:]).max() <= 1e-4 * np.abs(full).max()
+
+
+def test_a_planned_layer_left_in_float_is_caught(checkpoint):
+    """ExecuTorch's own recipe skips layers whose width its group size does not divide and
+    leaves them in float; in an apq-sdk build every planned layer must be found in the program
+    as planned, or the build fails naming it."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    from apq_sdk.placement import replace_module
+
+    model = et_program.exportable_model(checkpoint)
+    victim = next(n for n, m in sorted(checkpoint.plan.modules.items())
+                  if m.bits == 4 and m.kind == "linear")
+    reference = load_quantized(checkpoint.path, checkpoint=checkpoint).get_submodule(victim)
+    float_layer = torch.nn.Linear(reference.in_features, reference.out_features, bias=False)
+    float_layer.weight = torch.nn.Parameter(reference.weight.clone(), requires_grad=False)
+    replace_module(model, victim, float_layer)
+    with torch.no_grad():
+        exported = et_program.export_program(model, 64)
+    edge = et_program.lower_program(exported, [XnnpackPartitioner()], {})
+    with pytest.raises(PteFormatError, match=victim.replace(".", r"\.")):
+        weights_index(Pte(edge.to_executorch().buffer), checkpoint)
+
+
+def test_a_linear_outside_the_delegate_fails_the_build(checkpoint, tmp_path, monkeypatch):
+    """Lowered without the partitioner, every planned linear stays outside: the audit names
+    them and lower() refuses to write the package."""
+    from apq_sdk.targets.base import BuildContext
+    from apq_sdk.targets.onnx_graph import LoweringError
+
+    monkeypatch.setattr(AndroidTarget, "partitioners", lambda self: [])
+    with pytest.raises(LoweringError, match=r"planned layers stayed outside the XnnpackBackend "
+                                            r"delegate.*lm_head"):
+        AndroidTarget().lower(BuildContext(package_dir=tmp_path, checkpoint=checkpoint,
+                                           model_name="m", package_name="p"))
+    assert not (tmp_path / "model.pte").exists()
+
+
+def test_executorchs_recipe_skips_layers_its_group_does_not_divide():
+    """The peer's behaviour the plan avoids: export_llm's quantize_model_ with 8da4w at groups
+    of 128 leaves a layer of width 576 (SmolLM2's) unquantized when told to skip, and fails
+    otherwise."""
+    from executorch.extension.llm.export.quantize import quantize_model_
+
+    model = torch.nn.Sequential(torch.nn.Linear(576, 64, bias=False),
+                                torch.nn.Linear(256, 64, bias=False))
+    quantize_model_(model, qlinear_config="8da4w", qlinear_group_size=128,
+                    skip_incompatible_shapes=True)
+    assert type(model[0].weight) is torch.nn.Parameter and model[0].weight.dtype == torch.float32
+    assert type(model[1].weight).__name__ == "IntxUnpackedToInt8Tensor"
+    with pytest.raises(RuntimeError, match="incompatible with 8da4w"):
+        quantize_model_(torch.nn.Sequential(torch.nn.Linear(576, 64)), qlinear_config="8da4w",
+                        qlinear_group_size=128)
+
+
+def test_read_weights_names_a_program_without_its_index(package, checkpoint, tmp_path):
+    import shutil
+
+    broken = tmp_path / "p"
+    shutil.copytree(package, broken)
+    desc = json.loads((broken / "program.json").read_text())
+    del desc["weights"]
+    (broken / "program.json").write_text(json.dumps(desc))
+    with pytest.raises(ApqError, match="model.pte"):
+        AndroidTarget().read_weights(broken, checkpoint.plan)
+
+
+LOGITS_PROGRAM = r"""
+// Runs model.pte's forward on token ids from argv through ExecuTorch's C++ Module (prefill of
+// all but the last id, then one decode step) and writes both logits as raw float32 to stdout.
+#include <executorch/extension/module/module.h>
+#include <executorch/extension/tensor/tensor.h>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+using executorch::extension::Module;
+int main(int argc, char** argv) {
+  Module module(argv[1]);
+  std::vector<int64_t> ids;
+  for (int i = 2; i < argc; ++i) ids.push_back(std::atoll(argv[i]));
+  const int64_t n = static_cast<int64_t>(ids.size()) - 1;
+  std::vector<int64_t> prefill(ids.begin(), ids.end() - 1), positions(n), last(1, ids.back()),
+      where(1, n);
+  for (int64_t k = 0; k < n; ++k) positions[k] = k;
+  auto a = module.forward({executorch::extension::from_blob(prefill.data(), {1, (int)n},
+                                                            executorch::aten::ScalarType::Long),
+                           executorch::extension::from_blob(positions.data(), {(int)n},
+                                                            executorch::aten::ScalarType::Long)});
+  if (!a.ok()) return 3;
+  auto ta = a.get()[0].toTensor();
+  fwrite(ta.const_data_ptr<float>(), sizeof(float), ta.numel(), stdout);
+  auto b = module.forward({executorch::extension::from_blob(last.data(), {1, 1},
+                                                            executorch::aten::ScalarType::Long),
+                           executorch::extension::from_blob(where.data(), {1},
+                                                            executorch::aten::ScalarType::Long)});
+  if (!b.ok()) return 4;
+  auto tb = b.get()[0].toTensor();
+  fwrite(tb.const_data_ptr<float>(), sizeof(float), tb.numel(), stdout);
+  return 0;
+}
+"""
+
+API_PROGRAM = r"""
+#include <stdio.h>
+#include "apq_model.h"
+static int on_token(const char* text, size_t len, int token_id, void* user) {
+  (void)text; (void)len; (void)user;
+  if (token_id >= 0) printf("%d\n", token_id);
+  return 0;
+}
+int main(int argc, char** argv) {
+  apq_model* model;
+  apq_generate_options opts;
+  if (argc < 3) return 2;
+  if (apq_model_open(argv[1], &model) != APQ_OK) { fprintf(stderr, "%s\n", apq_last_error()); return 3; }
+  apq_generate_options_init(&opts);
+  opts.max_new_tokens = 8;
+  opts.stop_at_eos = 0;
+  if (apq_generate(model, argv[2], &opts, on_token, NULL) != APQ_OK) {
+    fprintf(stderr, "%s\n", apq_last_error()); return 4;
+  }
+  apq_model_close(model);
+  return 0;
+}
+"""
+
+
+def _executorch_root() -> Path:
+    import executorch  # a namespace package: no __file__
+
+    return Path(list(executorch.__path__)[0])
+
+
+@pytest.mark.slow
+def test_the_packages_c_api_builds_against_the_wheel_and_matches_the_python_runtime(package,
+                                                                                   tmp_path):
+    """The package's CMake project (C API, tokenizer, apq_run) builds against the headers,
+    libraries and CMake package ExecuTorch's wheel ships; ExecuTorch's C++ Module gives logits
+    bit-identical to the Python runtime's, and the C API generates the same greedy tokens."""
+    import shutil
+    import subprocess
+
+    from tokenizers import Tokenizer
+
+    cmake, gxx, gcc = shutil.which("cmake"), shutil.which("g++"), shutil.which("gcc")
+    if not (cmake and gxx and gcc):
+        pytest.skip("cmake, g++ and gcc are needed to build the package's C API")
+    root = _executorch_root()
+    build_dir = tmp_path / "build"
+    subprocess.run([cmake, "-S", package, "-B", build_dir, f"-DEXECUTORCH_ROOT={root}"],
+                   check=True, capture_output=True, text=True)
+    done = subprocess.run([cmake, "--build", build_dir, "-j", "2"], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    # ExecuTorch's C++ Module on model.pte == the Python runtime, bit for bit
+    source = tmp_path / "logits.cpp"
+    source.write_text(LOGITS_PROGRAM)
+    exe = tmp_path / "logits"
+    include = [f"-I{root / 'include'}",
+               f"-I{root / 'include/executorch/runtime/core/portable_type/c10'}"]
+    libs = [str(p) for p in sorted((root / "lib").glob("libexecutorch*.so"))
+            if "openvino" not in p.name and "qnn" not in p.name]
+    subprocess.run([gxx, "-std=c++17", "-O1", "-DC10_USING_CUSTOM_GENERATED_MACROS", *include,
+                    source, "-o", exe, "-Wl,--no-as-needed", *libs, "-Wl,--as-needed",
+                    f"-Wl,-rpath,{root / 'lib'}"], check=True, capture_output=True)
+    ids = [3, 17, 29, 41, 5, 77, 8]
+    out = subprocess.run([exe, package / "model.pte", *map(str, ids)], capture_output=True,
+                         check=True, timeout=300).stdout
+    native = np.frombuffer(out, dtype=np.float32)
+    runner = PteDecoder(package / "model.pte")
+    first, state = runner.step(np.array(ids[:-1]), None)
+    second, _ = runner.step(np.array(ids[-1:]), state)
+    assert np.array_equal(native, np.concatenate([first.ravel(), second.ravel()]))
+
+    # the C API (a C89 program over libapq_model) generates the Python runtime's greedy tokens
+    api = tmp_path / "api.c"
+    api.write_text(API_PROGRAM)
+    api_exe = tmp_path / "api"
+    subprocess.run([gcc, "-std=c89", "-pedantic", "-Wall", "-Werror", f"-I{package / 'include'}",
+                    api, "-o", api_exe, f"-L{build_dir}", "-lapq_model",
+                    f"-Wl,-rpath,{build_dir}"], check=True, capture_output=True)
+    prompt = "The history of the city"
+    got = [int(t) for t in subprocess.run([api_exe, package, prompt], capture_output=True,
+                                          check=True, text=True, timeout=300).stdout.split()]
+    tokens = Tokenizer.from_file(str(package / "tokenizer.json")).encode(prompt).ids
+    logits, state = runner.step(np.array(tokens), None)
+    want = []
+    for _ in range(8):
+        want.append(int(np.argmax(logits[-1])))
+        logits, state = runner.step(np.array(want[-1:]), state)
+    assert got == want
+    version = subprocess.run([build_dir / "apq_run", "--version"], capture_output=True,
+                             text=True, check=True).stdout
+    assert version.startswith("tiny-llama")
