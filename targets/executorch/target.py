@@ -32,6 +32,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..base import BuildContext, Capabilities, Target, Tool, export_glue_tokenizer, glue_numbers
+from . import quiet_toolchain
 
 MODEL_FILE = "model.pte"
 PROGRAM_FILE = "program.json"
@@ -103,10 +104,10 @@ class ExecuTorchTarget(Target):
             "get_bos_id": numbers["bos_token_id"], "get_eos_ids": eos_ids(ckpt),
             "use_kv_cache": True, "enable_dynamic_shape": True, "use_sdpa_with_kv_cache": False,
         }
-        with torch.no_grad():
+        with torch.no_grad(), quiet_toolchain():
             model = exportable_model(ckpt)
             exported = export_program(model, max_context)
-        edge = lower_program(exported, self.partitioners(), metadata)
+            edge = lower_program(exported, self.partitioners(), metadata)
         planned = {n for n, m in ckpt.plan.modules.items() if m.kind != "embedding"}
         audit = audit_delegation(edge, planned)
         if audit.undelegated_modules:
@@ -117,7 +118,8 @@ class ExecuTorchTarget(Target):
                 f"{len(audit.undelegated_modules)} planned layers stayed outside the "
                 f"{self.backend} delegate after lowering (they would run as portable float ops): "
                 f"{shown}{more}. Ops outside any delegate: {dict(audit.outside)}")
-        program = edge.to_executorch()
+        with quiet_toolchain():
+            program = edge.to_executorch()
         from .pte_reader import Pte, PteFormatError, weights_index
 
         try:
@@ -183,7 +185,8 @@ class ExecuTorchTarget(Target):
             from .program import recording_program
 
             def recorder(length: int):
-                return recording_program(checkpoint, length, self.partitioners())
+                with quiet_toolchain():
+                    return recording_program(checkpoint, length, self.partitioners())
         return PteDecoder(Path(package_dir) / MODEL_FILE, threads=threads, recorder=recorder)
 
     def manifest_extra(self, package_dir: Path) -> dict:
@@ -322,10 +325,16 @@ class PteDecoder:
     token ids the cache holds; a step from any other state first re-fills the cache."""
 
     def __init__(self, path: Path, threads: int = 1, recorder=None):
-        import executorch.kernels.quantized  # noqa: F401  (embedding_4bit)
-        from executorch.runtime import Runtime
-        from executorch.version import __version__
+        with quiet_toolchain():
+            import executorch.kernels.quantized  # noqa: F401  (embedding_4bit)
+            from executorch.runtime import Runtime
+            from executorch.version import __version__
 
+        from executorch.extension.pybindings import portable_lib
+
+        # the thread pool is the process's; size it as asked (verify and benches record it)
+        if portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(int(threads))
         self.path = Path(path)
         self.program = Runtime.get().load_program(str(self.path))
         self.method = self.program.load_method("forward")

@@ -295,3 +295,15 @@ def test_the_packages_c_api_builds_against_the_wheel_and_matches_the_python_runt
     version = subprocess.run([build_dir / "apq_run", "--version"], capture_output=True,
                              text=True, check=True).stdout
     assert version.startswith("tiny-llama")
+
+
+def test_the_recording_program_keeps_the_first_layers_and_the_head(checkpoint):
+    """verify records every linear of the first RECORDED_LAYERS layers and the head from a
+    program lowered like the package's (a 30-layer recorder would double a build's time)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    _, names = et_program.recording_program(checkpoint, 16, [XnnpackPartitioner()], layers=1)
+    assert "lm_head" in names
+    assert {et_program._layer_of(n) for n in names} == {0, None}
+    assert len(names) == 1 + sum(1 for n in checkpoint.plan.modules
+                                 if et_program._layer_of(n) == 0)
