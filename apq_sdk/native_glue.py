@@ -129,6 +129,9 @@ def invisible(ch: str) -> bool:
     return unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cs", "Zl", "Zp")
 
 
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}  # CMake and Kotlin alike
+
+
 def cmake_string(value) -> str:
     """Body of a quoted CMake argument: `\\`, `"`, `$`, `;` escaped, newlines as `\\n`.
 
@@ -138,12 +141,8 @@ def cmake_string(value) -> str:
     for ch in _text(value):
         if ch in '\\"$;':
             out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
+        elif ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
         elif invisible(ch):
             out.append("?")
         else:
@@ -216,12 +215,8 @@ def kotlin_string(value) -> str:
     for ch in _text(value):
         if ch in '\\"\'$':
             out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
+        elif ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
         elif 0x20 <= ord(ch) < 0x7F:
             out.append(ch)
         else:

@@ -34,6 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: results_io
+from results_io import write_results  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -181,11 +184,7 @@ def main() -> None:
                                       / fp32["decode_tokens_per_s_median"])},
         "total_seconds": time.time() - started,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    out.with_suffix(".md").write_text(render_markdown(result))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results(args.out, result, render_markdown(result))
 
 
 def render_markdown(result: dict) -> str:

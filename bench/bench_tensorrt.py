@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: results_io
+from results_io import write_results  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BANDWIDTH_GB_S = {"Jetson Orin Nano Super (102 GB/s)": 102.0, "Jetson AGX Orin (204.8 GB/s)": 204.8}
 CONTEXTS = (512, 2048)
@@ -162,11 +165,7 @@ def main() -> None:
                          "refused by the capability table)"],
         "total_seconds": time.time() - started,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    out.with_suffix(".md").write_text(render_markdown(result))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results(args.out, result, render_markdown(result))
 
 
 def budget_text(budget: dict) -> str:

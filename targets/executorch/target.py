@@ -25,6 +25,7 @@ matmul), so 16-bit layers are float32 in the program.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import ClassVar
@@ -265,19 +266,16 @@ class AndroidTarget(ExecuTorchTarget):
 QNN_SDK_VERSION = "2.37.0.250724"  # what ExecuTorch 1.5.1's Qualcomm backend is built against
 QUALCOMM_SOCS = ("SM8650", "SM8750", "SM8850")  # Snapdragon 8 Gen 3, 8 Elite, 8 Elite Gen 5
 
-QUALCOMM_CAPABILITIES = Capabilities(
+QUALCOMM_CAPABILITIES = dataclasses.replace(
+    ANDROID_CAPABILITIES,
     name="qualcomm",
     weight_bits=(4, 8, 16),
-    group_sizes=(32, 64, 128, 256),
     activation_modes=("none",),
     default_activation="none",
-    symmetric_only=True,
-    whole_groups=True,
-    fused=(),
+    quantized_activation=None,
     head_bits=(8, 16),
-    max_context=2048,
-    families=ANDROID_CAPABILITIES.families,
-    tied_lookup="copy",
+    scale_dtype="float16",
+    float_weight_bytes=2,
     notes=("QNN's HTP (Hexagon NPU) runs statically quantized graphs: 16-bit activations with "
            "ranges calibrated ahead of time, 8-bit weights per channel and 4-bit weights per "
            "block (16a8w, 16a4w_block). Per-token dynamic scaling becomes static 16-bit "
