@@ -1,0 +1,277 @@
+"""The android (ExecuTorch + XNNPACK) package of the demo model against what a user would
+otherwise ship, side by side in one run.
+
+Variants, every .pte exported the same way (transformers' static KV cache, torch.export,
+XNNPACK partitioner, ExecuTorch's runtime) so only the weights differ:
+
+* `apq-sdk` : the package (the plan's 4/16-bit layers, GPTQ, int8 per-token dynamic activations);
+* `apq-sdk @ recipe size` (with --match-recipe-size): an android package built with the
+  recipe's bits per weight as its budget, so accuracy is compared at equal size;
+* `ExecuTorch 8da4w` : ExecuTorch's own LLM recipe, `executorch.extension.llm.export.quantize.
+  quantize_model_` (what `export_llm` runs for `quantization.qmode=8da4w`) at the group size it
+  accepts for this model (64: 128 does not divide SmolLM2's 576-wide layers), default
+  quantizer, embeddings as the recipe leaves them (float);
+* `float .pte` : the unquantized model (FP32, dequantized Q4_1) in the same program;
+* `ONNX Runtime` (with --ort-package): the arm64-linux package of the same model.
+
+Per variant: model file size, perplexity on the first N windows of wikitext2-test, mean
+KL(unquantized || variant) over every predicted position, and decode speed here (x86-64, the
+same thread count for every runtime): median over runs of 32 decode steps after a 128-token
+prefill.
+
+    apq-sdk build --target android --model demo -o apq-out
+    python bench/bench_executorch.py --package apq-out/SmolLM2-135M-Instruct-android \\
+        --ort-package apq-out/SmolLM2-135M-Instruct-arm64-linux --match-recipe-size
+
+Writes OUT.json and OUT.md (default bench/results/executorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: results_io
+from results_io import write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PREFILL, DECODE = 128, 32
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+class Scores:
+    """Summed NLL and KL(unquantized || variant) over the windows."""
+
+    def __init__(self):
+        self.nll = 0.0
+        self.kl = 0.0
+        self.count = 0
+
+    def add(self, logits: np.ndarray, fp32_logp: np.ndarray, row: np.ndarray) -> None:
+        logp = log_softmax(logits[:-1])
+        self.nll -= float(logp[np.arange(len(row) - 1), row[1:]].sum())
+        p = np.exp(fp32_logp[:-1])
+        self.kl += float((p * (fp32_logp[:-1] - logp)).sum())
+        self.count += len(row) - 1
+
+    def to_dict(self) -> dict:
+        return {"perplexity": math.exp(self.nll / self.count), "kl_mean": self.kl / self.count}
+
+
+def pte_program(model, max_context: int, partitioner_factory) -> bytes:
+    from apq_sdk.targets.executorch.program import export_program, lower_program
+
+    import torch
+
+    with torch.no_grad():
+        exported = export_program(model, max_context)
+    return lower_program(exported, partitioner_factory(), {}).to_executorch().buffer
+
+
+def decode_speed(runner, ids: np.ndarray, runs: int) -> dict:
+    times = []
+    for _ in range(runs):
+        logits, state = runner.step(ids[:PREFILL], None)
+        token = int(np.argmax(logits[-1]))
+        started = time.perf_counter()
+        for _ in range(DECODE):
+            logits, state = runner.step(np.array([token]), state)
+            token = int(np.argmax(logits[-1]))
+        times.append(time.perf_counter() - started)
+    median = statistics.median(times)
+    return {"decode_tokens_per_s": DECODE / median, "runs": runs,
+            "seconds": [round(t, 4) for t in times]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--package", required=True, help="an android package directory")
+    parser.add_argument("--ort-package", default=None, help="an arm64-linux package of the model")
+    parser.add_argument("--model", default=None,
+                        help="the unquantized model (default: the one the manifest names)")
+    parser.add_argument("--recipe-group", type=int, default=64)
+    parser.add_argument("--match-recipe-size", action="store_true",
+                        help="also build an android package at the recipe's bits per weight")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--window-len", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=5, help="decode timing runs (median)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--text", default=None, help="default: wikitext2-test")
+    parser.add_argument("--out", default=str(RESULTS / "executorch"))
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.extension.llm.export.quantize import quantize_model_
+
+    from apq_sdk.builder import BuildRequest, build
+    from apq_sdk.calibration import eval_text_path, eval_windows
+    from apq_sdk.checkpoint import load_quantized, read_checkpoint
+    from apq_sdk.model_io import load_model
+    from apq_sdk.package import read_manifest, reference_dir
+    from apq_sdk.targets.executorch.target import PteDecoder
+
+    started = time.time()
+    package = Path(args.package)
+    manifest = read_manifest(package)
+    if manifest["target"]["name"] != "android":
+        raise SystemExit(f"bench_executorch: {package} was built for "
+                         f"{manifest['target']['name']}; this bench measures an android package")
+    checkpoint = read_checkpoint(reference_dir(package, manifest))
+    model_spec = args.model or manifest["model"]["spec"]
+    float_model, tokenizer, info = load_model(model_spec)
+    float_model.eval()
+    program = json.loads((package / "program.json").read_text())
+    window_len = min(args.window_len, program["max_context"])
+    text = Path(args.text) if args.text else eval_text_path()
+    windows = eval_windows(tokenizer, text, window_len, args.windows or None).numpy()
+    n_params = checkpoint.plan.totals.model_params
+
+    work = Path(tempfile.mkdtemp(prefix="apq-bench-et-"))
+    variants: dict[str, dict] = {}
+    runners: dict[str, object] = {}
+
+    def add_pte(name: str, path: Path, what: str, extra: dict | None = None) -> None:
+        runners[name] = PteDecoder(path, threads=args.threads)
+        size = path.stat().st_size
+        variants[name] = {"what": what, "model_bytes": size,
+                          "bits_per_weight": 8 * size / n_params, **(extra or {})}
+
+    t = checkpoint.plan.totals
+    add_pte("apq-sdk", package / "model.pte", "this package (apq-sdk plan, GPTQ)",
+            {"planned_bits_per_weight": t.target_bits_per_weight})
+
+    print("float .pte: export and lower", flush=True)
+    fp32_path = work / "float.pte"
+    fp32_path.write_bytes(pte_program(load_model(model_spec)[0].eval(), program["max_context"],
+                                      lambda: [XnnpackPartitioner()]))
+    add_pte("float .pte", fp32_path, "the unquantized model (FP32) in the same program")
+
+    print(f"ExecuTorch 8da4w (group {args.recipe_group}): quantize, export and lower", flush=True)
+    recipe_model = load_model(model_spec)[0].eval()
+    quantize_model_(recipe_model, qlinear_config="8da4w", qlinear_group_size=args.recipe_group)
+    recipe_path = work / "recipe.pte"
+    recipe_path.write_bytes(pte_program(recipe_model, program["max_context"],
+                                        lambda: [XnnpackPartitioner()]))
+    del recipe_model
+    add_pte("ExecuTorch 8da4w", recipe_path,
+            f"ExecuTorch's LLM recipe: quantize_model_(qlinear_config='8da4w', "
+            f"qlinear_group_size={args.recipe_group}), embeddings left float")
+
+    if args.match_recipe_size:
+        bpw = min(16.0, math.floor(variants["ExecuTorch 8da4w"]["bits_per_weight"] * 1000) / 1000)
+        print(f"apq-sdk at the recipe's size: building at {bpw} bits per weight", flush=True)
+        calib = checkpoint.plan.calibration  # the package's own calibration settings
+        source = calib.source.split(":", 1)[-1] if calib.kind == "file" else None
+        matched = build(BuildRequest(target="android", model=model_spec, output=work / "matched",
+                                     bits_per_weight=bpw, verify=False, calib=source,
+                                     samples=calib.num_samples, seq_len=calib.seq_len,
+                                     seed=calib.seed), log=print)
+        add_pte("apq-sdk @ recipe size", matched / "model.pte",
+                f"an android package built with --bits-per-weight {bpw}",
+                {"planned_bits_per_weight": read_checkpoint(reference_dir(matched)).plan.totals
+                 .target_bits_per_weight})
+
+    if args.ort_package:
+        from apq_sdk.targets.base import get_target
+
+        ort_dir = Path(args.ort_package)
+        ort_target = get_target(read_manifest(ort_dir)["target"]["name"])()
+        runners["ONNX Runtime"] = ort_target.runner(ort_dir, threads=args.threads)
+        size = sum(p.stat().st_size for p in ort_target.model_files(ort_dir))
+        variants["ONNX Runtime"] = {"what": f"the {ort_target.name} package (MatMulNBits)",
+                                    "model_bytes": size, "bits_per_weight": 8 * size / n_params}
+
+    reference = load_quantized(checkpoint.path, checkpoint=checkpoint).eval()
+    scores = {name: Scores() for name in [*runners, "apq-sdk torch reference", "FP32 torch"]}
+    for i, row in enumerate(windows):
+        ids = row.astype(np.int64)
+        with torch.no_grad():
+            fp32 = float_model(torch.from_numpy(ids)[None]).logits[0].float().numpy()
+            ref = reference(torch.from_numpy(ids)[None]).logits[0].float().numpy()
+        fp32_logp = log_softmax(fp32)
+        scores["FP32 torch"].add(fp32, fp32_logp, ids)
+        scores["apq-sdk torch reference"].add(ref, fp32_logp, ids)
+        for name, runner in runners.items():
+            scores[name].add(runner.full(ids), fp32_logp, ids)
+        print(f"window {i + 1}/{len(windows)}", flush=True)
+    for name in runners:
+        variants[name].update(scores[name].to_dict())
+        variants[name].update(decode_speed(runners[name], windows[0].astype(np.int64), args.runs))
+    torch_rows = {name: scores[name].to_dict() for name in ("apq-sdk torch reference",
+                                                            "FP32 torch")}
+    import executorch.version
+
+    result = {
+        "command": "python bench/bench_executorch.py " + " ".join(sys.argv[1:]),
+        "model": info.name, "package": str(package), "params": n_params,
+        "executorch": executorch.version.__version__, "threads": args.threads,
+        "plan": {"target_bits_per_weight": t.target_bits_per_weight,
+                 "linear_bits_per_weight": t.linear_bits_per_weight,
+                 "bits": sorted({m.bits for m in checkpoint.plan.modules.values()}),
+                 "group_sizes": sorted({m.group_size for m in checkpoint.plan.modules.values()
+                                        if m.group_size}),
+                 "head_bits": checkpoint.plan.modules["lm_head"].bits},
+        "windows": int(windows.shape[0]), "window_len": int(window_len), "text": str(text),
+        "decode": {"prefill": PREFILL, "decode_steps": DECODE},
+        "variants": variants, "torch": torch_rows,
+        "total_seconds": time.time() - started,
+    }
+    write_results(args.out, result, render_markdown(result))
+
+
+def render_markdown(r: dict) -> str:
+    v = r["variants"]
+    peer = v.get("ExecuTorch 8da4w")
+    lines = [f"# ExecuTorch + XNNPACK (android target): {r['model']}", "",
+             f"Command: `{r['command']}`", "",
+             f"ExecuTorch {r['executorch']}, {r['threads']} thread(s), x86-64 (XNNPACK's x86 "
+             f"kernels; a phone runs its Arm ones). Perplexity and KL(unquantized || variant): "
+             f"first {r['windows']} windows of {r['window_len']} tokens of {Path(r['text']).name}"
+             f". Decode: median of {next(iter(v.values()))['runs']} runs of "
+             f"{r['decode']['decode_steps']} steps after a {r['decode']['prefill']}-token "
+             f"prefill.", "",
+             "| variant | model file | bits/weight | perplexity | KL | decode tok/s | vs recipe |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, x in v.items():
+        ratio = ""
+        if peer is not None and name != "ExecuTorch 8da4w":
+            ratio = (f"size x{x['model_bytes'] / peer['model_bytes']:.2f}, KL "
+                     f"x{x['kl_mean'] / peer['kl_mean']:.2f}, speed "
+                     f"x{x['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}")
+        lines.append(f"| {name} | {x['model_bytes'] / 2**20:.1f} MiB | "
+                     f"{x['bits_per_weight']:.2f} | {x['perplexity']:.3f} | {x['kl_mean']:.4f} | "
+                     f"{x['decode_tokens_per_s']:.1f} | {ratio} |")
+    for name, x in r["torch"].items():
+        lines.append(f"| {name} | | | {x['perplexity']:.3f} | {x['kl_mean']:.4f} | | |")
+    lines += ["", "Variants:", ""]
+    lines += [f"- **{name}**: {x['what']}" for name, x in v.items()]
+    p = r["plan"]
+    lines += ["", f"The package's plan: {p['target_bits_per_weight']:.3f} bits per weight as "
+                  f"XNNPACK stores it, decoder linears {p['linear_bits_per_weight']:.3f}, "
+                  f"bit-widths {p['bits']}, groups {p['group_sizes']}, head {p['head_bits']}-bit.",
+              "", f"Total run time {r['total_seconds'] / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
