@@ -255,7 +255,8 @@ def test_every_option_an_error_suggests_exists():
     allowed = {"--no-deps", "--disable-pip-version-check", "--help", "--install",
                "--fp16",  # trtexec's, in the TensorRT target's notes
                # the maintainers' tool that regenerates TensorRT's support matrix
-               "--tensorrt", "--source", "--commit"}
+               "--tensorrt", "--source", "--commit",
+               "--json", "--raw-binary"}  # flatc's, reading an XNNPACK graph back (.pte)
     unknown = {f: where for f, where in named.items() if f not in options | allowed}
     assert not unknown, unknown
     assert "--allow-unknown-arch" in named and "--allow-unknown-arch" in options
