@@ -39,8 +39,6 @@ QUANT_OPS = ("dequantize_affine", "quantize_affine", "choose_qparams_affine",
              "quantize_per_token", "dequantize_per_token", "_weight_int4pack_mm",
              "linear_dynamic_fp16")
 LINEAR_OPS = ("aten.linear.", "aten.mm.", "aten.addmm.", "aten.matmul.")
-#: the portable/quantized-library op the embedding lookup of a tied 4-bit head runs with
-EMBEDDING_4BIT = "quantized_decomposed.embedding_4bit"
 
 
 @dataclass

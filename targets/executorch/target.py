@@ -264,7 +264,6 @@ class AndroidTarget(ExecuTorchTarget):
 
 
 QNN_SDK_VERSION = "2.37.0.250724"  # what ExecuTorch 1.5.1's Qualcomm backend is built against
-QUALCOMM_SOCS = ("SM8650", "SM8750", "SM8850")  # Snapdragon 8 Gen 3, 8 Elite, 8 Elite Gen 5
 
 QUALCOMM_CAPABILITIES = dataclasses.replace(
     ANDROID_CAPABILITIES,
