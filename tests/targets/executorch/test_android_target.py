@@ -228,9 +228,16 @@ int main(int argc, char** argv) {
 
 
 def _executorch_root() -> Path:
+    """The wheel's directory. ``executorch`` is a namespace package, so this test folder
+    (tests/targets/executorch, on sys.path's tests/targets through test_conformance.py) can be
+    one of its portions, and the first one in CI: pick the portion that holds the CMake package."""
     import executorch  # a namespace package: no __file__
 
-    return Path(list(executorch.__path__)[0])
+    for portion in map(Path, executorch.__path__):
+        if (portion / "lib" / "cmake" / "executorch").is_dir():
+            return portion
+    pytest.fail(f"no portion of the executorch package holds lib/cmake/executorch: "
+                f"{list(executorch.__path__)}")
 
 
 @pytest.mark.slow

@@ -54,8 +54,13 @@ def _lower(layer, x):
 def _run(edge, x):
     from executorch.runtime import Runtime
 
-    method = Runtime.get().load_program(edge.to_executorch().buffer).load_method("forward")
-    return method.execute([x])[0]
+    # the program reads its delegate blobs from this buffer while it runs: keep a reference (a
+    # temporary freed under it made XNNPACK's init fail now and then with NotSupported, 0x10)
+    buffer = edge.to_executorch().buffer
+    method = Runtime.get().load_program(buffer).load_method("forward")
+    out = method.execute([x])[0]
+    del buffer
+    return out
 
 
 def _x():
