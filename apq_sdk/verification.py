@@ -368,7 +368,9 @@ def verify_runner(*, target: str, runner: Runner, checkpoint, package_dir: Path,
                             + "; ".join(result.weights["examples"])))
 
     # 2. every linear on recorded inputs (int8 activations)
-    if int8 and hasattr(runner, "record_linears"):
+    if int8 and record_tokens < 1:
+        result.skipped.append("linears on recorded inputs: not asked for (record_tokens=0)")
+    elif int8 and hasattr(runner, "record_linears"):
         result.linears = check_linears(runner.record_linears(batch[0][:record_tokens]), reference)
         lin = result.linears
         checks.append(Check("linears on recorded inputs (nodes off the reference)",
