@@ -226,6 +226,25 @@ def kotlin_string(value) -> str:
     return "".join(out)
 
 
+def swift_string(value) -> str:
+    """Body of a Swift string literal: backslash and quotes escaped (so no `\\(...)`
+    interpolation can form), printable ASCII kept, everything else as `\\u{XXXX}` (Unicode scalar
+    values: Swift has no surrogates), so no invisible character is written raw."""
+    out = []
+    for ch in _text(value):
+        if ch in '\\"\'':
+            out.append("\\" + ch)
+        elif ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
+        elif 0x20 <= ord(ch) < 0x7F:
+            out.append(ch)
+        elif 0xD800 <= ord(ch) <= 0xDFFF:  # a lone surrogate (from undecodable bytes)
+            out.append("\\u{FFFD}")
+        else:
+            out.append("\\u{%X}" % ord(ch))
+    return "".join(out)
+
+
 _JVM_KEYWORDS = frozenset("""
 abstract as assert boolean break byte case catch char class const continue default do double else
 enum extends false final finally float for fun goto if implements import in instanceof int
@@ -257,7 +276,7 @@ def jvm_package(value) -> str:
 FILTERS = {"c_string": c_string, "c_identifier": c_identifier, "c_comment": c_comment,
            "cmake_string": cmake_string, "shell_single": shell_single,
            "markdown_text": markdown_text, "c_int": c_int, "kotlin_string": kotlin_string,
-           "jvm_package": jvm_package}
+           "jvm_package": jvm_package, "swift_string": swift_string}
 
 
 # ------------------------------------------------------------------------------------ rendering

@@ -331,11 +331,14 @@ def verify_runner(*, target: str, runner: Runner, checkpoint, package_dir: Path,
                   text_path: Path | None, windows: int, max_context: int, model_bytes: int,
                   read_weights=None, float_twin=None, float_model=None, seq_len: int | None = None,
                   threads: int = 1, timing_runs: int = 5, prefill_tokens: int = 128,
-                  decode_tokens: int = 32, record_tokens: int = 64) -> VerifyResult:
+                  decode_tokens: int = 32, record_tokens: int = 64,
+                  logit_tolerance: float = LOGIT_TOLERANCE) -> VerifyResult:
     """Verify one package (see the module docstring). `read_weights()` returns the artifact's
     weights per module (or raises an ApqError naming what is wrong); `float_twin()` returns a Runner
     of the artifact with float activations (int8-per-block packages); `float_model` is the
-    unquantized torch model (for the accuracy checks of int8 packages; skipped without it)."""
+    unquantized torch model (for the accuracy checks of int8 packages; skipped without it).
+    `logit_tolerance` replaces LOGIT_TOLERANCE for an artifact whose contract rounds its cache and
+    logits to float16 (Target.logit_tolerance)."""
     from .checkpoint import load_quantized
     from .errors import ApqError
 
@@ -421,9 +424,9 @@ def verify_runner(*, target: str, runner: Runner, checkpoint, package_dir: Path,
     if not int8:
         rel_ppl = result.perplexity["relative_diff"]
         checks.append(Check.at_most(
-            "logits: max |diff| / logit scale", relative, LOGIT_TOLERANCE,
+            "logits: max |diff| / logit scale", relative, logit_tolerance,
             f"logits differ from the torch reference by {relative:.3g} of the logit scale "
-            f"(tolerance {LOGIT_TOLERANCE:g})"))
+            f"(tolerance {logit_tolerance:g})"))
         checks.append(Check.at_most(
             "logits: mean KL (nats/token)", kl_mean, KL_TOLERANCE,
             f"mean KL(torch || package) {kl_mean:.3g} nats/token (tolerance {KL_TOLERANCE:g})"))
@@ -455,15 +458,15 @@ def verify_runner(*, target: str, runner: Runner, checkpoint, package_dir: Path,
     cache_kl_tol = CACHE_KL_TOLERANCE_INT8 if int8 else KL_TOLERANCE
     if not int8:
         checks.append(Check.at_most(
-            "KV cache: max |diff| / logit scale", cache["relative"], LOGIT_TOLERANCE,
+            "KV cache: max |diff| / logit scale", cache["relative"], logit_tolerance,
             f"prefill + decode through the KV cache differs from the full sequence by "
-            f"{cache['relative']:.3g} of the logit scale (tolerance {LOGIT_TOLERANCE:g})"))
+            f"{cache['relative']:.3g} of the logit scale (tolerance {logit_tolerance:g})"))
     checks.append(Check.at_most(
         "KV cache: mean KL to the full sequence", cache["kl_mean"], cache_kl_tol,
         f"prefill + decode through the KV cache: mean KL to the full sequence "
         f"{cache['kl_mean']:.3g} (tolerance {cache_kl_tol:g})"))
     result.tolerance = {
-        "logits_relative": LOGIT_TOLERANCE, "kl_mean": KL_TOLERANCE,
+        "logits_relative": logit_tolerance, "kl_mean": KL_TOLERANCE,
         "perplexity_relative": PPL_TOLERANCE, "linears_median": LINEAR_TOLERANCE,
         "accuracy_kl_margin": ACCURACY_KL_MARGIN, "accuracy_kl_slack": ACCURACY_KL_SLACK,
         "accuracy_ppl_margin": ACCURACY_PPL_MARGIN, "kv_cache_kl_int8": CACHE_KL_TOLERANCE_INT8,

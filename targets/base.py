@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from apq_sdk.capabilities import Capabilities, Violation  # noqa: F401  (re-exported)
+from apq_sdk.verification import LOGIT_TOLERANCE
 
 #: every built-in target: name -> module under apq_sdk.targets that defines (registers) it
 BUILTIN_TARGETS = {
@@ -38,6 +39,8 @@ BUILTIN_TARGETS = {
     "cuda-x86_64": "tensorrt.target",
     "android": "executorch.target",
     "qualcomm": "executorch.target",
+    "macos": "coreai.target",
+    "ios": "coreai.target",
 }
 TARGETS: dict[str, type["Target"]] = {}
 
@@ -86,6 +89,10 @@ class Target:
     tools: ClassVar[tuple[Tool, ...]] = ()
     runtime_packages: ClassVar[tuple[str, ...]] = ()  # versions recorded in the manifest
     template_sets: ClassVar[tuple[str, ...]] = ()  # rendered in order over templates/common
+    glue_languages: ClassVar[tuple[str, ...]] = ("c",)  # what its native glue is written in
+    #: verify's bound on max |logit diff| / logit scale against the torch reference: float32
+    #: summation order unless the artifact's contract rounds its cache and logits to float16
+    logit_tolerance: ClassVar[float] = LOGIT_TOLERANCE
     preset_of: ClassVar[str | None] = None  # a device preset of this target: the same build
     #                                         path and artifact (`build --target all` skips it)
 
@@ -172,7 +179,8 @@ class Target:
                 model_bytes=sum(p.stat().st_size for p in self.model_files(package_dir)),
                 read_weights=lambda: self.read_weights(package_dir, checkpoint.plan),
                 float_twin=lambda: self.float_twin(package_dir, Path(work), threads=threads),
-                float_model=float_model, threads=threads, **options)
+                float_model=float_model, threads=threads,
+                logit_tolerance=self.logit_tolerance, **options)
 
 
 # -- helpers the targets' lowerings share ------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Apple targets (macos, ios): Core AI assets (.aimodel) from the plan; see target.py."""
