@@ -81,10 +81,10 @@ class Decoder(nn.Module):
         expands it; a 16-bit one multiplies in float16, since Core AI's converter folds a cast of
         a stored constant into a float32 copy (twice the bytes the plan counts)."""
         module = self.modules_[name]
-        if module.kind == "packed":
-            y = x @ self.weight(name).float().t()
-        else:
+        if module.kind == "float16":
             y = (x.to(torch.float16) @ self.weight(name).t()).float()
+        else:
+            y = x @ self.weight(name).float().t()
         return y if module.bias is None else y + self._tensor(f"{name}.bias")
 
     def rms_norm(self, x, name: str):
@@ -183,10 +183,10 @@ class Decoder(nn.Module):
     def embedding(self, input_ids):
         spec = self.spec
         name = spec.embedding_name
-        if spec.tie_word_embeddings and "lm_head" in self.modules_:
-            table = self.weight("lm_head")
-        elif name in self.modules_:
+        if name in self.modules_:  # planned table (an untied model's)
             table = self.weight(name)
+        elif spec.tie_word_embeddings and "lm_head" in self.modules_:
+            table = self.weight("lm_head")
         else:
             table = self._tensor(f"{name}.weight")
         x = nn.functional.embedding(input_ids.long(), table).float()  # rows, then widened
@@ -207,8 +207,9 @@ class Decoder(nn.Module):
         spec = self.spec
         q_len = input_ids.shape[1]
         past = position_ids.shape[1] - q_len
-        torch._check(past >= 0)
-        torch._check(past + q_len <= self.max_context)
+        if not torch.jit.is_tracing():  # torch.export's bounds (jit.trace keeps sizes as tensors)
+            torch._check(past >= 0)
+            torch._check(past + q_len <= self.max_context)
         positions = position_ids[0, past:]
         ropes = self.rotary(positions)
         allowed = self.masks(past, q_len)

@@ -18,17 +18,18 @@ from .decoder import INPUT_NAMES, KEY_CACHE, OUTPUT_NAMES, VALUE_CACHE, Decoder
 from .weights import module_weight, register_ops
 
 
-def build_decoder(checkpoint, max_context: int) -> Decoder:
+def build_decoder(checkpoint, max_context: int, weights=module_weight) -> Decoder:
     register_ops()
-    return Decoder(checkpoint, module_weight, max_context).eval()
+    return Decoder(checkpoint, weights, max_context).eval()
 
 
-def export_entry_points(checkpoint, max_context: int):
+def export_entry_points(checkpoint, max_context: int, weights=module_weight):
     """({"prefill": ExportedProgram, "decode": ExportedProgram}, module names of the blockwise
-    ops in graph order)."""
+    ops in graph order). `checkpoint`: anything with the QuantizedCheckpoint's spec, modules
+    and tensors; `weights`: a module's weight as a torch module (weights.module_weight)."""
     import coreai_torch
 
-    decoder = build_decoder(checkpoint, max_context)
+    decoder = build_decoder(checkpoint, max_context, weights)
     total = torch.export.Dim("total", min=2, max=max_context - 1)
     new = torch.export.Dim("new", min=2, max=max_context - 1)
     examples = {
@@ -66,14 +67,11 @@ def blockwise_order(program) -> list[str]:
     return order
 
 
-def convert(programs: dict, order: list[str], path: Path, checkpoint, metadata: dict) -> dict:
-    """Convert and save the asset at `path`; read every weight back and compare it with the
-    checkpoint (ValueError naming the module otherwise). Returns the weights index written to
-    program.json."""
+def save_asset(programs: dict, order: list[str], path: Path, metadata: dict) -> None:
+    """Convert the entry points into one asset and save it at `path`, with the module names of
+    its blockwise ops and `metadata` in the asset's metadata."""
     import coreai_torch
     from coreai.runtime import AIModelAssetMetadata
-
-    from .weights import checkpoint_arrays, float16_digest, float_constants, stored_weights
 
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
     with warnings.catch_warnings():
@@ -91,6 +89,14 @@ def convert(programs: dict, order: list[str], path: Path, checkpoint, metadata: 
     ai_program.save_asset(Path(path), metadata=meta)
     _fix_creation_date(Path(path))
 
+
+def convert(programs: dict, order: list[str], path: Path, checkpoint, metadata: dict) -> dict:
+    """Convert and save the asset at `path`; read every weight back and compare it with the
+    checkpoint (ValueError naming the module otherwise). Returns the weights index written to
+    program.json."""
+    from .weights import checkpoint_arrays, float16_digest, float_constants, stored_weights
+
+    save_asset(programs, order, path, metadata)
     records = stored_weights(path)
     if len(records) != len(order):
         raise ValueError(f"the asset holds {len(records)} blockwise ops for {len(order)} "

@@ -33,6 +33,7 @@ import numpy as np
 from ..base import BuildContext, Capabilities, Target, Tool, glue_numbers
 
 BUNDLE_DIR = "CoreAI"
+COREML_DIR = "CoreML"
 ASSET_NAME = "model.aimodel"
 PROGRAM_FILE = "program.json"
 METADATA_VERSION = "0.2"  # CoreAILanguageModel's bundle format (apple/coreai-models)
@@ -77,8 +78,9 @@ class CoreAITarget(Target):
     tools = (
         Tool("coreai_torch", "python", "pip install 'apq-sdk[coreml]' torch==2.13.0", "build"),
         Tool("coreai", "python", "pip install 'apq-sdk[coreml]' torch==2.13.0", "build"),
+        Tool("coremltools", "python", "pip install 'apq-sdk[coreml]' torch==2.13.0", "build"),
     )
-    runtime_packages = ("coreai-torch", "coreai-core")
+    runtime_packages = ("coreai-torch", "coreai-core", "coremltools")
     glue_languages = ("swift",)
     template_sets = ("coreai",)
     # the contract CoreAILanguageModel calls keeps the cache and the logits in float16: their
@@ -109,6 +111,19 @@ class CoreAITarget(Target):
             raise LoweringError(f"the saved asset does not hold the checkpoint's weights as "
                                 f"planned: {exc}") from exc
         self._write_bundle(ctx, bundle, numbers, max_context)
+        coreml = None
+        if (ctx.options or {}).get("coreml", True):
+            from .coreml import MODEL_FILE as COREML_FILE
+            from .coreml import build_mlpackage
+
+            (package_dir / COREML_DIR).mkdir(exist_ok=True)
+            try:
+                index = build_mlpackage(ckpt, max_context, package_dir / COREML_DIR / COREML_FILE)
+            except ValueError as exc:
+                raise LoweringError(f"the Core ML package does not hold the checkpoint's "
+                                    f"weights as planned: {exc}") from exc
+            coreml = {"file": f"{COREML_DIR}/{COREML_FILE}", "minimum_os": "iOS 18 / macOS 15",
+                      "weights": index, "bytes": _tree_bytes(package_dir / COREML_DIR)}
         if (ctx.options or {}).get("native_glue", True):
             self._write_glue(ctx, package_dir, {**numbers, "max_context": max_context})
         description = {
@@ -125,7 +140,7 @@ class CoreAITarget(Target):
             "state_shape": [numbers["num_layers"], 1, numbers["num_kv_heads"], max_context,
                             numbers["head_dim"]],
             "state_dtype": "float16",
-            "plan_sha256": plan_sha256(ckpt.plan), "weights": weights}
+            "plan_sha256": plan_sha256(ckpt.plan), "weights": weights, "coreml": coreml}
         (package_dir / PROGRAM_FILE).write_text(dumps_json(description))
 
     def _write_bundle(self, ctx: BuildContext, bundle: Path, numbers: dict,
@@ -230,14 +245,19 @@ class CoreAITarget(Target):
                 "float16 scales and zero points read back from the saved bytecode "
                 "(program.json: weights)",
                 "the bundle's metadata.json, tokenizer/ and functions follow the layout "
-                "apple/coreai-models' CoreAILanguageModel reads (format 0.2)"],
+                "apple/coreai-models' CoreAILanguageModel reads (format 0.2)",
+                "CoreML/model.mlpackage: every planned layer is a compression op holding the "
+                "checkpoint's codes, float16 scales and zero points (4/8-bit blockwise) or its "
+                "grid as float16 tables (2/3-bit), read back from the saved package "
+                "(program.json: coreml)"],
             "not_validated_here": [
                 f"running on {self.platform} 27 (Metal, Neural Engine): the Linux runtime is "
                 "a CPU reference; speed and memory on a device were not measured",
                 "loading the bundle with CoreAILanguageModel and FoundationModels in an app, "
                 "and compiling the Swift package (no Apple SDK here)",
-                "the Core ML (.mlpackage, iOS 18 / macOS 15) artifact is not built by this "
-                "release"],
+                "Core ML prediction of model.mlpackage (it needs macOS): the Core ML package "
+                "was converted and its compression ops read back and compared with the "
+                "checkpoint here, but never run"],
             "activations": "float (weight-only): Core AI has no dynamic activation "
                            "quantization; the plan's activation mode is 'none'",
         }}
@@ -317,3 +337,7 @@ class AssetRunner:
 
     def full(self, ids: np.ndarray) -> np.ndarray:
         return self.step(ids, None)[0]
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

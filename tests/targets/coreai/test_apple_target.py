@@ -185,3 +185,51 @@ def test_a_weight_differing_from_the_checkpoint_fails_the_build(model, calib, tm
               log=lambda _: None)
     assert "scales differ" in str(info.value)
     assert not any(tmp_path.iterdir()) or not list(tmp_path.glob("*-macos"))
+
+
+def test_the_coreml_package_holds_every_layer_as_planned(package):
+    """Core ML (.mlpackage): 4- and 8-bit layers are blockwise ops of the core's codes (signed
+    when symmetric, unsigned with zero points otherwise), 2-bit layers tables of the core's grid;
+    read back from the saved package."""
+    from apq_sdk.targets.coreai.coreml import check_mlpackage, stored_ops
+
+    coreml = json.loads((package / "program.json").read_text())["coreml"]
+    ops = stored_ops(package / coreml["file"])
+    for name, (bits, group, symmetric) in MIXED.items():
+        if bits == 16:
+            assert name not in coreml["weights"]
+            continue
+        op = ops[coreml["weights"][name]["op"]]
+        if bits in (4, 8):
+            assert op["type"] == "constexpr_blockwise_shift_scale", name
+            assert op["dtype"] == ("int" if symmetric else "uint") + str(bits), (name, op["dtype"])
+            assert (op["offset"] is None) == symmetric, name
+        else:
+            assert op["type"] == "constexpr_lut_to_dense", name
+            assert op["dtype"] == f"uint{bits}"
+            assert op["lut"].shape[-2:] == (1 << bits, 1)
+    checkpoint = read_checkpoint(reference_dir(package))
+    check_mlpackage(package / coreml["file"], checkpoint, coreml["weights"])
+
+
+def test_a_coreml_weight_changed_on_disk_is_caught(package, tmp_path):
+    """The read-back can fail: flip one layer's codes where weight.bin stores them (4-bit
+    unsigned codes are the core's packed bytes, least significant bits first)."""
+    import shutil
+
+    from apq_sdk.targets.coreai.coreml import check_mlpackage
+
+    checkpoint = read_checkpoint(reference_dir(package))
+    coreml = json.loads((package / "program.json").read_text())["coreml"]
+    copy = tmp_path / "model.mlpackage"
+    shutil.copytree(package / coreml["file"], copy)
+    name = "model.layers.0.mlp.gate_proj"  # 4-bit asymmetric: uint4 codes
+    needle = checkpoint.modules[name].arrays["qweight"][0].tobytes()[:24]
+    weights = copy / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    data = bytearray(weights.read_bytes())
+    at = data.find(needle)
+    assert at >= 0 and data.find(needle, at + 1) < 0
+    data[at:at + len(needle)] = bytes(b ^ 0x11 for b in needle)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        check_mlpackage(copy, checkpoint, coreml["weights"])
