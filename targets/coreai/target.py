@@ -173,6 +173,8 @@ class CoreAITarget(Target):
         from apq_sdk.native_glue import render_templates
         from apq_sdk.plan_file import plan_sha256
 
+        from .coreml import MODEL_FILE as COREML_FILE
+
         spec = ctx.checkpoint.spec
         kv_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2 * \
             numbers["max_context"]
@@ -181,6 +183,8 @@ class CoreAITarget(Target):
                    "target": self.name, "platform": self.platform, "sdk_version": __version__,
                    "runtime": f"coreai-torch {version('coreai-torch')}",
                    "bundle_dir": BUNDLE_DIR, "asset_name": ASSET_NAME,
+                   "coreml_dir": COREML_DIR, "coreml_file": COREML_FILE,
+                   "coreml_stem": Path(COREML_FILE).stem,
                    "coreai_models_revision": COREAI_MODELS_REVISION,
                    "plan_sha256": plan_sha256(ctx.plan),
                    "model_megabytes": f"{model_bytes / 1e6:.1f}",
@@ -233,6 +237,14 @@ class CoreAITarget(Target):
         except (ValueError, KeyError, OSError) as exc:
             raise ApqError(f"{asset}: {exc}") from exc
         return read
+
+    def verify(self, package_dir: Path, **options):
+        """The shared verify, timing fewer decode steps: coreai-core's CPU reference runtime for
+        Linux expands every compressed weight on each call (~15 s per decode step on the demo
+        model), and its speed says nothing about a device's."""
+        options.setdefault("timing_runs", 1)
+        options.setdefault("decode_tokens", 4)
+        return super().verify(package_dir, **options)
 
     def manifest_extra(self, package_dir: Path) -> dict:
         return {"validation": {

@@ -25,6 +25,7 @@ def _context(**changes) -> dict:
                    target='macos"; */ \\(x)', platform="macOS", sdk_version="0.1.0 \\(x) ;",
                    runtime='coreai-torch 0.4.3"', bundle_dir="CoreAI",
                    asset_name="model.aimodel", coreai_models_revision="86b363d" * 5 + "abcde",
+                   coreml_dir="CoreML", coreml_file="model.mlpackage", coreml_stem="model",
                    plan_sha256="ab" * 32, model_megabytes="90.1", kv_cache_megabytes="47.2",
                    vocab_size=384, num_layers=2, num_kv_heads=2, head_dim=16, hidden_size=64,
                    max_context=256, bos_token_id=1, eos_token_id=2)
@@ -104,7 +105,10 @@ def test_string_constants_hold_the_exact_names(rendered):
     package = (rendered / "swift/Package.swift").read_text()
     name = re.search(r'name: "((?:[^"\\]|\\.)*)",\n', package).group(1)
     assert _swift_unescape(name) == HOSTILE_PACKAGE
-    assert 'revision: "' + "86b363d" * 5 + 'abcde"' in package
+    assert 'platforms: [.iOS(.v18), .macOS(.v15)]' in package
+    assert '.product(name: "Tokenizers", package: "swift-transformers")' in package
+    readme = (rendered / "README.md").read_text()
+    assert "86b363d" * 5 + "abcde" in readme  # the coreai-models revision the bundle follows
 
 
 def test_comments_cannot_be_closed_or_continued(rendered):
