@@ -10,13 +10,27 @@ import torch
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("APQ_NO_PROGRESS", "1")
 torch.set_num_threads(1)
+if "PYTEST_XDIST_WORKER" in os.environ:  # one cache per worker: two workers never fill the same
+    #                                      cache entry at once (a reader could see it replaced)
+    _cache = os.environ.get("APQ_CACHE_DIR") or os.path.expanduser("~/.cache/apq-sdk")
+    os.environ["APQ_CACHE_DIR"] = f"{_cache}-{os.environ['PYTEST_XDIST_WORKER']}"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every demo-model test is slow too: `pytest -m "not slow"` is the fast developer suite."""
+    """Every demo-model test is slow too: `pytest -m "not slow"` is the fast developer suite.
+
+    With pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml) the tests of one module run on
+    one worker (its module-scoped fixtures are built once), except the conformance suite, whose
+    tests run in one group per target (each target's builds are cached per worker)."""
     for item in items:
         if item.get_closest_marker("demo") is not None:
             item.add_marker(pytest.mark.slow)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.module.__name__.endswith("test_conformance") and "name" in params:
+            group = f"conformance-{params['name']}"
+        else:
+            group = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,10 @@ SMALL = dict(samples=8, seq_len=48, verify_windows=1)
 # the target stores the model in (android: the tiny qwen3's attention output, 96 wide, fits no
 # profiled group, so it stays 16-bit, which XNNPACK stores as float32: 8.35 bits per weight)
 BUDGET = dict(memory_reduction=0.5)
+#: targets whose rebuild (a second lowering, ~25 s a tiny model) is compared on a few families:
+#: the plain decoder, window layers with their own RoPE and q/k norms, and fused projections
+FEW_REBUILDS = {"android": ("llama", "gemma3_text", "phi3"),
+                "macos": ("llama", "gemma3_text", "phi3")}
 _BUILDS: dict = {}
 _BUDGETS: dict = {}
 
@@ -186,6 +190,9 @@ def test_a_rebuild_is_byte_identical(name, family, tmp_path_factory, calib, tmp_
     the rebuild's time (the android program is lowered twice per verify) and still compares
     every artifact and glue file."""
     _family_target(name, family)
+    if name in FEW_REBUILDS and family not in FEW_REBUILDS[name]:
+        pytest.skip(f"{name}'s rebuild is checked on {', '.join(FEW_REBUILDS[name])}: one "
+                    f"lowering path for every family, and each rebuild lowers again")
     model, package, _ = _build(name, family, tmp_path_factory, calib)
     verify = family == "llama"
     again = build(BuildRequest(target=name, model=str(model), output=tmp_path, calib=str(calib),
