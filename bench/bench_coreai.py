@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: results_io, bench_executorch
 
 import numpy as np  # noqa: E402
-from bench_executorch import Scores, log_softmax  # noqa: E402
+from bench_executorch import Scores, decode_speed, log_softmax  # noqa: E402
 from results_io import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -179,23 +179,6 @@ def stored_vs_plan(package: Path, plan) -> dict:
                                  "stored_bits_per_weight": float(np.mean(
                                      [x["stored_bits_per_weight"] for x in r]))}
                         for b, r in sorted(by_bits.items())}}
-
-
-def decode_speed(runner, ids: np.ndarray, runs: int, steps: int, prefill: int = 128) -> dict:
-    """Median over `runs` of `steps` greedy decode steps after a `prefill`-token prompt."""
-    import statistics
-
-    times = []
-    for _ in range(runs):
-        logits, state = runner.step(ids[:prefill], None)
-        token = int(np.argmax(logits[-1]))
-        started = time.perf_counter()
-        for _ in range(steps):
-            logits, state = runner.step(np.array([token]), state)
-            token = int(np.argmax(logits[-1]))
-        times.append(time.perf_counter() - started)
-    return {"decode_tokens_per_s": steps / statistics.median(times), "decode_steps": steps,
-            "runs": runs, "seconds": [round(t, 3) for t in times]}
 
 
 def main() -> None:

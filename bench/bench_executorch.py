@@ -85,18 +85,20 @@ def pte_program(model, max_context: int, partitioner_factory) -> bytes:
     return lower_program(exported, partitioner_factory(), {}).to_executorch().buffer
 
 
-def decode_speed(runner, ids: np.ndarray, runs: int) -> dict:
+def decode_speed(runner, ids: np.ndarray, runs: int, steps: int = DECODE,
+                 prefill: int = PREFILL) -> dict:
+    """Median over `runs` of `steps` greedy decode steps after a `prefill`-token prompt."""
     times = []
     for _ in range(runs):
-        logits, state = runner.step(ids[:PREFILL], None)
+        logits, state = runner.step(ids[:prefill], None)
         token = int(np.argmax(logits[-1]))
         started = time.perf_counter()
-        for _ in range(DECODE):
+        for _ in range(steps):
             logits, state = runner.step(np.array([token]), state)
             token = int(np.argmax(logits[-1]))
         times.append(time.perf_counter() - started)
     median = statistics.median(times)
-    return {"decode_tokens_per_s": DECODE / median, "runs": runs,
+    return {"decode_tokens_per_s": steps / median, "runs": runs,
             "seconds": [round(t, 4) for t in times]}
 
 

@@ -29,6 +29,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
+
 from apq_sdk.capabilities import Capabilities, Violation  # noqa: F401  (re-exported)
 from apq_sdk.verification import LOGIT_TOLERANCE
 
@@ -181,6 +183,35 @@ class Target:
                 float_twin=lambda: self.float_twin(package_dir, Path(work), threads=threads),
                 float_model=float_model, threads=threads,
                 logit_tolerance=self.logit_tolerance, **options)
+
+
+class PrefixCacheRunner:
+    """A verify Runner over an artifact whose KV cache lives inside it (mutable buffers, state):
+    a step's state is the token ids the cache holds, and a step from any other state first fills
+    the cache with them again. Subclasses give `_run(ids, start) -> logits [n, vocab]` (the ids
+    written into the cache from position `start`) and may clear the cache in `_reset_cache`."""
+
+    live: tuple = ()
+
+    def _run(self, ids: np.ndarray, start: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _reset_cache(self) -> None:
+        """Positions past the ones written are masked; clearing them is optional."""
+
+    def step(self, ids, state):
+        prefix = () if state is None else tuple(state)
+        if self.live != prefix:  # the cache holds something else: fill it with `prefix` again
+            self._reset_cache()
+            if prefix:
+                self._run(np.array(prefix), 0)
+            self.live = prefix
+        logits = self._run(ids, len(prefix))
+        self.live = prefix + tuple(int(i) for i in np.asarray(ids).reshape(-1))
+        return logits, self.live
+
+    def full(self, ids):
+        return self.step(ids, None)[0]
 
 
 # -- helpers the targets' lowerings share ------------------------------------------------------------

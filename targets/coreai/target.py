@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..base import BuildContext, Capabilities, Target, Tool, glue_numbers
+from ..base import BuildContext, Capabilities, PrefixCacheRunner, Target, Tool, glue_numbers
 
 BUNDLE_DIR = "CoreAI"
 COREML_DIR = "CoreML"
@@ -287,7 +287,7 @@ class IosTarget(CoreAITarget):
     capabilities = __import__("dataclasses").replace(APPLE_CAPABILITIES, name="ios")
 
 
-class AssetRunner:
+class AssetRunner(PrefixCacheRunner):
     """The asset in coreai-core's CPU reference runtime: a verify Runner. The KV cache is the
     functions' state, which the caller owns (two float16 arrays); a step's state is the token ids
     the cache holds, and a step from any other state first re-fills it."""
@@ -335,20 +335,9 @@ class AssetRunner:
             state=self.state))
         return out["logits"].numpy()[0].astype(np.float32)
 
-    def step(self, ids: np.ndarray, state):
-        prefix = () if state is None else tuple(state)
-        if self.live != prefix:
-            for array in self.state.values():
-                array.numpy()[:] = 0
-            if prefix:
-                self._run(np.array(prefix), 0)
-            self.live = prefix
-        logits = self._run(ids, len(prefix))
-        self.live = prefix + tuple(int(i) for i in np.asarray(ids).reshape(-1))
-        return logits, self.live
-
-    def full(self, ids: np.ndarray) -> np.ndarray:
-        return self.step(ids, None)[0]
+    def _reset_cache(self) -> None:
+        for array in self.state.values():
+            array.numpy()[:] = 0
 
 
 def _tree_bytes(path: Path) -> int:

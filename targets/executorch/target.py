@@ -32,7 +32,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..base import BuildContext, Capabilities, Target, Tool, export_glue_tokenizer, glue_numbers
+from ..base import (BuildContext, Capabilities, PrefixCacheRunner, Target, Tool,
+                    export_glue_tokenizer, glue_numbers)
 from . import quiet_toolchain
 
 MODEL_FILE = "model.pte"
@@ -316,7 +317,7 @@ class QualcommTarget(ExecuTorchTarget):
             "target (XNNPACK, Arm CPUs) for Snapdragon phones meanwhile.")
 
 
-class PteDecoder:
+class PteDecoder(PrefixCacheRunner):
     """model.pte in the ExecuTorch Python runtime (portable, quantized and XNNPACK kernels): a
     verify Runner. The KV cache lives in the program's mutable buffers, so a step's state is the
     token ids the cache holds; a step from any other state first re-fills the cache."""
@@ -366,18 +367,6 @@ class PteDecoder:
         logits = self.method.execute([tokens, positions])[0]
         return logits[0].numpy().astype(np.float32, copy=True)
 
-    def step(self, ids: np.ndarray, state):
-        prefix = () if state is None else tuple(state)
-        if self.live != prefix:  # the cache holds something else: fill it with `prefix` again
-            if prefix:
-                self._run(np.array(prefix), 0)
-            self.live = prefix
-        logits = self._run(ids, len(prefix))
-        self.live = prefix + tuple(int(i) for i in np.asarray(ids).reshape(-1))
-        return logits, self.live
-
-    def full(self, ids: np.ndarray) -> np.ndarray:
-        return self.step(ids, None)[0]
 
 
 def read_program(package_dir: Path) -> dict:
