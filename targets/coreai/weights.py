@@ -143,11 +143,10 @@ def stored_weights(asset_path, function: str = "prefill") -> list[dict]:
             continue
         record = {}
         for key, operand in zip(("data", "scale", "zero_point", "minval"), op.operands):
-            owner = operand.owner
-            if getattr(owner, "name", None) != "coreai.constant" and \
-                    owner.operation.name != "coreai.constant":
+            owner = operand.owner.operation
+            if owner.name != "coreai.constant":
                 raise ValueError(f"a blockwise op's {key} is not a constant")
-            record[key], record[key + "_type"] = _constant(owner.operation)
+            record[key], record[key + "_type"] = _constant(owner)
         out.append(record)
     return out
 
