@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
@@ -54,6 +54,8 @@ class BuildRequest:
     seed: int = 0
     device: str = "cpu"
     verify_windows: int = 8
+    target_options: dict = field(default_factory=dict)  # --target-option NAME=VALUE
+
 
 
 def request_budget(req: BuildRequest):
@@ -93,6 +95,7 @@ def _is_default_budget(req: BuildRequest) -> bool:
 def check_request(req: BuildRequest, target_cls):
     """Everything that can be checked before loading the model; returns the budget."""
     budget = request_budget(req)
+    target_cls.resolve_options(req.target_options)
     caps = target_cls.capabilities
     if req.head_bits != "auto" and int(req.head_bits) not in caps.head_bits:
         raise UsageError(f"--head-bits {req.head_bits}: target {target_cls.name!r} runs head bits "
@@ -327,12 +330,13 @@ def build(req: BuildRequest, log=print) -> Path:
     final = package_path(req, target_cls, info.name)
     package_name = final.name
     failed = final.with_name(final.name + ".failed")
+    options = target_cls.resolve_options(req.target_options)
 
     def fill(tmp: Path) -> None:
         target = target_cls()
         log(f"lower: {target_cls.name} ({target_cls.description})")
         target.lower(BuildContext(package_dir=tmp, checkpoint=checkpoint, model_name=info.name,
-                                  package_name=package_name))
+                                  package_name=package_name, options=options))
         save_plan(plan, tmp / "plan.json")
         result = None
         if req.verify:
@@ -346,7 +350,8 @@ def build(req: BuildRequest, log=print) -> Path:
         t = plan.totals
         manifest = write_manifest(tmp, {
             "format": PACKAGE_FORMAT, "version": PACKAGE_VERSION, "sdk_version": __version__,
-            "target": {"name": target_cls.name, "capabilities": target_cls.capabilities.to_dict()},
+            "target": {"name": target_cls.name, "options": options,
+                       "capabilities": target_cls.capabilities.to_dict()},
             "model": {**_plan_model(plan), "spec": str(req.model)},
             "plan": {"file": "plan.json", "sha256": plan_sha256(plan)},
             "reference": {"quantized_cache_key": checkpoint.path.name},

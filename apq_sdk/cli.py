@@ -120,6 +120,20 @@ budget_options = [
 ]
 
 
+def _target_options(values) -> dict:
+    """--target-option NAME=VALUE pairs as a dict (each name once)."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, setting = value.partition("=")
+        if not sep or not name.strip() or not setting.strip():
+            raise UsageError(f"--target-option {value!r}: expected NAME=VALUE, e.g. "
+                             f"artifacts=coreml")
+        if name.strip() in out:
+            raise UsageError(f"--target-option {name.strip()} given twice")
+        out[name.strip()] = setting.strip()
+    return out
+
+
 def _apply(options):
     def decorator(func):
         for option in reversed(options):
@@ -406,6 +420,10 @@ def targets():
         table.add_row(*(Text(cell) for cell in cells))  # Text: no rich markup in names
         if caps.notes:
             table.add_row("", Text(caps.notes), *[""] * 9, style="dim")
+        for option in cls.build_options:
+            table.add_row("", Text(f"--target-option {option.name}={'|'.join(option.choices)} "
+                                   f"(default {option.default}): {option.help}"),
+                          *[""] * 9, style="dim")
     Console(width=200).print(table)
 
 
@@ -428,11 +446,14 @@ def targets():
               help="Text to verify on (default: the WikiText-2 excerpt shipped with apq-sdk).")
 @click.option("--overwrite", is_flag=True,
               help="Replace OUTPUT/<model>-<target> even when it is not an earlier package.")
+@click.option("--target-option", "-X", "target_options", multiple=True, metavar="NAME=VALUE",
+              help="A target's own build option (see apq-sdk targets), e.g. -X artifacts=coreml "
+                   "for macos/ios; repeatable.")
 @_apply(calib_options)
 @device_option
 def build_cmd(target, model, plan_file, bits_per_weight, linear_bits_per_weight, memory_reduction,
               max_loss, activations, head_bits, replan, output, no_verify, verify_windows,
-              verify_text, overwrite, calib, samples, seq_len, seed, device):
+              verify_text, overwrite, target_options, calib, samples, seq_len, seed, device):
     """Build a device package: profile (cached), plan for the target, quantize, lower, verify.
 
     Without a budget or plan the default is --bits-per-weight 4.0 (the whole model).
@@ -453,6 +474,9 @@ def build_cmd(target, model, plan_file, bits_per_weight, linear_bits_per_weight,
                     f"{t.name} ({t.how_to_get})" for t in missing))
             else:
                 names.append(name)
+    given = _target_options(target_options)
+    if given and target == "all":
+        raise UsageError("--target-option applies to one target's build: name it with --target")
     for name in names:
         req = BuildRequest(target=name, model=model, plan_path=Path(plan_file) if plan_file else None,
                            bits_per_weight=bits_per_weight,
@@ -462,7 +486,8 @@ def build_cmd(target, model, plan_file, bits_per_weight, linear_bits_per_weight,
                            replan=replan, verify=not no_verify,
                            verify_text=Path(verify_text) if verify_text else None,
                            overwrite=overwrite, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
-                           device=_device(device), verify_windows=verify_windows)
+                           device=_device(device), verify_windows=verify_windows,
+                           target_options=given)
         build(req, log=lambda msg: click.echo(msg, err=True))
 
 

@@ -48,6 +48,17 @@ TARGETS: dict[str, type["Target"]] = {}
 
 
 @dataclass(frozen=True)
+class BuildOption:
+    """A target-specific build option: `apq-sdk build --target-option NAME=VALUE`, recorded in
+    the package's manifest (target.options) and given to `lower` as BuildContext.options."""
+
+    name: str
+    choices: tuple[str, ...]
+    default: str
+    help: str
+
+
+@dataclass(frozen=True)
 class Tool:
     """Something a target needs on the build machine: a Python module, an executable, or an SDK
     (`name` an environment variable naming its directory, which must hold `requires`)."""
@@ -97,6 +108,26 @@ class Target:
     logit_tolerance: ClassVar[float] = LOGIT_TOLERANCE
     preset_of: ClassVar[str | None] = None  # a device preset of this target: the same build
     #                                         path and artifact (`build --target all` skips it)
+    build_options: ClassVar[tuple[BuildOption, ...]] = ()
+
+    @classmethod
+    def resolve_options(cls, given: dict | None) -> dict:
+        """`given` ({name: value}) checked against the target's build options, defaults filled
+        in; UsageError naming what was expected."""
+        from apq_sdk.errors import UsageError
+
+        known = {o.name: o for o in cls.build_options}
+        listing = "; ".join(f"{o.name} ({'|'.join(o.choices)}, default {o.default})"
+                            for o in cls.build_options) or "it has none"
+        for name, value in (given or {}).items():
+            if name not in known:
+                raise UsageError(f"--target-option {name}={value}: target {cls.name!r} has no "
+                                 f"build option {name!r}; its options: {listing}")
+            if value not in known[name].choices:
+                raise UsageError(f"--target-option {name}={value}: expected one of "
+                                 f"{', '.join(known[name].choices)} for target {cls.name!r}, "
+                                 f"found {value!r}")
+        return {o.name: (given or {}).get(o.name, o.default) for o in cls.build_options}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -165,9 +196,10 @@ class Target:
     # -- shared ------------------------------------------------------------------------------------
 
     def verify(self, package_dir: Path, *, checkpoint, text_path: Path | None, windows: int,
-               threads: int = 1, float_model=None, **options):
+               threads: int = 1, float_model=None, runner=None, read_weights=None, **options):
         """Run the package here and compare it with the torch reference (apq_sdk.verification);
-        `float_model` (the unquantized torch model) enables the accuracy checks of int8 plans."""
+        `float_model` (the unquantized torch model) enables the accuracy checks of int8 plans.
+        `runner` and `read_weights` replace the target's own (a package of two artifacts)."""
         import tempfile
 
         from apq_sdk.verification import verify_runner
@@ -175,11 +207,13 @@ class Target:
         package_dir = Path(package_dir)
         with tempfile.TemporaryDirectory(prefix="apq-verify-") as work:
             return verify_runner(
-                target=self.name, runner=self.runner(package_dir, threads=threads),
+                target=self.name,
+                runner=runner if runner is not None else self.runner(package_dir, threads=threads),
                 checkpoint=checkpoint, package_dir=package_dir, text_path=text_path,
                 windows=windows, max_context=self.capabilities.max_context,
                 model_bytes=sum(p.stat().st_size for p in self.model_files(package_dir)),
-                read_weights=lambda: self.read_weights(package_dir, checkpoint.plan),
+                read_weights=read_weights or (lambda: self.read_weights(package_dir,
+                                                                        checkpoint.plan)),
                 float_twin=lambda: self.float_twin(package_dir, Path(work), threads=threads),
                 float_model=float_model, threads=threads,
                 logit_tolerance=self.logit_tolerance, **options)

@@ -72,3 +72,19 @@ def test_unfused_plan_lets_qkv_differ(tiny_llama, tmp_path):
     # the unconstrained optimum can only be at least as good as the constrained one
     assert json.loads(unfused.read_text())["totals"]["predicted_loss"] <= \
         json.loads(fused.read_text())["totals"]["predicted_loss"] + 1e-12
+
+
+def test_target_options_are_name_value_pairs_checked_before_any_work(tiny_llama, tmp_path):
+    """--target-option NAME=VALUE: malformed, repeated, or not the target's own option: exit 2
+    with what was expected, and nothing written."""
+    cases = [(["-X", "artifacts"], "expected NAME=VALUE"),
+             (["-X", "a=1", "-X", "a=2"], "given twice"),
+             (["-X", "threads=4"], "target 'arm64-linux' has no build option 'threads'; its "
+                                   "options: it has none")]
+    for extra, message in cases:
+        result = _run(["build", "-t", "arm64-linux", "-m", str(tiny_llama), "-o",
+                       str(tmp_path / "out"), *extra])
+        assert result.exit_code == 2 and message in result.output, (extra, result.output)
+    result = _run(["build", "-t", "all", "-X", "artifacts=coreml", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "name it with --target" in result.output
+    assert not (tmp_path / "out").exists()
