@@ -13,6 +13,7 @@ escaping filters, chosen by the language of the spot they land in:
 ``cmake_string``   body of a quoted CMake argument (``"{{ x | cmake_string }}"``)
 ``shell_single``   one complete bash word (adds its own quotes) for README shell snippets
 ``markdown_text``  inline Markdown text (Markdown specials and HTML escaped, one line)
+``markdown_code``  a whole inline code span (adds its own backticks): the value shown verbatim
 ``c_int``          an integer literal (refuses anything that is not an int)
 ``kotlin_string``  body of a Kotlin (and Gradle Kotlin DSL) string literal (``"{{ x | kotlin_string }}"``)
 ``jvm_package``    a Kotlin/Java package name (Android namespace): dotted lowercase identifiers
@@ -38,7 +39,7 @@ import jinja2.meta
 
 __all__ = ["render_templates", "template_sets", "template_variables", "make_environment",
            "TemplateContextError", "c_string", "c_identifier", "c_comment", "cmake_string",
-           "shell_single", "markdown_text", "c_int", "kotlin_string", "jvm_package"]
+           "shell_single", "markdown_text", "markdown_code", "c_int", "kotlin_string", "jvm_package"]
 
 def _templates_root() -> Path:
     """`apq_sdk.templates` (the repository's templates/ in a source checkout or editable install,
@@ -199,6 +200,31 @@ def markdown_text(value) -> str:
     return "".join(out)
 
 
+def markdown_code(value) -> str:
+    """A complete inline code span showing `value` verbatim (a code span does not process
+    backslash escapes or entities, so markdown_text inside backticks would show its escapes):
+    one line, invisible characters written out as `U+XXXX`, a fence one backtick longer than
+    the longest run inside, padded when the value starts or ends with a backtick or space, and
+    `|` as `\\|` so a table cell holding the span is not split (GFM)."""
+    out = []
+    for ch in _text(value):
+        if ch in "\r\n\t":
+            out.append(" ")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            continue
+        elif invisible(ch):
+            out.append("U+%04X" % ord(ch))
+        elif ch == "|":
+            out.append("\\|")
+        else:
+            out.append(ch)
+    body = "".join(out) or " "
+    fence = "`" * (max((len(run) for run in re.findall("`+", body)), default=0) + 1)
+    if body[0] in "` " or body[-1] in "` ":
+        body = f" {body} "
+    return f"{fence}{body}{fence}"
+
+
 def c_int(value) -> str:
     """An integer literal; negative values parenthesized so a macro expands safely."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -275,7 +301,7 @@ def jvm_package(value) -> str:
 
 FILTERS = {"c_string": c_string, "c_identifier": c_identifier, "c_comment": c_comment,
            "cmake_string": cmake_string, "shell_single": shell_single,
-           "markdown_text": markdown_text, "c_int": c_int, "kotlin_string": kotlin_string,
+           "markdown_text": markdown_text, "markdown_code": markdown_code, "c_int": c_int, "kotlin_string": kotlin_string,
            "jvm_package": jvm_package, "swift_string": swift_string}
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from apq_sdk import native_glue as glue
 from apq_sdk.native_glue import (TemplateContextError, c_comment, c_identifier, c_int, c_string,
-                                 cmake_string, markdown_text, render_templates, shell_single)
+                                 cmake_string, markdown_code, markdown_text, render_templates,
+                                 shell_single)
 
 HOSTILE = [
     'plain',
@@ -131,6 +132,21 @@ def test_markdown_text_escapes_specials_and_html():
             assert out.count(ch) == out.count("\\" + ch), (value, ch)
     assert markdown_text("</script>") == "&lt;/script&gt;"
     assert markdown_text("a*b_c") == "a\\*b\\_c"
+
+
+def test_markdown_code_shows_the_value_verbatim_in_one_span():
+    """A code span does not process escapes: the value is shown as it is, in one span whose
+    fence no backtick inside can close, on one line, without splitting a table cell."""
+    assert markdown_code("model.pte") == "`model.pte`"
+    assert markdown_code("a`b") == "``a`b``"
+    assert markdown_code("`x") == "`` `x ``"
+    assert markdown_code("a|b") == "`a\\|b`"
+    for value in HOSTILE:
+        out = markdown_code(value)
+        assert "\n" not in out
+        fence = len(out) - len(out.lstrip("`"))
+        body = out[fence:len(out) - fence]
+        assert "`" * fence not in body and out.endswith("`" * fence), value
 
 
 # ----------------------------------------------------------------------------------- rendering
