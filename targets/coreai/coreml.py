@@ -22,15 +22,18 @@ saved package is read back (milproto) and compared with the checkpoint, code for
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..base import PrefixCacheRunner
 from .decoder import INPUT_NAMES, KEY_CACHE, OUTPUT_NAMES, VALUE_CACHE, Decoder
 
 MODEL_FILE = "model.mlpackage"
@@ -150,6 +153,21 @@ def inject_pass(modules: dict):
     return InjectCheckpointWeights()
 
 
+@contextlib.contextmanager
+def _quiet_progress():
+    """coremltools draws a tqdm bar per conversion stage into stderr (carriage returns that
+    swamp a build log); during the conversion its two bars are plain iteration."""
+    from coremltools.converters.mil.frontend.torch import ops
+    from coremltools.converters.mil.mil.passes import pass_pipeline
+
+    saved = ops._tqdm, pass_pipeline.tqdm
+    ops._tqdm = pass_pipeline.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        ops._tqdm, pass_pipeline.tqdm = saved
+
+
 def build_mlpackage(checkpoint, max_context: int, path: Path) -> dict:
     """Convert, inject, save at `path`, read back and compare (ValueError naming the module).
     Returns the weights index (module -> op, kind, bits stored)."""
@@ -170,7 +188,7 @@ def build_mlpackage(checkpoint, max_context: int, path: Path) -> dict:
     for lg in quiet:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_progress():
             warnings.simplefilter("ignore")
             model = ct.convert(
                 traced,
@@ -226,21 +244,26 @@ def make_deterministic(path: Path) -> None:
     manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
 
-def stored_ops(path: Path) -> dict:
-    """{op name: {"type", inputs' values}} of every compression op in the saved package."""
+def _program(path: Path):
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto import load as milproto_load
-    from coremltools.converters.mil.mil.types import builtin_to_string
 
     model = ct.models.MLModel(str(path), skip_model_load=True)
     spec = model.get_spec()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = milproto_load.load(spec, specification_version=spec.specificationVersion,
-                                     file_weights_dir=str(Path(path) / "Data" / "com.apple.CoreML"
-                                                          / "weights"))
+        return milproto_load.load(spec, specification_version=spec.specificationVersion,
+                                  file_weights_dir=str(Path(path) / "Data" / "com.apple.CoreML"
+                                                       / "weights"))
+
+
+def stored_ops(path: Path, float16: bool = False) -> dict:
+    """{op name: {"type", inputs' values}} of every compression op in the saved package; with
+    `float16`, also every 2-D float16 constant (type "const", "value")."""
+    from coremltools.converters.mil.mil.types import builtin_to_string
+
     out = {}
-    for function in program.functions.values():
+    for function in _program(path).functions.values():
         for op in function.operations:
             if op.op_type == "constexpr_blockwise_shift_scale":
                 out[op.name] = {"type": op.op_type, "data": op.data.val, "scale": op.scale.val,
@@ -249,38 +272,113 @@ def stored_ops(path: Path) -> dict:
             elif op.op_type == "constexpr_lut_to_dense":
                 out[op.name] = {"type": op.op_type, "indices": op.indices.val,
                                 "lut": op.lut.val, "dtype": builtin_to_string(op.indices.dtype)}
+            elif float16 and op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray) \
+                    and op.outputs[0].val.dtype == np.float16 and op.outputs[0].val.ndim == 2:
+                out[op.name] = {"type": "const", "value": op.outputs[0].val}
     return out
+
+
+def _record(op: dict, bits: int, symmetric: bool) -> dict:
+    """A compression op as the record weights.checkpoint_arrays reads (the Core AI asset's
+    layout): signed codes without offsets, or unsigned codes with b-bit zero points. A table's
+    block grid `scale * (j - zero)` gives back its zero (the entry that is 0) and its float16
+    scale (the entry after it, or minus the one before) exactly."""
+    if op["type"] == "constexpr_blockwise_shift_scale":
+        data = np.asarray(op["data"])
+        signed = op["dtype"].startswith("int")
+        zero = np.zeros(np.shape(op["scale"]), np.int16) if op["offset"] is None \
+            else np.asarray(op["offset"]).astype(np.int16)
+        return {"data": data, "data_type": ("si" if signed else "ui") + str(bits),
+                "scale": np.asarray(op["scale"], dtype=np.float16), "scale_type": "f16",
+                "zero_point": zero, "minval": 0}
+    lut = np.asarray(op["lut"], dtype=np.float16)[..., 0]  # [N, K/G, 2**b]
+    if lut.shape[-1] != 1 << bits:
+        raise ValueError(f"a table of {lut.shape[-1]} entries, planned {bits} bits")
+    is_zero = lut == 0
+    if not np.all(is_zero.sum(-1) >= 1):
+        raise ValueError("a table without a zero entry is not the core's grid")
+    zero = np.argmax(is_zero, axis=-1)
+    top = (1 << bits) - 1
+    after = np.take_along_axis(lut, np.minimum(zero + 1, top)[..., None], -1)[..., 0]
+    before = np.take_along_axis(lut, np.maximum(zero - 1, 0)[..., None], -1)[..., 0]
+    scale = np.where(zero < top, after, -before).astype(np.float16)
+    indices = np.asarray(op["indices"]).astype(np.int16)
+    half = 1 << (bits - 1) if symmetric else 0  # a symmetric grid's zero is the middle code
+    return {"data": indices - half, "data_type": ("si" if symmetric else "ui") + str(bits),
+            "scale": scale, "scale_type": "f16", "zero_point": zero - half, "minval": 0,
+            "grid": lut}
+
+
+def read_weights(path: Path, plan, index: dict, float16_digests: dict | None = None) -> dict:
+    """The saved package's weights in the checkpoint's layout: {module: CheckpointModule} for
+    every planned layer of `index` (module -> op) and, with `float16_digests` ({module: sha256
+    of its float16 weight}), every 16-bit layer found among the constants. ValueError naming
+    the module whose op is missing or not as planned."""
+    from apq_sdk.checkpoint import CheckpointModule
+
+    from .weights import checkpoint_arrays
+
+    ops = stored_ops(path, float16=bool(float16_digests))
+    read = {}
+    for name, entry in index.items():
+        planned = plan.modules[name]
+        if entry["op"] not in ops:
+            raise ValueError(f"{name}: no compression op {entry['op']} in {Path(path).name}")
+        try:
+            record = _record(ops[entry["op"]], planned.bits, planned.symmetric)
+            arrays = checkpoint_arrays(record, planned.bits, planned.group_size,
+                                       planned.symmetric)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from exc
+        module = CheckpointModule(name=name, kind="packed", shape=tuple(planned.shape),
+                                  arrays=arrays, bits=planned.bits,
+                                  group_size=planned.group_size)
+        if "grid" in record and record["grid"].tobytes() != grid_table(module)[..., 0].tobytes():
+            raise ValueError(f"{name}: its tables are not the grid of their own scale and zero")
+        read[name] = module
+    by_digest = {d: n for n, d in (float16_digests or {}).items()}
+    for op in ops.values():
+        name = by_digest.get(digest(op["value"])) if op["type"] == "const" else None
+        if name is not None and name not in read:
+            read[name] = CheckpointModule(name=name, kind="float16", shape=op["value"].shape,
+                                          arrays={"weight": op["value"].astype(np.float16)})
+    return read
 
 
 def check_mlpackage(path: Path, checkpoint, index: dict) -> None:
     """Every planned layer's op in the saved package holds the checkpoint's codes, scales and
     zero points (or its grid, for a table) exactly; ValueError naming the first that does not."""
-    ops = stored_ops(path)
-    for name, entry in index.items():
-        module = checkpoint.modules[name]
-        if entry["op"] not in ops:
-            raise ValueError(f"{name}: no compression op {entry['op']} in {path.name}")
-        op = ops[entry["op"]]
-        codes = _codes(module).astype(np.int16)
-        if entry["kind"] == "blockwise":
-            data = np.asarray(op["data"]).astype(np.int16)
-            if module.symmetric:
-                data = data + (1 << (module.bits - 1))
-                ok_zero = op["offset"] is None or not np.any(np.asarray(op["offset"]))
-            else:
-                ok_zero = op["offset"] is not None and np.array_equal(
-                    np.asarray(op["offset"]).astype(np.int16), _zeros(module).astype(np.int16))
-            scale = np.asarray(op["scale"], dtype=np.float16)
-            want = np.ascontiguousarray(module.arrays["scales"], dtype=np.float16)
-            if not np.array_equal(data, codes):
-                raise ValueError(f"{name}: its codes differ from the checkpoint's")
-            if scale.tobytes() != want.tobytes():
-                raise ValueError(f"{name}: its scales differ from the checkpoint's")
-            if not ok_zero:
-                raise ValueError(f"{name}: its zero points differ from the checkpoint's")
-        else:
-            if not np.array_equal(np.asarray(op["indices"]).astype(np.int16), codes):
-                raise ValueError(f"{name}: its table indices differ from the checkpoint's codes")
-            lut = np.asarray(op["lut"], dtype=np.float16)
-            if lut.tobytes() != grid_table(module).tobytes():
-                raise ValueError(f"{name}: its tables differ from the checkpoint's grid")
+    from apq_sdk.verification import compare_weights
+
+    read = read_weights(path, checkpoint.plan, index)
+    planned = SimpleNamespace(modules={n: m for n, m in checkpoint.modules.items() if n in index})
+    result = compare_weights(planned, read)
+    if result["mismatched"]:
+        raise ValueError("; ".join(result["examples"]))
+
+
+class CoreMLRunner(PrefixCacheRunner):
+    """model.mlpackage in Core ML (macOS only: coremltools predicts through the OS's framework),
+    a verify Runner with the KV cache in the model's state."""
+
+    def __init__(self, path: Path):
+        import coremltools as ct
+
+        self.path = Path(path)
+        self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
+        self.state = self.model.make_state()
+        self.runtime = f"Core ML (coremltools {ct.__version__}, CPU only)"
+        self.live = ()
+
+    def _run(self, ids: np.ndarray, past: int) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int32).reshape(1, -1)
+        positions = np.arange(past + ids.shape[1], dtype=np.int32)[None]
+        out = self.model.predict({INPUT_NAMES[0]: ids, INPUT_NAMES[1]: positions},
+                                 state=self.state)
+        return np.asarray(out[OUTPUT_NAMES[0]])[0].astype(np.float32)
+
+    def _reset_cache(self) -> None:
+        self.state = self.model.make_state()
+
+    def close(self) -> None:
+        self.model = self.state = None

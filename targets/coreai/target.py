@@ -30,7 +30,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..base import BuildContext, Capabilities, PrefixCacheRunner, Target, Tool, glue_numbers
+from ..base import (BuildContext, BuildOption, Capabilities, PrefixCacheRunner, Target, Tool,
+                    glue_numbers)
 
 BUNDLE_DIR = "CoreAI"
 COREML_DIR = "CoreML"
@@ -41,6 +42,10 @@ WEIGHTS_KEY = "apq.weights"  # asset metadata: module names of the blockwise ops
 #: apple/coreai-models, whose CoreAILanguageModel reads the bundle: the revision its format was
 #: learned from (bundle metadata 0.2 with function_map and states)
 COREAI_MODELS_REVISION = "86b363dca67cf276c1a5c96eea5e4b57e3a0643c"
+ARTIFACTS = BuildOption(
+    "artifacts", ("coreai,coreml", "coreai", "coreml"), "coreai,coreml",
+    "the artifacts the package holds: the Core AI asset (iOS 27 / macOS 27) and the Core ML "
+    "package (iOS 18 / macOS 15), or one of them; recorded in the manifest")
 
 APPLE_CAPABILITIES = Capabilities(
     name="macos",
@@ -83,6 +88,7 @@ class CoreAITarget(Target):
     runtime_packages = ("coreai-torch", "coreai-core", "coremltools")
     glue_languages = ("swift",)
     template_sets = ("coreai",)
+    build_options = (ARTIFACTS,)
     # the contract CoreAILanguageModel calls keeps the cache and the logits in float16: their
     # rounding moves logits by up to ~4e-3 of the logit scale on the tiny models (float32
     # everywhere else); a wrong scale of one layer moves them by 0.1 and more
@@ -102,19 +108,25 @@ class CoreAITarget(Target):
         ckpt = ctx.checkpoint
         numbers = glue_numbers(ckpt, self.capabilities.max_context)
         max_context = int((ctx.options or {}).get("max_context", numbers["max_context"]))
-        programs, order = export_entry_points(ckpt, max_context)
-        try:
-            weights = convert(programs, order, bundle / ASSET_NAME, ckpt,
-                              {"apq.plan_sha256": plan_sha256(ckpt.plan),
-                               "apq.model": ctx.model_name})
-        except ValueError as exc:
-            raise LoweringError(f"the saved asset does not hold the checkpoint's weights as "
-                                f"planned: {exc}") from exc
-        self._write_bundle(ctx, bundle, numbers, max_context)
+        artifacts = self.resolve_options(
+            {k: v for k, v in (ctx.options or {}).items() if k == ARTIFACTS.name})
+        artifacts = artifacts[ARTIFACTS.name].split(",")
+        weights = None
+        if "coreai" in artifacts:
+            programs, order = export_entry_points(ckpt, max_context)
+            try:
+                weights = convert(programs, order, bundle / ASSET_NAME, ckpt,
+                                  {"apq.plan_sha256": plan_sha256(ckpt.plan),
+                                   "apq.model": ctx.model_name})
+            except ValueError as exc:
+                raise LoweringError(f"the saved asset does not hold the checkpoint's weights "
+                                    f"as planned: {exc}") from exc
+        self._write_bundle(ctx, bundle, numbers, max_context, with_asset=weights is not None)
         coreml = None
-        if (ctx.options or {}).get("coreml", True):
+        if "coreml" in artifacts:
             from .coreml import MODEL_FILE as COREML_FILE
             from .coreml import build_mlpackage
+            from .weights import float16_digest
 
             (package_dir / COREML_DIR).mkdir(exist_ok=True)
             try:
@@ -123,11 +135,15 @@ class CoreAITarget(Target):
                 raise LoweringError(f"the Core ML package does not hold the checkpoint's "
                                     f"weights as planned: {exc}") from exc
             coreml = {"file": f"{COREML_DIR}/{COREML_FILE}", "minimum_os": "iOS 18 / macOS 15",
-                      "weights": index, "bytes": _tree_bytes(package_dir / COREML_DIR)}
+                      "weights": index, "bytes": _tree_bytes(package_dir / COREML_DIR),
+                      "float16": {n: float16_digest(m.arrays["weight"])
+                                  for n, m in sorted(ckpt.modules.items())
+                                  if m.kind == "float16"}}
         if (ctx.options or {}).get("native_glue", True):
             self._write_glue(ctx, package_dir, {**numbers, "max_context": max_context})
         description = {
-            "bundle": BUNDLE_DIR, "asset": f"{BUNDLE_DIR}/{ASSET_NAME}",
+            "artifacts": artifacts, "bundle": BUNDLE_DIR,
+            "asset": f"{BUNDLE_DIR}/{ASSET_NAME}" if weights is not None else None,
             "model_type": ckpt.spec.family, **numbers, "max_context": max_context,
             "functions": {
                 name: {"inputs": [{"name": "input_ids", "dtype": "int32", "shape": [1, q]},
@@ -144,8 +160,9 @@ class CoreAITarget(Target):
         (package_dir / PROGRAM_FILE).write_text(dumps_json(description))
 
     def _write_bundle(self, ctx: BuildContext, bundle: Path, numbers: dict,
-                      max_context: int) -> None:
-        """metadata.json and tokenizer/ as CoreAILanguageModel reads them."""
+                      max_context: int, with_asset: bool) -> None:
+        """metadata.json and tokenizer/ as CoreAILanguageModel reads them (tokenizer/ only in a
+        package without the Core AI asset: the Swift package reads it there)."""
         from ..onnx_graph import dumps_json
 
         tokenizer_dir = bundle / "tokenizer"
@@ -153,6 +170,8 @@ class CoreAITarget(Target):
         for source in ctx.checkpoint.tokenizer_files():  # the bundle's, and verify's
             (tokenizer_dir / source.name).write_bytes(source.read_bytes())
             (bundle.parent / source.name).write_bytes(source.read_bytes())
+        if not with_asset:
+            return
         metadata = {
             "metadata_version": METADATA_VERSION, "kind": "llm", "name": ctx.model_name,
             "assets": {"main": ASSET_NAME},
@@ -178,7 +197,7 @@ class CoreAITarget(Target):
         spec = ctx.checkpoint.spec
         kv_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2 * \
             numbers["max_context"]
-        model_bytes = sum(p.stat().st_size for p in self.model_files(package_dir))
+        asset, coreml = package_dir / BUNDLE_DIR / ASSET_NAME, package_dir / COREML_DIR
         context = {"package_name": ctx.package_name, "model_name": ctx.model_name,
                    "target": self.name, "platform": self.platform, "sdk_version": __version__,
                    "runtime": f"coreai-torch {version('coreai-torch')}",
@@ -187,14 +206,19 @@ class CoreAITarget(Target):
                    "coreml_stem": Path(COREML_FILE).stem,
                    "coreai_models_revision": COREAI_MODELS_REVISION,
                    "plan_sha256": plan_sha256(ctx.plan),
-                   "model_megabytes": f"{model_bytes / 1e6:.1f}",
+                   "coreai_included": asset.is_dir(), "coreml_included": coreml.is_dir(),
+                   "coreai_megabytes": f"{_tree_bytes(asset) / 1e6:.1f}",
+                   "coreml_megabytes": f"{_tree_bytes(coreml) / 1e6:.1f}",
                    "kv_cache_megabytes": f"{kv_bytes / 1e6:.1f}", **numbers}
         render_templates(self.template_sets, context, package_dir)
 
     # -- what verify runs --------------------------------------------------------------------------
 
     def model_files(self, package_dir: Path) -> list[Path]:
+        """The Core AI asset's files, or the Core ML package's in a package without the asset."""
         asset = Path(package_dir) / BUNDLE_DIR / ASSET_NAME
+        if not asset.is_dir():
+            asset = Path(package_dir) / COREML_DIR
         return sorted(p for p in asset.rglob("*") if p.is_file())
 
     def stored_codes(self, module) -> bytes:
@@ -209,8 +233,20 @@ class CoreAITarget(Target):
                      ((1 << module.bits) - 1)).astype(np.uint8)
         return pack_bits(codes, module.bits).tobytes()
 
-    def runner(self, package_dir: Path, *, threads: int = 1) -> "AssetRunner":
-        return AssetRunner(Path(package_dir) / BUNDLE_DIR / ASSET_NAME)
+    def runner(self, package_dir: Path, *, threads: int = 1):
+        """The Core AI asset in coreai-core's CPU reference runtime, or, in a package without
+        it, the Core ML package (macOS only)."""
+        if (Path(package_dir) / BUNDLE_DIR / ASSET_NAME).is_dir():
+            return AssetRunner(Path(package_dir) / BUNDLE_DIR / ASSET_NAME)
+        from .coreml import CoreMLRunner
+
+        return CoreMLRunner(self._coreml(package_dir)[0])
+
+    @staticmethod
+    def _coreml(package_dir: Path) -> tuple[Path, dict] | None:
+        """(the Core ML package, its program.json index), or None when the package has none."""
+        index = json.loads((Path(package_dir) / PROGRAM_FILE).read_text()).get("coreml")
+        return None if not index else (Path(package_dir) / index["file"], index)
 
     def read_weights(self, package_dir: Path, plan) -> dict:
         from apq_sdk.checkpoint import CheckpointModule
@@ -220,6 +256,8 @@ class CoreAITarget(Target):
 
         package_dir = Path(package_dir)
         asset = package_dir / BUNDLE_DIR / ASSET_NAME
+        if not asset.is_dir():
+            return self.read_coreml_weights(package_dir, plan)
         try:
             index = json.loads((package_dir / PROGRAM_FILE).read_text())["weights"]
             names, records = index["order"], stored_weights(asset)
@@ -238,40 +276,111 @@ class CoreAITarget(Target):
             raise ApqError(f"{asset}: {exc}") from exc
         return read
 
+    def read_coreml_weights(self, package_dir: Path, plan) -> dict:
+        """The Core ML package's weights in the checkpoint's layout (compression ops and float16
+        constants, read back from the saved package)."""
+        from apq_sdk.errors import ApqError
+
+        from .coreml import read_weights
+
+        path, index = self._coreml(package_dir)
+        try:
+            return read_weights(path, plan, index["weights"], index["float16"])
+        except (ValueError, KeyError, OSError) as exc:
+            raise ApqError(f"{path}: {exc}") from exc
+
     def verify(self, package_dir: Path, **options):
-        """The shared verify, timing fewer decode steps: coreai-core's CPU reference runtime for
-        Linux expands every compressed weight on each call (~15 s per decode step on the demo
-        model), and its speed says nothing about a device's."""
+        """The shared verify of the Core AI asset (in coreai-core's CPU reference runtime), and of
+        the Core ML package: its weights read back here, its prediction through the same checks
+        on macOS (where Core ML runs); on Linux that part is listed as skipped. Timing runs fewer
+        decode steps: the CPU reference runtime expands every compressed weight on each call
+        (~15 s per decode step on the demo model) and its speed says nothing about a device's."""
+        import sys
+
+        from apq_sdk.verification import Check, VerifyResult, compare_weights
+
         options.setdefault("timing_runs", 1)
         options.setdefault("decode_tokens", 4)
-        return super().verify(package_dir, **options)
+        package_dir = Path(package_dir)
+        coreml = self._coreml(package_dir)
+        on_mac = sys.platform == "darwin"
+        has_asset = (package_dir / BUNDLE_DIR / ASSET_NAME).is_dir()
+        if has_asset or on_mac:  # the Core AI asset, or a Core ML-only package on macOS
+            result = super().verify(package_dir, **options)
+        else:
+            result = VerifyResult(target=self.name, runtime="none on this machine", text="",
+                                  int8_activations=False, model_bytes=sum(
+                                      p.stat().st_size for p in self.model_files(package_dir)))
+        if coreml is None:
+            return result
+        label = f"Core ML package ({coreml[0].relative_to(package_dir)})"
+        if has_asset or not on_mac:  # weights of the Core ML package (on its own, verify did it)
+            checkpoint = options["checkpoint"]
+            weights = compare_weights(checkpoint, self.read_coreml_weights(package_dir,
+                                                                           checkpoint.plan))
+            bad = weights["mismatched"]
+            result.checks.append(Check(f"{label}: weights equal the checkpoint (modules "
+                                       f"differing)", bad, 0, bad == 0,
+                                       f"{label}: weights differ from the checkpoint: "
+                                       + "; ".join(weights["examples"])))
+        if not on_mac:
+            result.skipped.append(f"{label}: prediction needs macOS (coremltools runs Core ML "
+                                  f"models only there); verify on a Mac runs it through the "
+                                  f"same checks")
+        elif has_asset:  # on macOS: the Core ML package through the same checks
+            import dataclasses
+
+            from .coreml import CoreMLRunner
+
+            other = super().verify(
+                package_dir, runner=CoreMLRunner(coreml[0]),
+                read_weights=lambda: self.read_coreml_weights(package_dir,
+                                                              options["checkpoint"].plan),
+                **options)
+            result.checks.extend(dataclasses.replace(c, name=f"{label}: {c.name}")
+                                 for c in other.checks)
+            result.skipped.extend(f"{label}: {s}" for s in other.skipped)
+        return result
 
     def manifest_extra(self, package_dir: Path) -> dict:
-        return {"validation": {
-            "validated_here": [
-                "the Core AI asset runs in coreai-core's CPU reference runtime for Linux "
-                "(prefill and decode through the shared KV-cache state) and matches the torch "
-                "reference of the plan (verify.json: logits, KL, perplexity, decode through the "
-                "state)",
+        import sys
+
+        package_dir = Path(package_dir)
+        has_asset = (package_dir / BUNDLE_DIR / ASSET_NAME).is_dir()
+        coreml = self._coreml(package_dir)
+        done, not_done = [], [
+            f"running on {self.platform} hardware (Metal, Neural Engine): speed and memory on a "
+            "device were not measured",
+            "loading the package in an app, and compiling the Swift package (no Apple SDK on "
+            "the build machine; its syntax was checked)"]
+        if has_asset:
+            done += [
+                "the Core AI asset runs in coreai-core's CPU reference runtime (prefill and "
+                "decode through the shared KV-cache state) and matches the torch reference of "
+                "the plan (verify.json: logits, KL, perplexity, decode through the state)",
                 "every blockwise weight in the asset equals the checkpoint, bit for bit: codes, "
                 "float16 scales and zero points read back from the saved bytecode "
                 "(program.json: weights)",
                 "the bundle's metadata.json, tokenizer/ and functions follow the layout "
-                "apple/coreai-models' CoreAILanguageModel reads (format 0.2)",
+                "apple/coreai-models' CoreAILanguageModel reads (format 0.2)"]
+            not_done.append("loading the bundle with CoreAILanguageModel and FoundationModels")
+        if coreml is not None:
+            done.append(
                 "CoreML/model.mlpackage: every planned layer is a compression op holding the "
                 "checkpoint's codes, float16 scales and zero points (4/8-bit blockwise) or its "
-                "grid as float16 tables (2/3-bit), read back from the saved package "
-                "(program.json: coreml)"],
-            "not_validated_here": [
-                f"running on {self.platform} 27 (Metal, Neural Engine): the Linux runtime is "
-                "a CPU reference; speed and memory on a device were not measured",
-                "loading the bundle with CoreAILanguageModel and FoundationModels in an app, "
-                "and compiling the Swift package (no Apple SDK here)",
-                "Core ML prediction of model.mlpackage (it needs macOS): the Core ML package "
-                "was converted and its compression ops read back and compared with the "
-                "checkpoint here, but never run"],
-            "activations": "float (weight-only): Core AI has no dynamic activation "
-                           "quantization; the plan's activation mode is 'none'",
+                "grid as float16 tables (2/3-bit), and every 16-bit layer its float16 weight, "
+                "read back from the saved package (program.json: coreml; verify.json)")
+            if sys.platform == "darwin":
+                done.append("Core ML prediction of model.mlpackage on macOS (CPU) through the "
+                            "same checks as the asset (verify.json)")
+            else:
+                not_done.append("Core ML prediction of model.mlpackage (it needs macOS): the "
+                                "package was converted and read back here, never run")
+        return {"validation": {
+            "artifacts": (["coreai"] if has_asset else []) + (["coreml"] if coreml else []),
+            "validated_here": done, "not_validated_here": not_done,
+            "activations": "float (weight-only): neither Core AI nor Core ML has dynamic "
+                           "activation quantization; the plan's activation mode is 'none'",
         }}
 
 

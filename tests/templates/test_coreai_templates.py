@@ -26,7 +26,8 @@ def _context(**changes) -> dict:
                    runtime='coreai-torch 0.4.3"', bundle_dir="CoreAI",
                    asset_name="model.aimodel", coreai_models_revision="86b363d" * 5 + "abcde",
                    coreml_dir="CoreML", coreml_file="model.mlpackage", coreml_stem="model",
-                   plan_sha256="ab" * 32, model_megabytes="90.1", kv_cache_megabytes="47.2",
+                   plan_sha256="ab" * 32, coreai_megabytes="90.1", coreml_megabytes="92.0",
+                   coreai_included=True, coreml_included=True, kv_cache_megabytes="47.2",
                    vocab_size=384, num_layers=2, num_kv_heads=2, head_dim=16, hidden_size=64,
                    max_context=256, bos_token_id=1, eos_token_id=2)
     context.update(changes)
@@ -66,6 +67,25 @@ def test_every_swift_file_parses(rendered, swift_parser):
     for path in files:
         errors = _errors(swift_parser.parse(path.read_bytes()).root_node, [])
         assert not errors, f"{path.relative_to(rendered)}: syntax errors at {errors[:3]}"
+
+
+@pytest.mark.parametrize("coreai,coreml", [(True, False), (False, True)])
+def test_a_package_of_one_artifact_names_only_that_one(coreai, coreml, swift_parser, tmp_path):
+    """`--target-option artifacts=coreai|coreml`: the Swift still parses, declares which engine
+    it has, and the README sends the developer to the artifact the package holds."""
+    render_templates(("coreai",), _context(coreai_included=coreai, coreml_included=coreml),
+                     tmp_path)
+    for path in sorted(tmp_path.rglob("*.swift")):
+        errors = _errors(swift_parser.parse(path.read_bytes()).root_node, [])
+        assert not errors, f"{path.relative_to(tmp_path)}: syntax errors at {errors[:3]}"
+    swift = (tmp_path / "swift/Sources/ApqModel/ApqModel.swift").read_text()
+    assert f"includesCoreAI = {str(coreai).lower()}" in swift
+    assert f"includesCoreML = {str(coreml).lower()}" in swift
+    readme = (tmp_path / "README.md").read_text()
+    assert ("model.mlpackage" in readme) == coreml
+    assert ("CoreAILanguageModel" in readme) == coreai
+    assert ("Core AI asset is 90\\.1 MB" in readme) == coreai
+    assert ("Core ML package is 92\\.0 MB" in readme) == coreml
 
 
 def test_a_broken_file_is_caught_by_the_parser(swift_parser):

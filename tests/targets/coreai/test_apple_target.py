@@ -233,3 +233,109 @@ def test_a_coreml_weight_changed_on_disk_is_caught(package, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         check_mlpackage(copy, checkpoint, coreml["weights"])
+
+
+def test_verify_reads_the_coreml_package_back_and_says_where_prediction_was_skipped(package):
+    """Both artifacts: verify.json holds the Core ML package's weight check (every planned layer
+    and 16-bit layer read back), and, off macOS, the skipped prediction with its reason."""
+    import sys
+
+    verify = json.loads((package / "verify.json").read_text())
+    checks = {c["name"]: c for c in verify["checks"]}
+    name = "Core ML package (CoreML/model.mlpackage): weights equal the checkpoint (modules " \
+           "differing)"
+    assert checks[name]["passed"] and checks[name]["measured"] == 0
+    if sys.platform != "darwin":
+        assert any("prediction needs macOS" in s for s in verify["skipped"])
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["target"]["options"] == {"artifacts": "coreai,coreml"}
+    assert manifest["validation"]["artifacts"] == ["coreai", "coreml"]
+
+
+def test_coreml_weights_read_back_cover_every_module_including_16_bit(package):
+    checkpoint = read_checkpoint(reference_dir(package))
+    read = CoreAITarget().read_coreml_weights(package, checkpoint.plan)
+    assert set(read) == set(checkpoint.modules)
+    result = compare_weights(checkpoint, read)
+    assert result["mismatched"] == 0, result["examples"]
+
+
+def test_a_coreml_table_that_is_not_the_grid_is_caught(package, monkeypatch):
+    """A 2-bit table whose entries are not scale * (j - zero) of one scale and zero is refused,
+    even though the scale and zero recovered from it equal the checkpoint's."""
+    from apq_sdk.targets.coreai import coreml
+
+    checkpoint = read_checkpoint(reference_dir(package))
+    index = json.loads((package / "program.json").read_text())["coreml"]
+    name = "model.layers.0.self_attn.q_proj"  # 2-bit asymmetric: a table
+    original = coreml.stored_ops
+
+    def tampered(path, float16=False):
+        ops = original(path, float16)
+        op = ops[index["weights"][name]["op"]]
+        lut = np.array(op["lut"], dtype=np.float16)
+        zero = int(np.argmax(lut[0, 0, :, 0] == 0))
+        far = 0 if zero >= 2 else 3  # neither the zero nor an entry next to it
+        lut[0, 0, far, 0] += np.float16(0.5)
+        op["lut"] = lut
+        return ops
+
+    monkeypatch.setattr(coreml, "stored_ops", tampered)
+    with pytest.raises(ValueError, match=f"{name}: its tables are not the grid"):
+        coreml.read_weights(package / index["file"], checkpoint.plan, index["weights"])
+
+
+@pytest.mark.skipif(__import__("sys").platform != "darwin",
+                    reason="Core ML prediction needs macOS (coremltools runs Core ML models only "
+                           "there); on Linux the package's weights are read back instead")
+def test_coreml_prediction_matches_the_core_ai_asset(package):
+    from apq_sdk.targets.coreai.coreml import CoreMLRunner
+
+    index = json.loads((package / "program.json").read_text())["coreml"]
+    ids = np.array([5, 17, 3, 99, 42, 7], dtype=np.int64)
+    coreml, asset = CoreMLRunner(package / index["file"]), CoreAITarget().runner(package)
+    want = asset.full(ids)
+    np.testing.assert_allclose(coreml.full(ids), want, atol=1e-2 * np.abs(want).max())
+    logits, state = coreml.step(ids[:4], None)
+    step, _ = coreml.step(ids[4:5], state)
+    np.testing.assert_allclose(step[0], want[4], atol=1e-2 * np.abs(want).max())
+
+
+def test_a_coreml_only_package_verifies_its_weights_and_says_what_it_could_not_run(
+        model, calib, tmp_path):
+    import sys
+
+    package = build(BuildRequest(target="ios", model=str(model), calib=str(calib),
+                                 output=tmp_path, memory_reduction=0.5, samples=8, seq_len=48,
+                                 verify_windows=1, target_options={"artifacts": "coreml"}),
+                    log=lambda _: None)
+    assert not (package / "CoreAI" / "model.aimodel").exists()
+    assert not (package / "CoreAI" / "metadata.json").exists()
+    assert (package / "CoreAI" / "tokenizer" / "tokenizer.json").is_file()
+    assert (package / "CoreML" / "model.mlpackage").is_dir()
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["target"]["options"] == {"artifacts": "coreml"}
+    assert manifest["validation"]["artifacts"] == ["coreml"]
+    verify = json.loads((package / "verify.json").read_text())
+    assert verify["passed"] and verify["checks"], verify
+    if sys.platform != "darwin":
+        assert [c["name"] for c in verify["checks"]] == [
+            "Core ML package (CoreML/model.mlpackage): weights equal the checkpoint (modules "
+            "differing)"]
+        assert any("prediction needs macOS" in s for s in verify["skipped"])
+    swift = (package / "swift/Sources/ApqModel/ApqModel.swift").read_text()
+    assert "includesCoreAI = false" in swift and "includesCoreML = true" in swift
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"artifacts": "onnx"}, "expected one of coreai,coreml, coreai, coreml"),
+    ({"soc": "SM8650"}, "has no build option 'soc'"),
+])
+def test_an_unknown_target_option_is_refused_before_any_work(option, message, model, calib,
+                                                             tmp_path):
+    from apq_sdk.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        build(BuildRequest(target="macos", model=str(model), calib=str(calib), output=tmp_path,
+                           target_options=option), log=lambda _: None)
+    assert not any(tmp_path.iterdir())
