@@ -19,12 +19,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
-from .plan_file import ACTIVATIONS, SCALE_DTYPES, SUPPORTED_BITS
-
-ACT_INT8 = "int8-per-token-dynamic"
-ACT_INT8_BLOCK = "int8-per-block-dynamic"
-ACT_INT8_ASYM = "int8-per-token-asym-dynamic"
-ACT_NONE = "none"
+from .plan_file import (ACT_INT8, ACT_INT8_ASYM, ACT_INT8_BLOCK, ACT_NONE,  # noqa: F401
+                        ACTIVATIONS, SCALE_DTYPES, SUPPORTED_BITS)
 FUSED_GROUPS = ("qkv", "gate_up")
 TIED_LOOKUPS = ("shared", "scales", "copy")
 #: group sizes profiled when a target runs them: groups of 32 reproduce the demo model's Q4_1 grid

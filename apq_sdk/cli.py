@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .errors import ApqError, UsageError
+from .plan_file import ACT_INT8, ACT_INT8_ASYM, ACT_INT8_BLOCK, ACT_NONE
 
 log = logging.getLogger("apq_sdk")
 
@@ -103,8 +104,7 @@ budget_options = [
     click.option("--max-loss", type=str, default=None,
                  help="Accuracy budget: relative perplexity increase, e.g. '0.5%'. Minimizes memory."),
     click.option("--activations",
-                 type=click.Choice(["none", "int8-per-token-dynamic", "int8-per-block-dynamic",
-                                    "int8-per-token-asym-dynamic"]),
+                 type=click.Choice([ACT_NONE, ACT_INT8, ACT_INT8_BLOCK, ACT_INT8_ASYM]),
                  default=None,
                  help="Activation mode of the linear layers: 'none' (float activations, "
                       "weight-only), 'int8-per-token-dynamic' (one int8 scale per token, calibrated "

@@ -64,8 +64,12 @@ PLAN_FORMAT = "apq-plan"
 PLAN_VERSION = 2
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 MODULE_KINDS = ("linear", "embedding", "lm_head")
-ACTIVATIONS = ("int8-per-token-dynamic", "int8-per-block-dynamic", "int8-per-token-asym-dynamic",
-               "none")
+#: the activation modes of a plan entry (one definition: capabilities, quant and verify import them)
+ACT_INT8 = "int8-per-token-dynamic"
+ACT_INT8_BLOCK = "int8-per-block-dynamic"
+ACT_INT8_ASYM = "int8-per-token-asym-dynamic"
+ACT_NONE = "none"
+ACTIVATIONS = (ACT_INT8, ACT_INT8_BLOCK, ACT_INT8_ASYM, ACT_NONE)
 CALIBRATION_KINDS = ("file", "data-dir", "builtin")
 OBJECTIVE_MODES = ("memory", "loss")
 BUDGET_SCOPES = ("model", "linear")

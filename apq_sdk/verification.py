@@ -37,9 +37,7 @@ from typing import Protocol
 
 import numpy as np
 
-ACT_INT8 = "int8-per-token-dynamic"
-ACT_INT8_BLOCK = "int8-per-block-dynamic"
-ACT_INT8_ASYM = "int8-per-token-asym-dynamic"
+from .plan_file import ACT_INT8, ACT_INT8_ASYM, ACT_INT8_BLOCK
 
 # Exact checks (float activations, float twin): only float32 summation order differs between a
 # runtime and torch; measured <= 7e-7 of the logit scale on the tiny models of every family, so

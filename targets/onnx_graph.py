@@ -37,6 +37,7 @@ import numpy as np
 from apq_sdk.errors import ApqError
 from apq_sdk.checkpoint import CheckpointModule
 from apq_sdk.families import DecoderSpec, decoder_spec
+from apq_sdk.plan_file import ACT_INT8, ACT_INT8_BLOCK, ACT_NONE  # noqa: F401
 
 OPSET = 21
 IR_VERSION = 10
@@ -46,9 +47,6 @@ EXTERNAL_DATA_FILE = "model.onnx.data"
 # EXTERNAL_DATA_FILE (a fixed choice per model, so rebuilds stay byte-identical)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 MODULES_DOC_PREFIX = "apq:modules="  # doc_string of every linear's output node (linear_doc)
-ACT_INT8 = "int8-per-token-dynamic"
-ACT_INT8_BLOCK = "int8-per-block-dynamic"
-ACT_NONE = "none"
 FLOAT32_LOWEST = np.float32(np.finfo(np.float32).min)
 
 

@@ -24,13 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..plan_file import ACT_INT8, ACT_INT8_ASYM, ACT_INT8_BLOCK, ACT_NONE  # noqa: F401
+from ..plan_file import ACTIVATIONS as ACTIVATION_MODES
 from .weights import QuantizedWeight
-
-ACT_INT8 = "int8-per-token-dynamic"
-ACT_INT8_BLOCK = "int8-per-block-dynamic"
-ACT_INT8_ASYM = "int8-per-token-asym-dynamic"
-ACT_NONE = "none"
-ACTIVATION_MODES = (ACT_INT8, ACT_INT8_BLOCK, ACT_INT8_ASYM, ACT_NONE)
 #: modes that quantize the activations of quantized layers only (a 16-bit layer keeps floats)
 QUANTIZED_LAYERS_ONLY = (ACT_INT8_BLOCK, ACT_INT8_ASYM)
 
