@@ -1,16 +1,20 @@
 """The android (ExecuTorch + XNNPACK) package of the demo model against what a user would
 otherwise ship, side by side in one run.
 
-Variants, every .pte exported the same way (transformers' static KV cache, torch.export,
-XNNPACK partitioner, ExecuTorch's runtime) so only the weights differ:
+Variants, all but export_llm's exported the same way (transformers' static KV cache,
+torch.export, XNNPACK partitioner, ExecuTorch's runtime) so only the weights differ:
 
 * `apq-sdk` : the package (the plan's 4/16-bit layers, GPTQ, int8 per-token dynamic activations);
 * `apq-sdk @ recipe size` (with --match-recipe-size): an android package built with the
   recipe's bits per weight as its budget, so accuracy is compared at equal size;
-* `ExecuTorch 8da4w` : ExecuTorch's own LLM recipe, `executorch.extension.llm.export.quantize.
-  quantize_model_` (what `export_llm` runs for `quantization.qmode=8da4w`) at the group size it
-  accepts for this model (64: 128 does not divide SmolLM2's 576-wide layers), default
-  quantizer, embeddings as the recipe leaves them (float);
+* `ExecuTorch export_llm 8da4w` : what a user of ExecuTorch would ship, the peer the ratios are
+  against: `export_llm` itself (ExecuTorch's own Llama transformer with its custom SDPA and
+  KV-cache operators, dynamic shapes, XNNPACK) on the same float weights, `quantization.qmode=
+  8da4w` at the group size it accepts for this model (64: 128 does not divide SmolLM2's
+  576-wide layers), default quantizer, embeddings as it leaves them (float), the package's
+  maximum context; Llama-architecture models only;
+* `ExecuTorch 8da4w, apq-sdk program` : the same recipe (`quantize_model_`, what export_llm runs
+  for 8da4w) in apq-sdk's program, so only the weights differ from `apq-sdk`;
 * `float .pte` : the unquantized model (FP32, dequantized Q4_1) in the same program;
 * `ONNX Runtime` (with --ort-package): the arm64-linux package of the same model.
 
@@ -47,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: results_io
 from results_io import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PEER = "ExecuTorch export_llm 8da4w"  # the ratios' denominator
+RECIPE = "ExecuTorch 8da4w, apq-sdk program"
 PREFILL, DECODE = 128, 32
 
 
@@ -102,6 +108,57 @@ def decode_speed(runner, ids: np.ndarray, runs: int, steps: int = DECODE,
             "seconds": [round(t, 4) for t in times]}
 
 
+def export_llm_program(float_model, max_context: int, group: int, work: Path) -> Path:
+    """ExecuTorch's `export_llm` (export_llama) with its 8da4w recipe on `float_model`'s weights,
+    written as a Meta-layout checkpoint and params file (`use_hf_rope`: transformers' rotary
+    layout, so q and k need no permutation). Returns the .pte."""
+    import torch
+    from executorch.examples.models.llama.export_llama_lib import export_llama
+    from executorch.extension.llm.export.config.llm_config import LlmConfig, ModelType
+
+    config = float_model.config
+    if config.model_type != "llama":
+        raise ValueError(f"export_llm's Llama transformer does not run {config.model_type!r}")
+    state = float_model.state_dict()
+    roles = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+             "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+             "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    meta = {"tok_embeddings.weight": state["model.embed_tokens.weight"],
+            "norm.weight": state["model.norm.weight"]}
+    for i in range(config.num_hidden_layers):
+        for hf, name in roles.items():
+            meta[f"layers.{i}.{name}.weight"] = state[f"model.layers.{i}.{hf}.weight"]
+    meta["output.weight"] = state.get("lm_head.weight", meta["tok_embeddings.weight"])
+    checkpoint, params = work / "export_llm.pth", work / "export_llm_params.json"
+    torch.save({k: v.contiguous().clone() for k, v in meta.items()}, checkpoint)
+    rope = getattr(config, "rope_parameters", None) or {}
+    params.write_text(json.dumps({
+        "dim": config.hidden_size, "n_layers": config.num_hidden_layers,
+        "n_heads": config.num_attention_heads, "n_kv_heads": config.num_key_value_heads,
+        "vocab_size": config.vocab_size, "hidden_dim": config.intermediate_size,
+        "norm_eps": config.rms_norm_eps,
+        "rope_theta": rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)),
+        "use_scaled_rope": False, "use_hf_rope": True}))
+    llm = LlmConfig()
+    llm.base.model_class = ModelType("smollm2")  # export_llama's Llama transformer
+    llm.base.params, llm.base.checkpoint = str(params), str(checkpoint)
+    llm.base.metadata = json.dumps({"get_bos_id": config.bos_token_id,
+                                    "get_eos_ids": [config.eos_token_id]})
+    llm.model.use_kv_cache = llm.model.use_sdpa_with_kv_cache = True
+    llm.model.enable_dynamic_shape = True
+    llm.export.max_seq_length = llm.export.max_context_length = max_context
+    # a name ending in .pte is used as it is (not joined to output_dir)
+    llm.export.output_dir, llm.export.output_name = str(work), str(work / "export_llm_8da4w.pte")
+    llm.debug.generate_full_logits = True  # perplexity needs every position's logits
+    llm.quantization.qmode, llm.quantization.group_size = "8da4w", group
+    llm.backend.xnnpack.enabled = llm.backend.xnnpack.extended_ops = True
+    written = Path(export_llama(llm))
+    checkpoint.unlink()
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--package", required=True, help="an android package directory")
@@ -132,6 +189,20 @@ def main() -> None:
     from apq_sdk.package import read_manifest, reference_dir
     from apq_sdk.targets.executorch.target import PteDecoder
 
+    class ExportLlmDecoder(PteDecoder):
+        """export_llm's program: forward(tokens [1, n], input_pos [1]), its custom ops loaded."""
+
+        def __init__(self, path, threads=1):
+            from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+            super().__init__(path, threads=threads)
+
+        def _run(self, ids, start):
+            ids = np.asarray(ids, dtype=np.int64)
+            logits = self.method.execute([torch.from_numpy(ids.copy())[None],
+                                          torch.tensor([start], dtype=torch.long)])[0]
+            return logits.reshape(-1, logits.shape[-1]).numpy().astype(np.float32, copy=True)
+
     started = time.time()
     package = Path(args.package)
     manifest = read_manifest(package)
@@ -152,8 +223,9 @@ def main() -> None:
     variants: dict[str, dict] = {}
     runners: dict[str, object] = {}
 
-    def add_pte(name: str, path: Path, what: str, extra: dict | None = None) -> None:
-        runners[name] = PteDecoder(path, threads=args.threads)
+    def add_pte(name: str, path: Path, what: str, extra: dict | None = None,
+                runner=PteDecoder) -> None:
+        runners[name] = runner(path, threads=args.threads)
         size = path.stat().st_size
         variants[name] = {"what": what, "model_bytes": size,
                           "bits_per_weight": 8 * size / n_params, **(extra or {})}
@@ -168,19 +240,34 @@ def main() -> None:
                                       lambda: [XnnpackPartitioner()]))
     add_pte("float .pte", fp32_path, "the unquantized model (FP32) in the same program")
 
-    print(f"ExecuTorch 8da4w (group {args.recipe_group}): quantize, export and lower", flush=True)
+    print(f"ExecuTorch export_llm 8da4w (group {args.recipe_group}): export and lower",
+          flush=True)
+    try:
+        peer_path = export_llm_program(load_model(model_spec)[0].eval(), program["max_context"],
+                                       args.recipe_group, work)
+    except ValueError as exc:
+        print(f"ExecuTorch export_llm 8da4w: skipped ({exc})", flush=True)
+    else:
+        add_pte(PEER, peer_path,
+                f"ExecuTorch's export_llm: its Llama transformer with custom SDPA and KV-cache "
+                f"ops, quantization.qmode=8da4w, group_size={args.recipe_group}, embeddings "
+                f"left float, max context {program['max_context']}",
+                runner=ExportLlmDecoder)
+
+    print(f"ExecuTorch 8da4w (group {args.recipe_group}) in apq-sdk's program: quantize, "
+          f"export and lower", flush=True)
     recipe_model = load_model(model_spec)[0].eval()
     quantize_model_(recipe_model, qlinear_config="8da4w", qlinear_group_size=args.recipe_group)
     recipe_path = work / "recipe.pte"
     recipe_path.write_bytes(pte_program(recipe_model, program["max_context"],
                                         lambda: [XnnpackPartitioner()]))
     del recipe_model
-    add_pte("ExecuTorch 8da4w", recipe_path,
-            f"ExecuTorch's LLM recipe: quantize_model_(qlinear_config='8da4w', "
-            f"qlinear_group_size={args.recipe_group}), embeddings left float")
+    add_pte(RECIPE, recipe_path,
+            f"ExecuTorch's LLM recipe in apq-sdk's program: quantize_model_(qlinear_config="
+            f"'8da4w', qlinear_group_size={args.recipe_group}), embeddings left float")
 
     if args.match_recipe_size:
-        bpw = min(16.0, math.floor(variants["ExecuTorch 8da4w"]["bits_per_weight"] * 1000) / 1000)
+        bpw = min(16.0, math.floor(variants[RECIPE]["bits_per_weight"] * 1000) / 1000)
         print(f"apq-sdk at the recipe's size: building at {bpw} bits per weight", flush=True)
         calib = checkpoint.plan.calibration  # the package's own calibration settings
         source = calib.source.split(":", 1)[-1] if calib.kind == "file" else None
@@ -243,7 +330,8 @@ def main() -> None:
 
 def render_markdown(r: dict) -> str:
     v = r["variants"]
-    peer = v.get("ExecuTorch 8da4w")
+    peer_name = PEER if PEER in v else RECIPE
+    peer = v.get(peer_name)
     lines = [f"# ExecuTorch + XNNPACK (android target): {r['model']}", "",
              f"Command: `{r['command']}`", "",
              f"ExecuTorch {r['executorch']}, {r['threads']} thread(s), x86-64 (XNNPACK's x86 "
@@ -252,11 +340,12 @@ def render_markdown(r: dict) -> str:
              f". Decode: median of {next(iter(v.values()))['runs']} runs of "
              f"{r['decode']['decode_steps']} steps after a {r['decode']['prefill']}-token "
              f"prefill.", "",
-             "| variant | model file | bits/weight | perplexity | KL | decode tok/s | vs recipe |",
+             f"| variant | model file | bits/weight | perplexity | KL | decode tok/s | vs "
+             f"{peer_name} |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, x in v.items():
         ratio = ""
-        if peer is not None and name != "ExecuTorch 8da4w":
+        if peer is not None and name != peer_name:
             ratio = (f"size x{x['model_bytes'] / peer['model_bytes']:.2f}, KL "
                      f"x{x['kl_mean'] / peer['kl_mean']:.2f}, speed "
                      f"x{x['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}")
