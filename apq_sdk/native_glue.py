@@ -174,38 +174,10 @@ def shell_single(value) -> str:
 _MD_SPECIALS = set("\\`*_{}[]()#+-.!|~")
 
 
-def markdown_text(value) -> str:
-    """Inline Markdown: one line, Markdown punctuation backslash-escaped, `& < > "` as entities,
-    invisible characters (bidi overrides, zero-width) written out as `U+XXXX`."""
-    out = []
-    for ch in _text(value):
-        if ch in "\r\n\t":
-            out.append(" ")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            continue
-        elif invisible(ch):
-            out.append("U+%04X" % ord(ch))  # shown, never acting on the text around it
-        elif ch in _MD_SPECIALS:
-            out.append("\\" + ch)
-        elif ch == "&":
-            out.append("&amp;")
-        elif ch == "<":
-            out.append("&lt;")
-        elif ch == ">":
-            out.append("&gt;")
-        elif ch == '"':
-            out.append("&quot;")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def markdown_code(value) -> str:
-    """A complete inline code span showing `value` verbatim (a code span does not process
-    backslash escapes or entities, so markdown_text inside backticks would show its escapes):
-    one line, invisible characters written out as `U+XXXX`, a fence one backtick longer than
-    the longest run inside, padded when the value starts or ends with a backtick or space, and
-    `|` as `\\|` so a table cell holding the span is not split (GFM)."""
+def _markdown_line(value, replace: dict) -> str:
+    """One line of Markdown: line breaks and tabs as spaces, other control characters dropped,
+    invisible characters (bidi overrides, zero-width) written out as `U+XXXX` (shown, never
+    acting on the text around them), each character of `replace` as its value."""
     out = []
     for ch in _text(value):
         if ch in "\r\n\t":
@@ -214,11 +186,28 @@ def markdown_code(value) -> str:
             continue
         elif invisible(ch):
             out.append("U+%04X" % ord(ch))
-        elif ch == "|":
-            out.append("\\|")
         else:
-            out.append(ch)
-    body = "".join(out) or " "
+            out.append(replace.get(ch, ch))
+    return "".join(out)
+
+
+_MD_TEXT = {**{ch: "\\" + ch for ch in _MD_SPECIALS},
+            "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
+
+
+def markdown_text(value) -> str:
+    """Inline Markdown: one line, Markdown punctuation backslash-escaped, `& < > "` as entities,
+    invisible characters (bidi overrides, zero-width) written out as `U+XXXX`."""
+    return _markdown_line(value, _MD_TEXT)
+
+
+def markdown_code(value) -> str:
+    """A complete inline code span showing `value` verbatim (a code span does not process
+    backslash escapes or entities, so markdown_text inside backticks would show its escapes):
+    one line, invisible characters written out as `U+XXXX`, a fence one backtick longer than
+    the longest run inside, padded when the value starts or ends with a backtick or space, and
+    `|` as `\\|` so a table cell holding the span is not split (GFM)."""
+    body = _markdown_line(value, {"|": "\\|"}) or " "
     fence = "`" * (max((len(run) for run in re.findall("`+", body)), default=0) + 1)
     if body[0] in "` " or body[-1] in "` ":
         body = f" {body} "
