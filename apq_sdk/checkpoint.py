@@ -227,6 +227,8 @@ def load_quantized(path, device: str = "cpu", device_map: str | None = None,
                    max_memory: dict | None = None, checkpoint: QuantizedCheckpoint | None = None):
     """A torch module (transformers model) with the quantized layers of `path`, on `device` or
     spread over the devices of `device_map` (placement.py). `model.apq_plan` is its plan."""
+    import copy
+
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
@@ -237,7 +239,9 @@ def load_quantized(path, device: str = "cpu", device_map: str | None = None,
 
     ckpt = checkpoint if checkpoint is not None else read_checkpoint(path)
     plan, config = ckpt.plan, ckpt.config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # every model its own config: transformers keeps the object it is given, and a caller that
+    # edits its model's config (the ExecuTorch recorder keeps 2 layers) must not change another's
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32)
     model.eval().requires_grad_(False)
     for name, module in ckpt.modules.items():
         bias = None if module.bias is None else torch.from_numpy(module.bias)
