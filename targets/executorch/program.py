@@ -17,10 +17,20 @@ with every planned layer swapped for an exportable one:
   and a float table (an untied embedding, a tied 16-bit head's lookup) stays float16, cast after
   the lookup.
 
-The KV cache is transformers' static cache registered as mutable buffers (max_context long); the
-program's `forward(tokens [1, n], cache_position [n])` returns logits [1, n, vocab], the
+The program's `forward(tokens [1, n], cache_position [n])` returns logits [1, n, vocab], the
 signature ExecuTorch's LLM runner (TextLLMRunner, Android's LlmModule) calls with
-`enable_dynamic_shape`.
+`enable_dynamic_shape`. The KV cache is mutable buffers, max_context long, attended one of two
+ways (ATTENTION):
+
+* "custom-ops" (the default where the family allows it): ExecuTorch's LLM kernels, what its own
+  `export_llm` emits: `llama::update_cache` writes the new keys and values in place ([1, max, kv
+  heads, head dim]) and `llama::custom_sdpa` attends causally over the first start + n positions
+  only (grouped-query heads read in place). Android's LlmModule runtime ships these kernels; the
+  package's C API bundles a reference implementation (runtime_kernels/executorch_llm_ops.cpp)
+  for an ExecuTorch build without them.
+* "static-cache": transformers' static cache and aten SDPA over the whole max_context with a
+  mask (portable ops): any family, sliding windows and soft-capping included, but every decode
+  step reads and copies the whole cache (several times slower at 2048 positions).
 """
 
 from __future__ import annotations
@@ -185,9 +195,127 @@ class Embedding4Bit(nn.Module):
         return rows if self.embed_scale is None else rows * self.embed_scale
 
 
+#: how the program attends over its cache (module docstring)
+ATTENTION_CUSTOM_OPS = "custom-ops"
+ATTENTION_STATIC_CACHE = "static-cache"
+ATTENTION = (ATTENTION_CUSTOM_OPS, ATTENTION_STATIC_CACHE)
+#: the kernels the custom-ops program calls outside the XNNPACK delegate
+LLM_OPS = ("llama::update_cache.out", "llama::custom_sdpa.out")
+_CUSTOM_ATTENTION = "apq_executorch_custom_sdpa"  # transformers' attention-function name
+
+
+def custom_ops_refusal(spec) -> str | None:
+    """Why a family's attention cannot be llama::custom_sdpa (causal over the whole cache, no
+    soft-capping), or None where it can."""
+    if any(window is not None for window in spec.sliding_windows):
+        return "its sliding-window layers (custom_sdpa attends over every cached position)"
+    if spec.attn_softcap:
+        return "its attention soft-capping (custom_sdpa has none)"
+    return None
+
+
+def load_llm_ops() -> None:
+    """Register ExecuTorch's LLM ops with torch and their kernels with the Python runtime."""
+    try:
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    except (ImportError, OSError) as exc:  # the wheel ships the library; a source build may not
+        from ..onnx_graph import LoweringError
+
+        raise LoweringError(
+            f"ExecuTorch's LLM ops (llama::update_cache, llama::custom_sdpa) cannot be loaded: "
+            f"{exc}. Install the executorch wheel (pip install 'apq-sdk[executorch]' "
+            f"torch==2.13.0), or build with --target-option attention=static-cache") from exc
+
+
+class _Position:
+    """The first cache position of the running call, shared by the cache layers and the
+    attention function (a SymInt while exporting)."""
+
+    start = 0
+
+
+def _custom_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                 **kwargs):
+    """transformers' attention-function interface over llama::custom_sdpa: `query` [1, heads,
+    n, dim]; `key`, `value` the whole cache [1, max, kv heads, dim] from _OpCacheLayer.update.
+    Returns [1, n, heads, dim], as the interface does."""
+    out = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value,
+                                      module.apq_position.start, None, 0.0, True, scaling)
+    return out, None
+
+
+def _register_custom_attention() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(_CUSTOM_ATTENTION, _custom_sdpa)
+    # custom_sdpa is causal from its start position: no mask is built
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_CUSTOM_ATTENTION, lambda *args, **kwargs: None)
+
+
+def _op_cache_layer(max_context: int, kv_heads: int, head_dim: int, position: _Position):
+    from transformers.cache_utils import StaticLayer
+
+    class _OpCacheLayer(StaticLayer):
+        """A cache layer laid out as llama::update_cache writes it, [1, max, kv heads, dim]."""
+
+        def __init__(self):
+            super().__init__(max_context)
+            self.keys = torch.zeros(1, max_context, kv_heads, head_dim)
+            self.values = torch.zeros(1, max_context, kv_heads, head_dim)
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            torch.ops.llama.update_cache(key_states.transpose(1, 2), self.keys, position.start)
+            torch.ops.llama.update_cache(value_states.transpose(1, 2), self.values,
+                                         position.start)
+            return self.keys, self.values
+
+    return _OpCacheLayer()
+
+
+class OpCacheDecoder(nn.Module):
+    """`forward(tokens [1, n], cache_position [n]) -> logits [1, n, vocab]` over ExecuTorch's
+    LLM ops (ATTENTION_CUSTOM_OPS): the signature ExecuTorch's LLM runner calls."""
+
+    def __init__(self, model, max_context: int):
+        super().__init__()
+        from transformers.cache_utils import StaticCache
+
+        load_llm_ops()
+        _register_custom_attention()
+        config = model.config
+        layers = model.model.layers
+        if any(getattr(layer, "self_attn", None) is None for layer in layers):
+            raise ValueError(f"{type(model).__name__}: a decoder layer without self_attn")
+        config._attn_implementation = _CUSTOM_ATTENTION
+        self.position = _Position()
+        self.max_context = max_context
+        head_dim = getattr(config, "head_dim", None) or \
+            config.hidden_size // config.num_attention_heads
+        self.cache = StaticCache(max_cache_len=max_context, config=config)
+        self.cache.layers = [_op_cache_layer(max_context, config.num_key_value_heads, head_dim,
+                                             self.position) for _ in layers]
+        for i, layer in enumerate(self.cache.layers):
+            self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
+            self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
+        for layer in layers:  # a plain attribute (not a module): what _custom_sdpa reads
+            object.__setattr__(layer.self_attn, "apq_position", self.position)
+        self.llm = model  # module paths "llm.<the model's names>" (_clean_path)
+
+    def forward(self, tokens, cache_position):
+        start = cache_position[0].item()
+        torch._check(start >= 0)
+        torch._check(start + tokens.shape[1] <= self.max_context)
+        self.position.start = start
+        return self.llm(input_ids=tokens, position_ids=cache_position[None], cache=self.cache,
+                        use_cache=True).logits
+
+
 class CachedDecoder(nn.Module):
     """`forward(tokens [1, n], cache_position [n]) -> logits [1, n, vocab]` over transformers'
-    static cache (mutable buffers): the signature ExecuTorch's LLM runner calls."""
+    static cache (mutable buffers, ATTENTION_STATIC_CACHE): the signature ExecuTorch's LLM
+    runner calls."""
 
     def __init__(self, model, max_context: int):
         super().__init__()
@@ -202,14 +330,24 @@ class CachedDecoder(nn.Module):
         return self.inner(input_ids=tokens, cache_position=cache_position)
 
 
-def export_program(model, max_context: int):
-    """torch.export of the cached decoder, the sequence length dynamic from 1 to max_context."""
-    decoder = CachedDecoder(model, max_context).eval()
-    seq = torch.export.Dim("seq", min=1, max=max_context)
-    example = (torch.zeros((1, 2), dtype=torch.long), torch.arange(2, dtype=torch.long))
-    with torch.no_grad():
-        return torch.export.export(decoder, example, dynamic_shapes=({1: seq}, {0: seq}),
-                                   strict=True)
+def export_program(model, max_context: int, attention: str = ATTENTION_STATIC_CACHE):
+    """torch.export of the cached decoder (`attention`: one of ATTENTION), the sequence length
+    dynamic from 1 to max_context."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention: expected one of {ATTENTION}, found {attention!r}")
+    # the config may be shared with other models of the checkpoint: the attention function is
+    # this program's only
+    previous = model.config._attn_implementation
+    try:
+        decoder = (OpCacheDecoder if attention == ATTENTION_CUSTOM_OPS else CachedDecoder)(
+            model, max_context).eval()
+        seq = torch.export.Dim("seq", min=1, max=max_context)
+        example = (torch.zeros((1, 2), dtype=torch.long), torch.arange(2, dtype=torch.long))
+        with torch.no_grad():
+            return torch.export.export(decoder, example, dynamic_shapes=({1: seq}, {0: seq}),
+                                       strict=True)
+    finally:
+        model.config._attn_implementation = previous
 
 
 def lower_program(exported, partitioners, metadata: dict):
@@ -224,6 +362,8 @@ def lower_program(exported, partitioners, metadata: dict):
 
 def _op_name(node) -> str:
     target = node.target
+    if "auto_functionalized" in str(target) and node.args and callable(node.args[0]):
+        target = node.args[0]  # a mutating op (llama::update_cache) as functionalized
     name = getattr(target, "__name__", None) or str(target)
     schema = getattr(target, "_schema", None)
     if schema is not None:
@@ -244,13 +384,14 @@ def _module_of(node, planned: set[str]) -> str | None:
 
 def _clean_path(path: str) -> str:
     """A module path as torch.export records it ("L['self'].inner.model.model.layers[0].mlp",
-    "inner.model.model.layers.0.mlp") as the transformers model names it."""
+    "inner.model.model.layers.0.mlp", "llm.model.layers.0.mlp") as the transformers model
+    names it."""
     import re
 
     path = re.sub(r"^L\['self'\]\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    for prefix in ("inner.model.",):
+    for prefix in ("inner.model.", "llm."):  # CachedDecoder's, OpCacheDecoder's
         if path.startswith(prefix):
             path = path[len(prefix):]
     return path
@@ -350,6 +491,34 @@ def recording_program(checkpoint, length: int, partitioners, layers: int = RECOR
     edge = to_edge_transform_and_lower(exported, partitioner=list(partitioners),
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
     return edge.to_executorch().buffer, order
+
+
+def cache_probe_program(checkpoint, max_context: int, attention: str, partitioners,
+                        layers: int = RECORDED_LAYERS) -> bytes:
+    """The package's cache and attention (`attention`, max_context long) over float32 weights
+    (the checkpoint's, dequantized) and its first `layers` layers: a program whose prefill and
+    decode must equal its full sequence exactly, as no int8 rounding amplifies the attention
+    kernel's summation order (verify's exact KV-cache check)."""
+    from apq_sdk.checkpoint import load_quantized
+    from apq_sdk.placement import replace_module
+    from apq_sdk.quant.modules import QuantLinear
+
+    model = load_quantized(checkpoint.path, checkpoint=checkpoint).eval()
+    for name, entry in checkpoint.plan.modules.items():
+        if entry.kind == "embedding":
+            continue
+        module = model.get_submodule(name)
+        weight = module.quantized.dequantize().float() if isinstance(module, QuantLinear) \
+            else module.weight.detach().float()
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+        linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().float().clone(), requires_grad=False)
+        replace_module(model, name, linear)
+    truncate_layers(model, layers)
+    model.requires_grad_(False)
+    exported = export_program(model, max_context, attention)
+    return lower_program(exported, partitioners, {}).to_executorch().buffer
 
 
 def _layer_of(name: str) -> int | None:

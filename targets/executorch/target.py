@@ -1,8 +1,9 @@
 """ExecuTorch targets: `android` (XNNPACK on Arm CPUs) and `qualcomm` (QNN on Snapdragon NPUs).
 
 `lower` builds the program from the checkpoint (targets/executorch/program.py: the core's codes
-and scales in torchao's unpacked int4 tensors, never re-quantized), exports it with a static KV
-cache, lowers it with the XNNPACK partitioner and audits the result: every planned linear must sit
+and scales in torchao's unpacked int4 tensors, never re-quantized), exports it with its KV cache
+(ExecuTorch's LLM ops llama::update_cache and llama::custom_sdpa where the family allows, as
+export_llm does; option `attention`), lowers it with the XNNPACK partitioner and audits the result: every planned linear must sit
 inside an XNNPACK delegate, or the build fails naming the module. It writes
 
 * `model.pte`: the program, with the metadata ExecuTorch's LLM runner and Android's `LlmModule`
@@ -32,14 +33,22 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..base import (BuildContext, Capabilities, PrefixCacheRunner, Target, Tool,
+from ..base import (BuildContext, BuildOption, Capabilities, PrefixCacheRunner, Target, Tool,
                     export_glue_tokenizer, glue_numbers)
 from . import quiet_toolchain
 
 MODEL_FILE = "model.pte"
 PROGRAM_FILE = "program.json"
 TOKENIZER_FILE = "tokenizer.json"
+LLM_OPS_SOURCE = "executorch_llm_ops.cpp"  # runtime_kernels/: reference kernels of llama:: ops
 EXECUTORCH_VERSION = "1.5.1"  # what packages are exported with and checked against here
+
+ATTENTION = BuildOption(
+    "attention", ("auto", "custom-ops", "static-cache"), "auto",
+    "how the program attends over its KV cache: ExecuTorch's LLM kernels (llama::update_cache, "
+    "llama::custom_sdpa, what export_llm emits; 'auto' picks them unless the family has "
+    "sliding windows or soft-capping) or transformers' static cache with aten SDPA over the "
+    "whole context (any family, several times slower decode); recorded in program.json")
 
 ANDROID_CAPABILITIES = Capabilities(
     name="android",
@@ -72,6 +81,8 @@ class ExecuTorchTarget(Target):
     """The ExecuTorch build path shared by the Android (XNNPACK) and Qualcomm (QNN) targets."""
 
     backend: ClassVar[str]
+    #: whether the backend's runtime runs ExecuTorch's LLM ops (program.py, ATTENTION)
+    llm_custom_ops: ClassVar[bool] = False
     backend_name: ClassVar[str]  # as the README names it
     maven_artifact: ClassVar[str]  # the Android runtime the generated Gradle module depends on
     min_sdk: ClassVar[int] = 26
@@ -93,7 +104,8 @@ class ExecuTorchTarget(Target):
         from apq_sdk.plan_file import plan_sha256
 
         from ..onnx_graph import LoweringError, dumps_json
-        from .program import audit_delegation, export_program, exportable_model, lower_program
+        from .program import (ATTENTION_CUSTOM_OPS, LLM_OPS, audit_delegation, export_program,
+                              exportable_model, lower_program)
 
         package_dir = Path(ctx.package_dir)
         package_dir.mkdir(parents=True, exist_ok=True)
@@ -104,11 +116,13 @@ class ExecuTorchTarget(Target):
             "get_max_seq_len": max_context, "get_max_context_len": max_context,
             "get_vocab_size": numbers["vocab_size"], "get_n_layers": numbers["num_layers"],
             "get_bos_id": numbers["bos_token_id"], "get_eos_ids": eos_ids(ckpt),
-            "use_kv_cache": True, "enable_dynamic_shape": True, "use_sdpa_with_kv_cache": False,
+            "use_kv_cache": True, "enable_dynamic_shape": True,
         }
+        attention = self._attention(ctx)
+        metadata["use_sdpa_with_kv_cache"] = attention == ATTENTION_CUSTOM_OPS
         with torch.no_grad(), quiet_toolchain():
             model = exportable_model(ckpt)
-            exported = export_program(model, max_context)
+            exported = export_program(model, max_context, attention)
             edge = lower_program(exported, self.partitioners(), metadata)
         planned = {n for n, m in ckpt.plan.modules.items() if m.kind != "embedding"}
         audit = audit_delegation(edge, planned)
@@ -143,12 +157,33 @@ class ExecuTorchTarget(Target):
                                      "shape": [1, "n", numbers["vocab_size"]]}],
                         "n": f"1..{max_context}; positions continue the cache"},
             "metadata": metadata, "backend": self.backend, "executorch": et_version,
+            "attention": attention,
+            "llm_ops": list(LLM_OPS) if attention == ATTENTION_CUSTOM_OPS else [],
             "plan_sha256": plan_sha256(ckpt.plan), "delegation": audit.to_dict(),
             "weights": weights}
         (package_dir / PROGRAM_FILE).write_text(dumps_json(description))
         if (ctx.options or {}).get("native_glue", True):
             self._write_glue(ctx, package_dir, {**numbers, "max_context": max_context},
                              et_version, len(program.buffer))
+
+    def _attention(self, ctx: BuildContext) -> str:
+        """The attention the program is exported with (ATTENTION), or a LoweringError where
+        custom ops were asked for a family they cannot serve."""
+        from ..onnx_graph import LoweringError
+        from .program import ATTENTION_CUSTOM_OPS, ATTENTION_STATIC_CACHE, custom_ops_refusal
+
+        if not self.llm_custom_ops:
+            return ATTENTION_STATIC_CACHE
+        asked = (ctx.options or {}).get("attention", ATTENTION.default)
+        refusal = custom_ops_refusal(ctx.checkpoint.spec)
+        if asked == "auto":
+            return ATTENTION_STATIC_CACHE if refusal else ATTENTION_CUSTOM_OPS
+        if asked == ATTENTION_CUSTOM_OPS and refusal:
+            raise LoweringError(
+                f"--target-option attention=custom-ops: {ctx.checkpoint.spec.family} cannot use "
+                f"llama::custom_sdpa because of {refusal}; build with attention=static-cache "
+                f"(or auto, which picks it for this family)")
+        return asked
 
     def _write_glue(self, ctx: BuildContext, package_dir: Path, numbers: dict, et_version: str,
                     model_bytes: int) -> None:
@@ -172,7 +207,14 @@ class ExecuTorchTarget(Target):
                    "tokenizer_file": TOKENIZER_FILE, "plan_sha256": plan_sha256(ctx.plan),
                    "model_megabytes": f"{model_bytes / 1e6:.1f}",
                    "kv_cache_megabytes": f"{kv_bytes / 1e6:.1f}", **numbers}
+        llm_ops = bool(read_program(package_dir).get("llm_ops"))
+        context["llm_ops"] = llm_ops
         render_templates(("common", *self.template_sets), context, package_dir)
+        if llm_ops:  # the C API's kernels of ExecuTorch's LLM ops (CMakeLists.txt)
+            from apq_sdk.runtime_kernels_build import kernel_source_dir
+
+            (package_dir / "src" / LLM_OPS_SOURCE).write_bytes(
+                (kernel_source_dir() / LLM_OPS_SOURCE).read_bytes())
 
     # -- what verify runs --------------------------------------------------------------------------
 
@@ -230,7 +272,22 @@ class ExecuTorchTarget(Target):
         from apq_sdk.verification import verify_runner
 
         package_dir = Path(package_dir)
-        with tempfile.TemporaryDirectory(prefix="apq-verify-"):
+        program = read_program(package_dir)
+
+        with tempfile.TemporaryDirectory(prefix="apq-verify-") as tmp:
+            def cache_probe():
+                """The program's cache and attention on float weights (program.py)."""
+                from .program import RECORDED_LAYERS, cache_probe_program
+
+                path = Path(tmp) / "cache-probe.pte"
+                with quiet_toolchain():
+                    path.write_bytes(cache_probe_program(
+                        checkpoint, int(program["max_context"]),
+                        program.get("attention", "static-cache"), self.partitioners()))
+                return (f"float probe ({RECORDED_LAYERS} layers, attention "
+                        f"{program.get('attention', 'static-cache')})",
+                        PteDecoder(path, threads=threads))
+
             return verify_runner(
                 target=self.name,
                 runner=self.runner(package_dir, threads=threads, checkpoint=checkpoint),
@@ -238,7 +295,7 @@ class ExecuTorchTarget(Target):
                 windows=windows, max_context=self.capabilities.max_context,
                 model_bytes=sum(p.stat().st_size for p in self.model_files(package_dir)),
                 read_weights=lambda: self.read_weights(package_dir, checkpoint.plan),
-                float_model=float_model, threads=threads, **options)
+                float_model=float_model, cache_probe=cache_probe, threads=threads, **options)
 
 
 def eos_ids(checkpoint) -> list[int]:
@@ -257,6 +314,8 @@ class AndroidTarget(ExecuTorchTarget):
     backend_name = "XNNPACK"
     maven_artifact = "org.pytorch:executorch-android"
     capabilities = ANDROID_CAPABILITIES
+    llm_custom_ops = True  # executorch-android's LlmModule runtime ships the llama:: kernels
+    build_options = (ATTENTION,)
 
     def partitioners(self) -> list:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -327,6 +386,10 @@ class PteDecoder(PrefixCacheRunner):
             import executorch.kernels.quantized  # noqa: F401  (embedding_4bit)
             from executorch.runtime import Runtime
             from executorch.version import __version__
+
+            from .program import load_llm_ops
+
+            load_llm_ops()  # llama::update_cache and llama::custom_sdpa (program.py, ATTENTION)
 
         from executorch.extension.pybindings import portable_lib
 

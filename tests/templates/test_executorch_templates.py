@@ -30,7 +30,7 @@ def _context(**changes) -> dict:
                    tokenizer_file="tokenizer.json", plan_sha256="ab" * 32,
                    model_megabytes="90.1", kv_cache_megabytes="47.2", vocab_size=384,
                    num_layers=2, num_kv_heads=2, head_dim=16, hidden_size=64, max_context=256,
-                   bos_token_id=1, eos_token_id=2)
+                   bos_token_id=1, eos_token_id=2, llm_ops=True)
     context.update(changes)
     return context
 
@@ -48,6 +48,17 @@ def rendered(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("executorch-glue")
     render_templates(("executorch",), _context(), out)
     return out
+
+
+@pytest.mark.parametrize("llm_ops", [True, False])
+def test_the_cmake_project_builds_the_llm_op_kernels_only_for_a_program_that_calls_them(
+        llm_ops, tmp_path):
+    render_templates(("executorch",), _context(llm_ops=llm_ops), tmp_path)
+    cmake = (tmp_path / "CMakeLists.txt").read_text()
+    readme = (tmp_path / "README.md").read_text()
+    assert ("src/executorch_llm_ops.cpp" in cmake) == llm_ops
+    assert ("APQ_BUNDLED_LLM_OPS" in readme) == llm_ops
+    assert ("static-cache" in readme) != llm_ops
 
 
 def _errors(node, out):
