@@ -1,8 +1,9 @@
 """The android (ExecuTorch + XNNPACK) package of the demo model against what a user would
 otherwise ship, side by side in one run.
 
-Variants, all but export_llm's exported the same way (transformers' static KV cache,
-torch.export, XNNPACK partitioner, ExecuTorch's runtime) so only the weights differ:
+Variants, all but export_llm's exported the same way (the package's attention, program.json
+"attention": ExecuTorch's custom SDPA and KV-cache ops for Llama-like families; torch.export,
+XNNPACK partitioner, ExecuTorch's runtime) so only the weights differ:
 
 * `apq-sdk` : the package (the plan's 4/16-bit layers, GPTQ, int8 per-token dynamic activations);
 * `apq-sdk @ recipe size` (with --match-recipe-size): an android package built with the
@@ -81,13 +82,13 @@ class Scores:
         return {"perplexity": math.exp(self.nll / self.count), "kl_mean": self.kl / self.count}
 
 
-def pte_program(model, max_context: int, partitioner_factory) -> bytes:
+def pte_program(model, max_context: int, attention: str, partitioner_factory) -> bytes:
     from apq_sdk.targets.executorch.program import export_program, lower_program
 
     import torch
 
     with torch.no_grad():
-        exported = export_program(model, max_context)
+        exported = export_program(model, max_context, attention)
     return lower_program(exported, partitioner_factory(), {}).to_executorch().buffer
 
 
@@ -236,8 +237,9 @@ def main() -> None:
 
     print("float .pte: export and lower", flush=True)
     fp32_path = work / "float.pte"
+    attention = program.get("attention", "static-cache")
     fp32_path.write_bytes(pte_program(load_model(model_spec)[0].eval(), program["max_context"],
-                                      lambda: [XnnpackPartitioner()]))
+                                      attention, lambda: [XnnpackPartitioner()]))
     add_pte("float .pte", fp32_path, "the unquantized model (FP32) in the same program")
 
     print(f"ExecuTorch export_llm 8da4w (group {args.recipe_group}): export and lower",
@@ -259,7 +261,7 @@ def main() -> None:
     recipe_model = load_model(model_spec)[0].eval()
     quantize_model_(recipe_model, qlinear_config="8da4w", qlinear_group_size=args.recipe_group)
     recipe_path = work / "recipe.pte"
-    recipe_path.write_bytes(pte_program(recipe_model, program["max_context"],
+    recipe_path.write_bytes(pte_program(recipe_model, program["max_context"], attention,
                                         lambda: [XnnpackPartitioner()]))
     del recipe_model
     add_pte(RECIPE, recipe_path,
