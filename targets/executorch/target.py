@@ -3,8 +3,9 @@
 `lower` builds the program from the checkpoint (targets/executorch/program.py: the core's codes
 and scales in torchao's unpacked int4 tensors, never re-quantized), exports it with its KV cache
 (ExecuTorch's LLM ops llama::update_cache and llama::custom_sdpa where the family allows, as
-export_llm does; option `attention`), lowers it with the XNNPACK partitioner and audits the result: every planned linear must sit
-inside an XNNPACK delegate, or the build fails naming the module. It writes
+export_llm does; option `attention`), lowers it with the XNNPACK partitioner and audits the
+result: every planned linear must sit inside an XNNPACK delegate, or the build fails naming the
+module. It writes
 
 * `model.pte`: the program, with the metadata ExecuTorch's LLM runner and Android's `LlmModule`
   read (get_max_seq_len, get_max_context_len, get_vocab_size, get_bos_id, get_eos_ids,
