@@ -132,14 +132,23 @@ constexpr char kUpdateCache[] = "llama::update_cache.out";
 constexpr char kCustomSdpa[] = "llama::custom_sdpa.out";
 
 // registers each kernel unless the runtime already has one of that name (ExecuTorch's own)
+// whether a kernel of this name is registered (a scan: the registry's own lookup logs an error
+// for a name it lacks)
+bool registered(const char* name) {
+  for (const auto& kernel : executorch::runtime::get_registered_kernels()) {
+    if (std::strcmp(kernel.name_, name) == 0) return true;
+  }
+  return false;
+}
+
 struct Registration {
   Registration() {
     using executorch::extension::make_boxed_kernel;
-    if (!executorch::runtime::registry_has_op_function(kUpdateCache)) {
+    if (!registered(kUpdateCache)) {
       (void)executorch::runtime::register_kernel(
           make_boxed_kernel(kUpdateCache, EXECUTORCH_FN(update_cache_out, kUpdateCache)));
     }
-    if (!executorch::runtime::registry_has_op_function(kCustomSdpa)) {
+    if (!registered(kCustomSdpa)) {
       (void)executorch::runtime::register_kernel(
           make_boxed_kernel(kCustomSdpa, EXECUTORCH_FN(custom_sdpa_out, kCustomSdpa)));
     }

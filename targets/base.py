@@ -40,6 +40,7 @@ BUILTIN_TARGETS = {
     "jetson-orin": "tensorrt.target",
     "cuda-x86_64": "tensorrt.target",
     "android": "executorch.target",
+    "android-lowbit": "executorch.target",
     "qualcomm": "executorch.target",
     "macos": "coreai.target",
     "ios": "coreai.target",

@@ -10,6 +10,10 @@ with every planned layer swapped for an exportable one:
   the bfloat16-grid values: XNNPACK stores them as bfloat16, exactly) and asymmetric per-token
   int8 activations: the pattern XNNPACK's partitioner lowers to its dynamically quantized
   blockwise GEMM (qd8-f32-qb4w);
+* a 2- or 3-bit linear (the android-lowbit target only, `lowbit_kernel`) becomes a
+  `LowbitLinear` (lowbit.py): the checkpoint's qweight bytes and float16 scales unchanged, computed
+  by the custom op apq::lowbit_linear outside the delegate (runtime_kernels/
+  executorch_lowbit_linear.cpp), with the same int8 per-token asymmetric activations;
 * a 16-bit linear becomes a float32 `nn.Linear` of its float16 values (XNNPACK's float GEMM);
 * a tied 4-bit head's embedding lookup becomes `quantized_decomposed::embedding_4bit` over the
   same codes and float16 scales, nibbles re-laid out as that kernel reads them (first element in
@@ -42,6 +46,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .lowbit import BITS as LOWBIT_BITS
+from .lowbit import LowbitLinear
+
 #: ops that must never run outside the delegate where a planned quantized layer produced them
 #: (a quantized linear left in portable ops, dequantized to float on every call)
 QUANT_OPS = ("dequantize_affine", "quantize_affine", "choose_qparams_affine",
@@ -58,12 +65,14 @@ class DelegationAudit:
     delegates: int = 0
     planned_linears: int = 0
     delegated_linears: int = 0
+    kernel_linears: int = 0  # planned linears computed by apq::lowbit_linear (lowbit.py)
     outside: Counter = field(default_factory=Counter)  # op name -> count, outside any delegate
     undelegated_modules: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"delegates": self.delegates, "planned_linears": self.planned_linears,
                 "delegated_linears": self.delegated_linears,
+                "kernel_linears": self.kernel_linears,
                 "ops_outside_delegates": dict(sorted(self.outside.items())),
                 "undelegated_modules": self.undelegated_modules}
 
@@ -91,8 +100,10 @@ def bf16_exact(scales: np.ndarray) -> bool:
     return bool(torch.equal(s.to(torch.bfloat16).float(), s))
 
 
-def exportable_model(checkpoint, *, activation_quantization: bool = True):
-    """The reference model of `checkpoint` with every planned layer exportable (module docstring).
+def exportable_model(checkpoint, *, activation_quantization: bool = True,
+                     lowbit_kernel: bool = False):
+    """The reference model of `checkpoint` with every planned layer exportable (module docstring);
+    `lowbit_kernel`: 2- and 3-bit layers become apq::lowbit_linear (else they are refused).
     Raises LoweringError for a layer the program cannot hold exactly."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization)
@@ -114,11 +125,21 @@ def exportable_model(checkpoint, *, activation_quantization: bool = True):
                                                       _embed_scale(model)))
             continue
         bias = None if module.bias is None else torch.from_numpy(module.bias).float()
+        if module.kind == "packed" and lowbit_kernel and module.bits in LOWBIT_BITS:
+            if not module.symmetric:
+                raise LoweringError(f"{name}: {module.bits}-bit asymmetric groups; "
+                                    f"apq::lowbit_linear takes symmetric groups")
+            if not activation_quantization:
+                raise LoweringError(f"{name}: apq::lowbit_linear always quantizes its "
+                                    f"activations (int8 per token)")
+            replace_module(model, name, LowbitLinear(module, bias))
+            continue
         if module.kind == "packed":
             if module.bits not in int4 or not module.symmetric:
                 raise LoweringError(f"{name}: {module.bits}-bit "
                                     f"{'symmetric' if module.symmetric else 'asymmetric'} groups "
-                                    f"have no XNNPACK kernel (4-bit symmetric only)")
+                                    f"have no XNNPACK kernel (4-bit symmetric only; 2 and 3 bits "
+                                    f"run apq::lowbit_linear on the android-lowbit target)")
             if module.shape[1] % module.group_size:
                 raise LoweringError(f"{name}: groups of {module.group_size} do not divide its "
                                     f"input width {module.shape[1]}; XNNPACK would leave it in "
@@ -397,12 +418,18 @@ def _clean_path(path: str) -> str:
     return path
 
 
-def audit_delegation(edge, planned: set[str]) -> DelegationAudit:
+#: the op a planned 2/3-bit linear must become outside the delegate (lowbit.py)
+LOWBIT_OP = "apq.lowbit_linear."
+
+
+def audit_delegation(edge, planned: set[str], kernel: set[str] = frozenset()) -> DelegationAudit:
     """Count what the partitioner took. A planned linear whose matmul or quantization ops stayed
-    outside every delegate is listed by module name (the build refuses it)."""
+    outside every delegate is listed by module name (the build refuses it), except the `kernel`
+    modules, which must be computed by apq::lowbit_linear and nothing else."""
     audit = DelegationAudit(planned_linears=len(planned))
     program = edge.exported_program()
     delegated: set[str] = set()
+    by_kernel: set[str] = set()
     for node in program.graph.nodes:
         if node.op != "call_function":
             continue
@@ -420,12 +447,21 @@ def audit_delegation(edge, planned: set[str]) -> DelegationAudit:
         short = name.split(".")[1] if name.count(".") >= 2 else name
         audit.outside[short] += 1
         module = _module_of(node, planned)
+        if LOWBIT_OP in name:
+            if module in kernel:
+                by_kernel.add(module)
+            elif module is not None and module not in audit.undelegated_modules:
+                audit.undelegated_modules.append(module)  # not planned for the kernel
+            continue
         quant = any(op in name for op in QUANT_OPS)
         if module is not None and (quant or any(op in name for op in LINEAR_OPS)):
             if module not in audit.undelegated_modules:
                 audit.undelegated_modules.append(module)
     audit.delegated_linears = len(delegated)
-    missing = sorted(planned - delegated - set(audit.undelegated_modules))
+    audit.kernel_linears = len(by_kernel)
+    delegated_kernel = sorted(set(kernel) & delegated)  # a kernel module in the delegate
+    missing = sorted(planned - delegated - by_kernel - set(audit.undelegated_modules))
+    missing += delegated_kernel
     audit.undelegated_modules = sorted(set(audit.undelegated_modules) | set(missing))
     return audit
 
@@ -473,12 +509,13 @@ class LinearRecorder(nn.Module):
 RECORDED_LAYERS = 2
 
 
-def recording_program(checkpoint, length: int, partitioners, layers: int = RECORDED_LAYERS):
+def recording_program(checkpoint, length: int, partitioners, layers: int = RECORDED_LAYERS,
+                      lowbit_kernel: bool = False):
     """The recorder of `checkpoint` for `length` tokens, lowered like the package's program:
     its first `layers` decoder layers, the final norm and the head, every linear recorded."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    model = exportable_model(checkpoint)
+    model = exportable_model(checkpoint, lowbit_kernel=lowbit_kernel)
     kept = truncate_layers(model, layers)
     names = [n for n, m in checkpoint.plan.modules.items()
              if m.kind in ("linear", "lm_head") and _layer_of(n) in kept]

@@ -5,7 +5,8 @@ backends/xnnpack/serialization/schema.fbs in the wheel) whose constant tensors n
 the program's named data (key: the SHA-256 of the bytes; a 4-bit weight's bfloat16 block scales
 under "scale_" + the SHA-256 of theirs). The flatbuffer is decoded with the flatc and schema the
 ExecuTorch wheel ships; constants outside any delegate (the embedding lookup tables) are the
-program's constant buffers.
+program's constant buffers, and so are the operands of apq::lowbit_linear (the 2/3-bit layers'
+codes and float16 scales, byte for byte the checkpoint's).
 
 At build time `weights_index` finds where each planned module's weights went and records it in
 program.json ("weights"); `read_weights` reads them back from the file through that index into the
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .lowbit import BITS as LOWBIT_BITS
 
 XNN_MAGIC = b"XH00"
 
@@ -147,7 +150,17 @@ def weights_index(pte: Pte, checkpoint) -> dict:
                                      f"program")
             index[name] = {"kind": "constant-float16", "shape": [n, k], "buffer": where}
             continue
-        if module.kind == "packed":
+        if module.kind == "packed" and module.bits in LOWBIT_BITS:
+            codes = constants.get(_sha(module.arrays["qweight"].tobytes()))
+            scales = constants.get(_sha(module.arrays["scales"].astype(np.float16).tobytes()))
+            if codes is None or scales is None:
+                raise PteFormatError(f"{name}: its {module.bits}-bit codes and float16 scales "
+                                     f"(apq::lowbit_linear's operands) are not constants of the "
+                                     f"program")
+            index[name] = {"kind": "apq-lowbit", "shape": [n, k], "bits": module.bits,
+                           "group_size": module.group_size, "codes_buffer": codes,
+                           "scales_buffer": scales}
+        elif module.kind == "packed":
             weight = by_key.get(_sha(module.arrays["qweight"].tobytes()))
             if weight is None or weight.datatype != "xnn_datatype_qbint4" \
                     or weight.dims != (n, k) or weight.group_size != module.group_size:
@@ -206,6 +219,19 @@ def read_weights(pte: Pte, index: dict, plan) -> dict:
             module = CheckpointModule(name, "packed", (n, k), {"qweight": codes.copy(),
                                                                "scales": scales},
                                       bits=4, group_size=group)
+        elif where["kind"] == "apq-lowbit":
+            bits, group = where["bits"], where["group_size"]
+            codes = np.frombuffer(pte.constants[where["codes_buffer"]], dtype=np.uint8)
+            scales = np.frombuffer(pte.constants[where["scales_buffer"]], dtype=np.float16)
+            row = -(-k * bits // 8)
+            if codes.size != n * row or scales.size != n * -(-k // group):
+                raise PteFormatError(f"{name}: apq::lowbit_linear's constants hold "
+                                     f"{codes.size} code bytes and {scales.size} scales, "
+                                     f"expected {n * row} and {n * -(-k // group)}")
+            module = CheckpointModule(name, "packed", (n, k), {
+                "qweight": codes.reshape(n, row).copy(),
+                "scales": scales.reshape(n, -(-k // group)).copy()},
+                bits=bits, group_size=group)
         elif where["kind"] == "xnnpack-fp32":
             weight = np.frombuffer(pte.named(where["weight"]), dtype=np.float32).reshape(n, k)
             module = CheckpointModule(name, "float16", (n, k), {"weight": weight.astype(np.float16)})

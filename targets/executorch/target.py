@@ -42,6 +42,7 @@ MODEL_FILE = "model.pte"
 PROGRAM_FILE = "program.json"
 TOKENIZER_FILE = "tokenizer.json"
 LLM_OPS_SOURCE = "executorch_llm_ops.cpp"  # runtime_kernels/: reference kernels of llama:: ops
+LOWBIT_SOURCE = "executorch_lowbit_linear.cpp"  # runtime_kernels/: apq::lowbit_linear
 EXECUTORCH_VERSION = "1.5.1"  # what packages are exported with and checked against here
 
 ATTENTION = BuildOption(
@@ -84,6 +85,9 @@ class ExecuTorchTarget(Target):
     backend: ClassVar[str]
     #: whether the backend's runtime runs ExecuTorch's LLM ops (program.py, ATTENTION)
     llm_custom_ops: ClassVar[bool] = False
+    #: whether 2- and 3-bit layers run apq::lowbit_linear (lowbit.py; the runtime must link
+    #: runtime_kernels/executorch_lowbit_linear.cpp)
+    lowbit_kernel: ClassVar[bool] = False
     backend_name: ClassVar[str]  # as the README names it
     maven_artifact: ClassVar[str]  # the Android runtime the generated Gradle module depends on
     min_sdk: ClassVar[int] = 26
@@ -105,6 +109,8 @@ class ExecuTorchTarget(Target):
         from apq_sdk.plan_file import plan_sha256
 
         from ..onnx_graph import LoweringError, dumps_json
+        from .lowbit import BITS as LOWBIT_BITS
+        from .lowbit import KERNEL_NAME as LOWBIT_KERNEL
         from .program import (ATTENTION_CUSTOM_OPS, LLM_OPS, audit_delegation, export_program,
                               exportable_model, lower_program)
 
@@ -122,11 +128,13 @@ class ExecuTorchTarget(Target):
         attention = self._attention(ctx)
         metadata["use_sdpa_with_kv_cache"] = attention == ATTENTION_CUSTOM_OPS
         with torch.no_grad(), quiet_toolchain():
-            model = exportable_model(ckpt)
+            model = exportable_model(ckpt, lowbit_kernel=self.lowbit_kernel)
             exported = export_program(model, max_context, attention)
             edge = lower_program(exported, self.partitioners(), metadata)
         planned = {n for n, m in ckpt.plan.modules.items() if m.kind != "embedding"}
-        audit = audit_delegation(edge, planned)
+        kernel = {n for n in planned if self.lowbit_kernel and ckpt.modules[n].kind == "packed"
+                  and ckpt.modules[n].bits in LOWBIT_BITS}
+        audit = audit_delegation(edge, planned, kernel)
         if audit.undelegated_modules:
             shown = ", ".join(audit.undelegated_modules[:8])
             more = f" and {len(audit.undelegated_modules) - 8} more" \
@@ -137,6 +145,7 @@ class ExecuTorchTarget(Target):
                 f"{shown}{more}. Ops outside any delegate: {dict(audit.outside)}")
         with quiet_toolchain():
             program = edge.to_executorch()
+        kernels = [LOWBIT_KERNEL] if audit.kernel_linears else []
         from .pte_reader import Pte, PteFormatError, weights_index
 
         try:
@@ -160,6 +169,7 @@ class ExecuTorchTarget(Target):
             "metadata": metadata, "backend": self.backend, "executorch": et_version,
             "attention": attention,
             "llm_ops": list(LLM_OPS) if attention == ATTENTION_CUSTOM_OPS else [],
+            "apq_kernels": kernels,
             "plan_sha256": plan_sha256(ckpt.plan), "delegation": audit.to_dict(),
             "weights": weights}
         (package_dir / PROGRAM_FILE).write_text(dumps_json(description))
@@ -208,14 +218,20 @@ class ExecuTorchTarget(Target):
                    "tokenizer_file": TOKENIZER_FILE, "plan_sha256": plan_sha256(ctx.plan),
                    "model_megabytes": f"{model_bytes / 1e6:.1f}",
                    "kv_cache_megabytes": f"{kv_bytes / 1e6:.1f}", **numbers}
-        llm_ops = bool(read_program(package_dir).get("llm_ops"))
+        program = read_program(package_dir)
+        llm_ops = bool(program.get("llm_ops"))
         context["llm_ops"] = llm_ops
+        context["lowbit_kernel"] = bool(program.get("apq_kernels"))
         render_templates(("common", *self.template_sets), context, package_dir)
-        if llm_ops:  # the C API's kernels of ExecuTorch's LLM ops (CMakeLists.txt)
-            from apq_sdk.runtime_kernels_build import kernel_source_dir
+        from apq_sdk.runtime_kernels_build import kernel_source_dir
 
-            (package_dir / "src" / LLM_OPS_SOURCE).write_bytes(
-                (kernel_source_dir() / LLM_OPS_SOURCE).read_bytes())
+        # kernels the C API compiles in (CMakeLists.txt): ExecuTorch's LLM ops where the runtime
+        # lacks them, and apq::lowbit_linear, which no ExecuTorch runtime has
+        for needed, source in ((llm_ops, LLM_OPS_SOURCE),
+                               (context["lowbit_kernel"], LOWBIT_SOURCE)):
+            if needed:
+                (package_dir / "src" / source).write_bytes(
+                    (kernel_source_dir() / source).read_bytes())
 
     # -- what verify runs --------------------------------------------------------------------------
 
@@ -231,8 +247,10 @@ class ExecuTorchTarget(Target):
 
             def recorder(length: int):
                 with quiet_toolchain():
-                    return recording_program(checkpoint, length, self.partitioners())
-        return PteDecoder(Path(package_dir) / MODEL_FILE, threads=threads, recorder=recorder)
+                    return recording_program(checkpoint, length, self.partitioners(),
+                                             lowbit_kernel=self.lowbit_kernel)
+        return PteDecoder(Path(package_dir) / MODEL_FILE, threads=threads, recorder=recorder,
+                          apq_kernels=bool(read_program(package_dir).get("apq_kernels")))
 
     def manifest_extra(self, package_dir: Path) -> dict:
         return {"validation": {
@@ -324,6 +342,19 @@ class AndroidTarget(ExecuTorchTarget):
         return [XnnpackPartitioner()]
 
 
+ANDROID_LOWBIT_CAPABILITIES = dataclasses.replace(
+    ANDROID_CAPABILITIES,
+    name="android-lowbit",
+    weight_bits=(2, 3, 4, 16),
+    notes=("The android target's XNNPACK program, plus 2- and 3-bit symmetric groups through the "
+           "custom op apq::lowbit_linear (runtime_kernels/executorch_lowbit_linear.cpp: the "
+           "checkpoint's packed codes and float16 scales, int8 per-token asymmetric dynamic "
+           "activations, one thread), outside the delegate. The runtime must link that kernel: "
+           "the package's C API compiles it in; executorch-android's stock LlmModule runtime "
+           "does not have it (the package README says how to build one that does)."),
+)
+
+
 QNN_SDK_VERSION = "2.37.0.250724"  # what ExecuTorch 1.5.1's Qualcomm backend is built against
 
 QUALCOMM_CAPABILITIES = dataclasses.replace(
@@ -343,6 +374,35 @@ QUALCOMM_CAPABILITIES = dataclasses.replace(
            "without it the build stops before any work. The QNN lowering itself is not "
            "implemented in this release: it could not be validated without the SDK."),
 )
+
+
+class AndroidLowbitTarget(AndroidTarget):
+    """A device preset of `android` for plans below 4 bits per weight: the same program, build
+    path and Android module, with 2- and 3-bit layers on apq::lowbit_linear (lowbit.py), which
+    XNNPACK cannot hold. The app's ExecuTorch runtime must link the kernel."""
+
+    name = "android-lowbit"
+    description = ("android with 2- and 3-bit layers on apq-sdk's ExecuTorch kernel "
+                   "(apq::lowbit_linear) beside XNNPACK's 4-bit ones; the runtime must link it")
+    capabilities = ANDROID_LOWBIT_CAPABILITIES
+    preset_of = "android"
+    lowbit_kernel = True
+    tools = AndroidTarget.tools + (
+        Tool("c++", "executable", "apt-get install g++ (or set CXX)", "verify"),)
+
+    def manifest_extra(self, package_dir: Path) -> dict:
+        extra = super().manifest_extra(package_dir)
+        if read_program(package_dir).get("apq_kernels"):
+            validation = extra["validation"]
+            validation["validated_here"].append(
+                "apq::lowbit_linear (runtime_kernels/executorch_lowbit_linear.cpp, in src/) "
+                "compiled against the executorch wheel's runtime and loaded into it: verify ran "
+                "model.pte with it; the kernel equals its torch reference bit for bit "
+                "(tests/targets/executorch/test_lowbit.py)")
+            validation["not_validated_here"].append(
+                "an Android runtime with apq::lowbit_linear linked in: executorch-android's "
+                "stock AAR does not have it, and building one (README) needs the Android NDK")
+        return extra
 
 
 class QualcommTarget(ExecuTorchTarget):
@@ -382,7 +442,11 @@ class PteDecoder(PrefixCacheRunner):
     verify Runner. The KV cache lives in the program's mutable buffers, so a step's state is the
     token ids the cache holds; a step from any other state first re-fills the cache."""
 
-    def __init__(self, path: Path, threads: int = 1, recorder=None):
+    def __init__(self, path: Path, threads: int = 1, recorder=None, apq_kernels: bool = False):
+        if apq_kernels:  # apq::lowbit_linear, compiled against the wheel's runtime and loaded
+            from .lowbit import load_kernel_library
+
+            load_kernel_library()
         with quiet_toolchain():
             import executorch.kernels.quantized  # noqa: F401  (embedding_4bit)
             from executorch.runtime import Runtime
