@@ -35,6 +35,7 @@ from torch import nn
 OP = "apq::lowbit_linear"
 KERNEL_NAME = "apq::lowbit_linear.out"  # what the program calls (ExecuTorch's out variant)
 KERNEL_SOURCE = "executorch_lowbit_linear.cpp"
+KERNEL_HEADER = "apq_lowbit_linear.h"  # the arithmetic, included by the source
 #: bit widths the op serves: XNNPACK takes 4 bits; 2 and 3 have no XNNPACK kernel
 BITS = (2, 3)
 CXXFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off",
@@ -176,7 +177,8 @@ def build_kernel_library(out_dir: Path | str | None = None) -> Path:
             f"the kernel of the 2- and 3-bit layers: install g++ (apt-get install g++)")
     root = executorch_root()
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), _compiler_identity(cxx).encode(),
+    for part in (source.read_bytes(), (source.parent / KERNEL_HEADER).read_bytes(),
+                 _compiler_identity(cxx).encode(),
                  " ".join(CXXFLAGS).encode(), et_version.encode(), str(root).encode()):
         digest.update(part)
         digest.update(b"\0")

@@ -42,7 +42,8 @@ MODEL_FILE = "model.pte"
 PROGRAM_FILE = "program.json"
 TOKENIZER_FILE = "tokenizer.json"
 LLM_OPS_SOURCE = "executorch_llm_ops.cpp"  # runtime_kernels/: reference kernels of llama:: ops
-LOWBIT_SOURCE = "executorch_lowbit_linear.cpp"  # runtime_kernels/: apq::lowbit_linear
+LOWBIT_SOURCES = ("executorch_lowbit_linear.cpp",  # runtime_kernels/: apq::lowbit_linear
+                  "apq_lowbit_linear.h")  # and its arithmetic
 EXECUTORCH_VERSION = "1.5.1"  # what packages are exported with and checked against here
 
 ATTENTION = BuildOption(
@@ -227,9 +228,9 @@ class ExecuTorchTarget(Target):
 
         # kernels the C API compiles in (CMakeLists.txt): ExecuTorch's LLM ops where the runtime
         # lacks them, and apq::lowbit_linear, which no ExecuTorch runtime has
-        for needed, source in ((llm_ops, LLM_OPS_SOURCE),
-                               (context["lowbit_kernel"], LOWBIT_SOURCE)):
-            if needed:
+        for needed, sources in ((llm_ops, (LLM_OPS_SOURCE,)),
+                                (context["lowbit_kernel"], LOWBIT_SOURCES)):
+            for source in sources if needed else ():
                 (package_dir / "src" / source).write_bytes(
                     (kernel_source_dir() / source).read_bytes())
 

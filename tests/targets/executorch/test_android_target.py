@@ -21,6 +21,7 @@ from apq_sdk.errors import ApqError  # noqa: E402
 from apq_sdk.package import reference_dir  # noqa: E402
 from apq_sdk.targets.executorch import program as et_program  # noqa: E402
 from apq_sdk.targets.executorch.pte_reader import Pte, PteFormatError, weights_index  # noqa: E402
+from apq_sdk.targets.base import get_target  # noqa: E402
 from apq_sdk.targets.executorch.target import AndroidTarget, PteDecoder  # noqa: E402
 from apq_sdk.testing import TINY_MODELS, make_tiny_model  # noqa: E402
 
@@ -39,6 +40,28 @@ def package(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(package):
     return read_checkpoint(reference_dir(package))
+
+
+@pytest.fixture(scope="module")
+def lowbit_package(tmp_path_factory) -> Path:
+    """The android-lowbit preset at 4.2 bits per weight (the tiny llama's least is 3.9): most of
+    its layers at 2 and 3 bits, on apq::lowbit_linear."""
+    import shutil
+
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        pytest.skip("a C++ compiler is needed to build apq::lowbit_linear")
+    calib = tmp_path_factory.mktemp("calib") / "calib.txt"
+    calib.write_text(builtin_text()[:60_000])
+    model = make_tiny_model(tmp_path_factory.mktemp("m") / "tiny-llama", "llama")
+    out = tmp_path_factory.mktemp("pkg")
+    return build(BuildRequest(target="android-lowbit", model=str(model), output=out,
+                              calib=str(calib), bits_per_weight=4.2, samples=8, seq_len=48,
+                              verify_windows=1), log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def lowbit_checkpoint(lowbit_package):
+    return read_checkpoint(reference_dir(lowbit_package))
 
 
 def test_the_program_is_delegated_and_says_what_it_holds(package, checkpoint):
@@ -69,12 +92,20 @@ def test_the_exportable_model_is_the_reference_in_eager_torch(checkpoint):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
-def test_executorchs_own_llm_runner_generates_what_our_runner_decodes(package):
+@pytest.mark.parametrize("which", ["package", "lowbit_package"])
+def test_executorchs_own_llm_runner_generates_what_our_runner_decodes(which, request):
     """The .pte and tokenizer.json load in ExecuTorch's TextLLMRunner (the C++ runner Android's
-    LlmModule wraps); its greedy text equals argmax decoding through our runner."""
+    LlmModule wraps); its greedy text equals argmax decoding through our runner. The lowbit
+    program runs there too once apq::lowbit_linear is registered with the runtime."""
     import executorch.kernels.quantized  # noqa: F401  (embedding_4bit in the runner's registry)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
     from tokenizers import Tokenizer
+
+    package = request.getfixturevalue(which)
+    if json.loads((package / "program.json").read_text())["apq_kernels"]:
+        from apq_sdk.targets.executorch.lowbit import load_kernel_library
+
+        load_kernel_library()
 
     prompt = "The history of the city begins"
     tokenizer = Tokenizer.from_file(str(package / "tokenizer.json"))
@@ -317,18 +348,21 @@ def _executorch_root() -> Path:
 
 
 @pytest.mark.slow
-def test_the_packages_c_api_builds_against_the_wheel_and_matches_the_python_runtime(package,
+@pytest.mark.parametrize("which", ["package", "lowbit_package"])
+def test_the_packages_c_api_builds_against_the_wheel_and_matches_the_python_runtime(which,
+                                                                                   request,
                                                                                    tmp_path):
     """The package's CMake project (C API, tokenizer, apq_run, the bundled kernels of ExecuTorch's
-    LLM ops) builds against the headers, libraries and CMake package ExecuTorch's wheel ships;
-    ExecuTorch's C++ Module with those kernels gives the Python runtime's logits (the same
-    function: within 2e-5, attention sums tiled differently), and the C API generates the same
-    greedy tokens."""
+    LLM ops, and apq::lowbit_linear where the program calls it) builds against the headers,
+    libraries and CMake package ExecuTorch's wheel ships; ExecuTorch's C++ Module with those
+    kernels gives the Python runtime's logits (the same function: within 2e-5, attention sums
+    tiled differently), and the C API generates the same greedy tokens."""
     import shutil
     import subprocess
 
     from tokenizers import Tokenizer
 
+    package = request.getfixturevalue(which)
     cmake, gxx, gcc = shutil.which("cmake"), shutil.which("g++"), shutil.which("gcc")
     if not (cmake and gxx and gcc):
         pytest.skip("cmake, g++ and gcc are needed to build the package's C API")
@@ -350,15 +384,17 @@ def test_the_packages_c_api_builds_against_the_wheel_and_matches_the_python_runt
             if "openvino" not in p.name and "qnn" not in p.name]
     program = json.loads((package / "program.json").read_text())
     assert program["attention"] == "custom-ops" and program["llm_ops"]
-    ops = package / "src" / "executorch_llm_ops.cpp"  # what the wheel's runtime lacks
-    subprocess.run([gxx, "-std=c++17", "-O1", "-DC10_USING_CUSTOM_GENERATED_MACROS", *include,
-                    source, ops, "-o", exe, "-Wl,--no-as-needed", *libs, "-Wl,--as-needed",
+    ops = [package / "src" / "executorch_llm_ops.cpp"]  # what the wheel's runtime lacks
+    if program["apq_kernels"]:
+        ops.append(package / "src" / "executorch_lowbit_linear.cpp")
+    subprocess.run([gxx, "-std=c++17", "-O1", "-ffp-contract=off",
+                    "-DC10_USING_CUSTOM_GENERATED_MACROS", *include, source, *ops, "-o", exe, "-Wl,--no-as-needed", *libs, "-Wl,--as-needed",
                     f"-Wl,-rpath,{root / 'lib'}"], check=True, capture_output=True)
     ids = [3, 17, 29, 41, 5, 77, 8]
     out = subprocess.run([exe, package / "model.pte", *map(str, ids)], capture_output=True,
                          check=True, timeout=300).stdout
     native = np.frombuffer(out, dtype=np.float32)
-    runner = PteDecoder(package / "model.pte")
+    runner = PteDecoder(package / "model.pte", apq_kernels=bool(program["apq_kernels"]))
     first, state = runner.step(np.array(ids[:-1]), None)
     second, _ = runner.step(np.array(ids[-1:]), state)
     python = np.concatenate([first.ravel(), second.ravel()])
@@ -414,3 +450,81 @@ def test_the_recording_program_keeps_the_first_layers_and_the_head(checkpoint):
     assert {et_program._layer_of(n) for n in names} == {0, None}
     assert len(names) == 1 + sum(1 for n in checkpoint.plan.modules
                                  if et_program._layer_of(n) == 0)
+
+
+# -- android-lowbit: 2- and 3-bit layers on apq::lowbit_linear ------------------------------------
+
+def test_the_lowbit_program_runs_its_low_layers_on_the_kernel(lowbit_package, lowbit_checkpoint):
+    """Every 2/3-bit layer is one apq::lowbit_linear over the checkpoint's own bytes; the 4-bit
+    and 16-bit ones are still XNNPACK's; nothing else is outside the delegate."""
+    desc = json.loads((lowbit_package / "program.json").read_text())
+    plan = lowbit_checkpoint.plan.modules
+    low = {n for n, m in plan.items() if m.kind != "embedding" and m.bits in (2, 3)}
+    assert low, "the budget must plan 2/3-bit layers for this test to mean anything"
+    audit = desc["delegation"]
+    assert audit["kernel_linears"] == len(low)
+    assert audit["delegated_linears"] == audit["planned_linears"] - len(low)
+    assert audit["undelegated_modules"] == []
+    assert audit["ops_outside_delegates"]["lowbit_linear"] == len(low)
+    assert desc["apq_kernels"] == ["apq::lowbit_linear.out"]
+    assert {n for n, w in desc["weights"].items() if w["kind"] == "apq-lowbit"} == low
+    manifest = json.loads((lowbit_package / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "android-lowbit"
+    assert any("apq::lowbit_linear" in line
+               for line in manifest["validation"]["not_validated_here"])
+    assert (lowbit_package / "src" / "executorch_lowbit_linear.cpp").is_file()
+    gradle = (lowbit_package / "android" / "apq-model" / "build.gradle.kts").read_text()
+    assert "apqExecutorchAar" in gradle and "org.pytorch:executorch-android:" not in gradle
+
+
+def test_a_changed_lowbit_code_byte_is_caught(lowbit_package, lowbit_checkpoint, tmp_path):
+    """read_weights reads the kernel's operands back from model.pte: a flipped byte in one 2/3-bit
+    layer's codes makes that module differ from the checkpoint."""
+    import shutil
+
+    from apq_sdk.verification import compare_weights
+
+    broken = tmp_path / "p"
+    shutil.copytree(lowbit_package, broken)
+    desc = json.loads((broken / "program.json").read_text())
+    name = next(n for n, w in sorted(desc["weights"].items()) if w["kind"] == "apq-lowbit")
+    codes = lowbit_checkpoint.modules[name].arrays["qweight"].tobytes()
+    data = bytearray((broken / "model.pte").read_bytes())
+    at = bytes(data).find(codes)
+    assert at >= 0 and bytes(data).find(codes, at + 1) < 0
+    data[at + 5] ^= 0x10
+    (broken / "model.pte").write_bytes(bytes(data))
+    target = get_target("android-lowbit")()
+    try:
+        read = target.read_weights(broken, lowbit_checkpoint.plan)
+    except ApqError as exc:  # the index no longer finds it where it was: also a catch
+        assert name in str(exc) or "constant" in str(exc)
+        return
+    result = compare_weights(lowbit_checkpoint, read)
+    assert result["mismatched"] == 1 and name in str(result["examples"])
+
+
+def test_the_android_target_refuses_what_only_the_kernel_runs(lowbit_checkpoint):
+    """Without the kernel (the android target), a 2/3-bit layer is refused at lowering with the
+    target that runs it; a kernel layer found anywhere but in apq::lowbit_linear fails the audit."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    from apq_sdk.targets.onnx_graph import LoweringError
+
+    with pytest.raises(LoweringError, match="android-lowbit"):
+        et_program.exportable_model(lowbit_checkpoint)
+    model = et_program.exportable_model(lowbit_checkpoint, lowbit_kernel=True)
+    with torch.no_grad():
+        exported = et_program.export_program(model, 64)
+    edge = et_program.lower_program(exported, [XnnpackPartitioner()], {})
+    planned = {n for n, m in lowbit_checkpoint.plan.modules.items() if m.kind != "embedding"}
+    four = {n for n in planned if lowbit_checkpoint.plan.modules[n].bits == 4}
+    assert four
+    audit = et_program.audit_delegation(edge, planned, kernel=planned - four)
+    assert audit.undelegated_modules == []
+    # the audit told that the 4-bit layers are kernel layers: each is found in the delegate
+    wrong = et_program.audit_delegation(edge, planned, kernel=planned)
+    assert set(wrong.undelegated_modules) == four
+    # and a kernel layer the audit was not told about is refused by name
+    unplanned = et_program.audit_delegation(edge, planned, kernel=set())
+    assert set(unplanned.undelegated_modules) == planned - four

@@ -1,0 +1,350 @@
+// apq_lowbit_linear.h - the arithmetic of apq::lowbit_linear, with no runtime attached: low-bit
+// group-quantized weights in the core's packed layout times int8 per-token asymmetric dynamic
+// activations. executorch_lowbit_linear.cpp registers it with ExecuTorch; the tests compile it
+// alone too (x86-64 with and without SIMD, aarch64 under qemu) and compare every path with the
+// Python reference (targets/executorch/lowbit.py) bit for bit.
+//
+//   y[t, n] = (((0 + s[n,0] * S[t,n,0]) + s[n,1] * S[t,n,1]) + ...) * scale[t]   (float32)
+//   S[t,n,g] = sum over k in group g of (code_x[t,k] - zero_x[t]) * (code_w[n,k] - 2^(bits-1))
+//
+// x [m, k] float32; packed [n, ceil(k*bits/8)]: codes 0 .. 2^bits-1, an LSB-first bit stream
+// per row (docs/formats.md); scales [n, ceil(k/group)] float16 bits. The activations are
+// quantized per token as the core's int8-per-token-asym-dynamic mode does it
+// (apq_sdk/quant/modules.py): lo = min(x, 0), hi = max(x, 0), scale = max((hi - lo) / 255,
+// FLT_MIN), zero = clamp(-128 - round(lo / scale), -128, 127), code = clamp(round(x * (1 /
+// scale)) + zero, -128, 127), rounding half to even.
+//
+// Every S is an exact integer (int32), however it is computed; the float sums run over groups
+// in order, one multiply and one add each: compile with -ffp-contract=off, so no fused
+// multiply-add changes a rounding. The paths:
+//   * a few tokens (decode), 2 or 4 bits, whole groups of 16-byte multiples: SIMD (SSSE3 on
+//     x86-64, NEON on aarch64) over the packed bytes in place, the activations laid out in
+//     planes (plane i holds the code of position P*j + i at j, P codes per byte), unsigned
+//     codes times signed activation codes, the zero points taken out per group:
+//     S = sum cx*cw - zw * sum cx - zx * sum cw + len * zx * zw;
+//   * the same without SIMD (any compiler);
+//   * otherwise (prefill, 3 bits, short groups): each row unpacked once, then reused.
+#ifndef APQ_LOWBIT_LINEAR_H
+#define APQ_LOWBIT_LINEAR_H
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__SSSE3__)
+#include <tmmintrin.h>
+#define APQ_LOWBIT_SIMD "ssse3"
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#define APQ_LOWBIT_SIMD "neon"
+#else
+#define APQ_LOWBIT_SIMD "none"
+#endif
+
+namespace apq_lowbit {
+
+// up to this many tokens read the packed codes in place
+constexpr int64_t kInPlaceTokens = 4;
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1Fu;
+  uint32_t mantissa = h & 0x3FFu;
+  uint32_t bits;
+  if (exponent == 0x1Fu) {
+    bits = sign | 0x7F800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    exponent = 113u;
+    while ((mantissa & 0x400u) == 0) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    bits = sign | (exponent << 23) | ((mantissa & 0x3FFu) << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+// one token row's int8 codes and zero point; returns the scale
+inline float quantize_row(const float* x, int64_t k, int8_t* codes, int32_t* zero_point) {
+  float lo = 0.0f, hi = 0.0f;
+  for (int64_t i = 0; i < k; ++i) {
+    lo = x[i] < lo ? x[i] : lo;
+    hi = x[i] > hi ? x[i] : hi;
+  }
+  float scale = (hi - lo) / 255.0f;
+  if (!(scale >= FLT_MIN)) scale = FLT_MIN;
+  float zero = -128.0f - std::nearbyint(lo / scale);
+  zero = zero < -128.0f ? -128.0f : (zero > 127.0f ? 127.0f : zero);
+  const float inverse = 1.0f / scale;
+  for (int64_t i = 0; i < k; ++i) {
+    float code = std::nearbyint(x[i] * inverse) + zero;
+    code = code < -128.0f ? -128.0f : (code > 127.0f ? 127.0f : code);
+    codes[i] = static_cast<int8_t>(code);
+  }
+  *zero_point = static_cast<int32_t>(zero);
+  return scale;
+}
+
+// the codes of one packed row, minus the symmetric zero point, as int16
+inline void unpack_row(const uint8_t* row, int bits, int64_t k, int16_t* out) {
+  const int zero = 1 << (bits - 1);
+  const int mask = (1 << bits) - 1;
+  if (bits == 2) {
+    for (int64_t j = 0; j < k / 4; ++j) {
+      const int b = row[j];
+      out[4 * j] = static_cast<int16_t>((b & 3) - zero);
+      out[4 * j + 1] = static_cast<int16_t>(((b >> 2) & 3) - zero);
+      out[4 * j + 2] = static_cast<int16_t>(((b >> 4) & 3) - zero);
+      out[4 * j + 3] = static_cast<int16_t>((b >> 6) - zero);
+    }
+    for (int64_t i = (k / 4) * 4; i < k; ++i) {
+      out[i] = static_cast<int16_t>(((row[i / 4] >> (2 * (i % 4))) & 3) - zero);
+    }
+    return;
+  }
+  if (bits == 4) {
+    for (int64_t j = 0; j < k / 2; ++j) {
+      const int b = row[j];
+      out[2 * j] = static_cast<int16_t>((b & 15) - zero);
+      out[2 * j + 1] = static_cast<int16_t>((b >> 4) - zero);
+    }
+    if (k % 2) out[k - 1] = static_cast<int16_t>((row[k / 2] & 15) - zero);
+    return;
+  }
+  if (bits == 3) {
+    for (int64_t j = 0; j < k / 8; ++j) {
+      const uint8_t* r = row + 3 * j;
+      const int32_t v = r[0] | (r[1] << 8) | (r[2] << 16);
+      for (int i = 0; i < 8; ++i) out[8 * j + i] = static_cast<int16_t>(((v >> (3 * i)) & 7) - zero);
+    }
+    for (int64_t i = (k / 8) * 8; i < k; ++i) {
+      const int64_t bit = i * 3;
+      uint32_t v = row[bit / 8];
+      if ((bit % 8) + 3 > 8) v |= static_cast<uint32_t>(row[bit / 8 + 1]) << 8;
+      out[i] = static_cast<int16_t>(static_cast<int>((v >> (bit % 8)) & 7) - zero);
+    }
+    return;
+  }
+  // any other width: eight codes fill `bits` bytes of the stream
+  for (int64_t j = 0; j < k / 8; ++j) {
+    uint64_t v = 0;
+    for (int i = 0; i < bits; ++i) v |= static_cast<uint64_t>(row[j * bits + i]) << (8 * i);
+    for (int i = 0; i < 8; ++i) {
+      out[8 * j + i] = static_cast<int16_t>(static_cast<int>((v >> (i * bits)) & mask) - zero);
+    }
+  }
+  for (int64_t i = (k / 8) * 8; i < k; ++i) {
+    const int64_t bit = i * bits;
+    uint32_t v = row[bit / 8];
+    if ((bit % 8) + bits > 8) v |= static_cast<uint32_t>(row[bit / 8 + 1]) << 8;
+    out[i] = static_cast<int16_t>(static_cast<int>((v >> (bit % 8)) & mask) - zero);
+  }
+}
+
+inline int32_t dot16(const int16_t* a, const int16_t* b, int64_t n) {
+  int32_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<int32_t>(a[i]) * b[i];
+  return sum;
+}
+
+// sum over `bytes` packed bytes (P = 8 / bits codes each) of code_i(byte j) * plane_i[j], and the
+// sum of the codes; planes[i] points at plane i's entry for the first byte
+struct GroupSums {
+  int32_t products;
+  int32_t codes;
+};
+
+inline GroupSums group_sums_scalar(const uint8_t* row, const int8_t* const* planes, int bits,
+                                   int64_t bytes) {
+  const int per = 8 / bits, mask = (1 << bits) - 1;
+  int32_t products = 0, codes = 0;
+  for (int64_t j = 0; j < bytes; ++j) {
+    const int b = row[j];
+    for (int i = 0; i < per; ++i) {
+      const int c = (b >> (bits * i)) & mask;
+      products += c * planes[i][j];
+      codes += c;
+    }
+  }
+  return {products, codes};
+}
+
+#if defined(__SSSE3__)
+inline int32_t hsum_epi32(__m128i v) {
+  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
+  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
+  return _mm_cvtsi128_si32(v);
+}
+
+// bytes: a multiple of 16
+inline GroupSums group_sums_simd(const uint8_t* row, const int8_t* const* planes, int bits,
+                                 int64_t bytes) {
+  const __m128i ones = _mm_set1_epi16(1);
+  const __m128i zero = _mm_setzero_si128();
+  __m128i products = zero, codes = zero;
+  for (int64_t j = 0; j < bytes; j += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j));
+    __m128i acc, total;
+    if (bits == 2) {
+      const __m128i mask = _mm_set1_epi8(3);
+      const __m128i c0 = _mm_and_si128(b, mask);
+      const __m128i c1 = _mm_and_si128(_mm_srli_epi16(b, 2), mask);
+      const __m128i c2 = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+      const __m128i c3 = _mm_and_si128(_mm_srli_epi16(b, 6), mask);
+      // |each product pair| <= 2 * 3 * 128: four of them fit int16
+      acc = _mm_add_epi16(
+          _mm_add_epi16(
+              _mm_maddubs_epi16(c0, _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[0] + j))),
+              _mm_maddubs_epi16(c1, _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[1] + j)))),
+          _mm_add_epi16(
+              _mm_maddubs_epi16(c2, _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[2] + j))),
+              _mm_maddubs_epi16(c3, _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[3] + j)))));
+      total = _mm_add_epi8(_mm_add_epi8(c0, c1), _mm_add_epi8(c2, c3));
+    } else {  // 4 bits
+      const __m128i mask = _mm_set1_epi8(15);
+      const __m128i c0 = _mm_and_si128(b, mask);
+      const __m128i c1 = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+      // |each product pair| <= 2 * 15 * 128: two of them fit int16
+      acc = _mm_add_epi16(
+          _mm_maddubs_epi16(c0, _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[0] + j))),
+          _mm_maddubs_epi16(c1, _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[1] + j))));
+      total = _mm_add_epi8(c0, c1);
+    }
+    products = _mm_add_epi32(products, _mm_madd_epi16(acc, ones));
+    codes = _mm_add_epi64(codes, _mm_sad_epu8(total, zero));
+  }
+  const int32_t code_sum = static_cast<int32_t>(_mm_cvtsi128_si64(codes) +
+                                                _mm_cvtsi128_si64(_mm_unpackhi_epi64(codes, codes)));
+  return {hsum_epi32(products), code_sum};
+}
+#elif defined(__ARM_NEON)
+inline GroupSums group_sums_simd(const uint8_t* row, const int8_t* const* planes, int bits,
+                                 int64_t bytes) {
+  int32x4_t products = vdupq_n_s32(0);
+  uint32x4_t codes = vdupq_n_u32(0);
+  const int per = 8 / bits;
+  const uint8x16_t mask = vdupq_n_u8(static_cast<uint8_t>((1 << bits) - 1));
+  for (int64_t j = 0; j < bytes; j += 16) {
+    const uint8x16_t b = vld1q_u8(row + j);
+    uint8x16_t total = vdupq_n_u8(0);
+    for (int i = 0; i < per; ++i) {
+      uint8x16_t c;
+      switch (i) {  // shift counts must be constants
+        case 0: c = vandq_u8(b, mask); break;
+        case 1: c = vandq_u8(bits == 2 ? vshrq_n_u8(b, 2) : vshrq_n_u8(b, 4), mask); break;
+        case 2: c = vandq_u8(vshrq_n_u8(b, 4), mask); break;
+        default: c = vshrq_n_u8(b, 6); break;
+      }
+      const int8x16_t p = vld1q_s8(planes[i] + j);
+      const int8x16_t cs = vreinterpretq_s8_u8(c);  // codes <= 15: exact as int8
+      int16x8_t wide = vmull_s8(vget_low_s8(cs), vget_low_s8(p));
+      wide = vmlal_s8(wide, vget_high_s8(cs), vget_high_s8(p));  // |.| <= 2 * 15 * 128
+      products = vpadalq_s16(products, wide);
+      total = vaddq_u8(total, c);
+    }
+    codes = vpadalq_u16(codes, vpaddlq_u8(total));
+  }
+  return {vaddvq_s32(products), static_cast<int32_t>(vaddvq_u32(codes))};
+}
+#endif
+
+// y [m, n] of x [m, k]: the whole operator
+inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* packed,
+                          const uint16_t* scales, int64_t n, int bits, int64_t group, float* y) {
+  const int64_t groups = (k + group - 1) / group;
+  const int64_t row_bytes = (k * bits + 7) / 8;
+  const int32_t zw = 1 << (bits - 1);
+  std::vector<int8_t> codes(static_cast<size_t>(m * k));
+  std::vector<int32_t> zx(static_cast<size_t>(m));
+  std::vector<float> token_scale(static_cast<size_t>(m));
+  for (int64_t t = 0; t < m; ++t) {
+    token_scale[t] = quantize_row(x + t * k, k, codes.data() + t * k, &zx[t]);
+  }
+  std::vector<float> row_scales(static_cast<size_t>(groups));
+
+  const bool in_place = m <= kInPlaceTokens && (bits == 2 || bits == 4) && k % group == 0 &&
+                        (group * bits) % 8 == 0;
+  if (in_place) {
+    const int per = 8 / bits;
+    const int64_t words = k / per, group_bytes = group * bits / 8;
+    std::vector<int8_t> planes(static_cast<size_t>(m * k));
+    std::vector<int32_t> code_sums(static_cast<size_t>(m * groups));
+    for (int64_t t = 0; t < m; ++t) {
+      const int8_t* c = codes.data() + t * k;
+      int8_t* p = planes.data() + t * k;
+      for (int64_t j = 0; j < words; ++j) {
+        for (int i = 0; i < per; ++i) p[i * words + j] = c[j * per + i];
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t sum = 0;
+        for (int64_t i = g * group; i < (g + 1) * group; ++i) sum += c[i];
+        code_sums[t * groups + g] = sum;
+      }
+    }
+#if defined(__SSSE3__) || defined(__ARM_NEON)
+    const bool simd = group_bytes % 16 == 0;
+#else
+    const bool simd = false;
+#endif
+    for (int64_t r = 0; r < n; ++r) {
+      const uint8_t* row = packed + r * row_bytes;
+      for (int64_t g = 0; g < groups; ++g) row_scales[g] = half_to_float(scales[r * groups + g]);
+      for (int64_t t = 0; t < m; ++t) {
+        const int8_t* p = planes.data() + t * k;
+        float acc = 0.0f;
+        for (int64_t g = 0; g < groups; ++g) {
+          const int8_t* at[4];
+          for (int i = 0; i < per; ++i) at[i] = p + i * words + g * group_bytes;
+          GroupSums s;
+#if defined(__SSSE3__) || defined(__ARM_NEON)
+          if (simd) {
+            s = group_sums_simd(row + g * group_bytes, at, bits, group_bytes);
+          } else {
+            s = group_sums_scalar(row + g * group_bytes, at, bits, group_bytes);
+          }
+#else
+          s = group_sums_scalar(row + g * group_bytes, at, bits, group_bytes);
+#endif
+          const int32_t exact = s.products - zw * code_sums[t * groups + g] - zx[t] * s.codes +
+                                static_cast<int32_t>(group) * zx[t] * zw;
+          const float term = row_scales[g] * static_cast<float>(exact);
+          acc = acc + term;
+        }
+        y[t * n + r] = acc * token_scale[t];
+      }
+    }
+    return;
+  }
+
+  // each row unpacked once, reused for every token; activations minus their zero point
+  std::vector<int16_t> a(static_cast<size_t>(m * k));
+  for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<int16_t>(codes[i] - zx[i / k]);
+  std::vector<int16_t> w(static_cast<size_t>(k));
+  for (int64_t r = 0; r < n; ++r) {
+    unpack_row(packed + r * row_bytes, bits, k, w.data());
+    for (int64_t g = 0; g < groups; ++g) row_scales[g] = half_to_float(scales[r * groups + g]);
+    for (int64_t t = 0; t < m; ++t) {
+      const int16_t* at = a.data() + t * k;
+      float acc = 0.0f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t begin = g * group;
+        const int64_t len = begin + group <= k ? group : k - begin;
+        const float term = row_scales[g] * static_cast<float>(dot16(at + begin, w.data() + begin, len));
+        acc = acc + term;
+      }
+      y[t * n + r] = acc * token_scale[t];
+    }
+  }
+}
+
+}  // namespace apq_lowbit
+
+#endif  // APQ_LOWBIT_LINEAR_H

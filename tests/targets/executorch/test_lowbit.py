@@ -1,0 +1,117 @@
+"""apq::lowbit_linear (runtime_kernels/executorch_lowbit_linear.cpp, targets/executorch/lowbit.py):
+the compiled kernel, run by ExecuTorch's runtime, equals its torch reference bit for bit, and the
+reference computes what the core's reference modules compute."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch", reason="pip install 'apq-sdk[executorch]' torch==2.13.0")
+
+from apq_sdk.quant.modules import fake_quantize_activations_asym  # noqa: E402
+from apq_sdk.quant.packing import pack_bits  # noqa: E402
+from apq_sdk.targets.executorch import lowbit  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    import shutil
+
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        pytest.skip("a C++ compiler is needed to build apq::lowbit_linear")
+    return lowbit.load_kernel_library()
+
+
+class _Op(torch.nn.Module):
+    def __init__(self, packed, scales, bits, group):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.bits, self.group = bits, group
+
+    def forward(self, x):
+        return torch.ops.apq.lowbit_linear(x, self.packed, self.scales, self.bits, self.group)
+
+
+def _program(packed, scales, bits, group, k, max_tokens=32):
+    """The op alone as an ExecuTorch program (dynamic token count), loaded; the buffer and the
+    program are kept alive with the method."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from executorch.runtime import Runtime
+
+    exported = torch.export.export(
+        _Op(packed, scales, bits, group), (torch.zeros(1, 2, k),),
+        dynamic_shapes=({1: torch.export.Dim("tokens", min=1, max=max_tokens)},), strict=True)
+    buffer = to_edge(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False)) \
+        .to_executorch().buffer
+    program = Runtime.get().load_program(buffer)
+    return program.load_method("forward"), (buffer, program)
+
+
+def _layer(bits, n, k, group, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8).numpy()
+    packed = torch.from_numpy(pack_bits(codes, bits, pad=True))
+    scales = (torch.rand(n, -(-k // group), generator=gen) * 0.05 + 1e-3).half()
+    return codes, packed, scales
+
+
+def _activations(tokens, k, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, tokens, k, generator=gen) * 2
+    x[0, 0, 3] = 120.0  # an outlier token (a massive activation)
+    if tokens > 2:
+        x[0, 1] = 0.0  # an all-zero token: the smallest-normal scale
+        x[0, 2] = x[0, 2].abs()  # no negative value: zero point -128
+    return x
+
+
+# 2 and 3 bits are what the target sends the kernel; 4 bits exercises the same paths. K=200
+# with groups of 64 has a short last group and takes the general path; 1-4 tokens read the codes
+# in place, more tokens unpack each row once.
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("k,n,group", [(576, 96, 64), (256, 40, 32), (384, 24, 128),
+                                       (200, 24, 64)])
+def test_the_kernel_is_its_reference_bit_for_bit(bits, k, n, group):
+    codes, packed, scales = _layer(bits, n, k, group)
+    method, _keep = _program(packed, scales, bits, group, k)
+    for tokens in (1, 3, 4, 5, 17):
+        x = _activations(tokens, k)
+        got = method.execute([x])[0]
+        want = lowbit.reference(x, packed, scales, bits, group)
+        assert got.shape == (1, tokens, n)
+        assert torch.equal(got, want), (tokens, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_the_reference_is_the_cores_int8_asym_linear(bits):
+    """What the kernel computes is the plan's reference (QuantLinear: the activations fake-
+    quantized per token, asymmetric, times the dequantized weights), up to float32 rounding."""
+    k, n, group = 576, 64, 64
+    codes, packed, scales = _layer(bits, n, k, group, seed=3)
+    x = _activations(9, k, seed=4)
+    weight = (torch.from_numpy(codes.astype(np.float32)) - (1 << (bits - 1))) * \
+        scales.float().repeat_interleave(group, 1)
+    want = torch.nn.functional.linear(fake_quantize_activations_asym(x), weight)
+    got = lowbit.reference(x, packed, scales, bits, group)
+    assert (got - want).abs().max() <= 2e-6 * want.abs().max()
+
+
+def test_the_kernel_refuses_operands_that_do_not_fit():
+    """Scales of the wrong shape fail the method (the kernel's check), not a read past the end."""
+    k, n, group = 128, 16, 32
+    _, packed, scales = _layer(2, n, k, group)
+    method, _keep = _program(packed, scales[:, :2].contiguous(), 2, group, k)
+    with pytest.raises(RuntimeError):
+        method.execute([torch.randn(1, 3, k)])
+
+
+def test_the_kernel_library_is_built_once_and_cached(tmp_path, monkeypatch):
+    """The compiled library lives under a key of its source, compiler, flags and runtime: a
+    second build is the same file."""
+    first = lowbit.build_kernel_library(tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert lowbit.build_kernel_library(tmp_path) == first
+    assert first.stat().st_mtime_ns == mtime
