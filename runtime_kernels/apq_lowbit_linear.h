@@ -345,6 +345,27 @@ inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* p
   }
 }
 
+// rows [count, k] float32 of a packed table [rows, ceil(k*bits/8)] with float16 scales: the
+// weights (code - 2^(bits-1)) * scale, exact in float32 (a small integer times a float16 value).
+// A tied head's lookup reads the head's own codes and scales this way (no second copy). Returns
+// false for an id outside the table.
+inline bool lowbit_rows(const int64_t* ids, int64_t count, const uint8_t* packed,
+                        const uint16_t* scales, int64_t rows, int64_t k, int bits, int64_t group,
+                        float* out) {
+  const int64_t groups = (k + group - 1) / group;
+  const int64_t row_bytes = (k * bits + 7) / 8;
+  std::vector<int16_t> w(static_cast<size_t>(k));
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t id = ids[t];
+    if (id < 0 || id >= rows) return false;
+    unpack_row(packed + id * row_bytes, bits, k, w.data());
+    for (int64_t i = 0; i < k; ++i) {
+      out[t * k + i] = static_cast<float>(w[i]) * half_to_float(scales[id * groups + i / group]);
+    }
+  }
+  return true;
+}
+
 }  // namespace apq_lowbit
 
 #endif  // APQ_LOWBIT_LINEAR_H

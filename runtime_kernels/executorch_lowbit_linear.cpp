@@ -16,6 +16,11 @@
 //     scales  float16 [N, ceil(K / group_size)]: the checkpoint's scales unchanged
 //     out     float32 [..., N]
 //
+//   apq::lowbit_embedding.out(Tensor packed, Tensor scales, int bits, int group_size, Tensor ids,
+//                             int k, *, Tensor(a!) out) -> Tensor(a!)
+//     the rows `ids` of the same operands, dequantized: a tied head's embedding lookup reads
+//     the head's own codes and scales, so the program holds them once
+//
 // The arithmetic (apq_lowbit_linear.h, beside this file) quantizes each token row as the core's
 // int8-per-token-asym-dynamic mode does, sums each group exactly in int32 and the groups in
 // order in float32 (build with -ffp-contract=off); the Python reference of the operator
@@ -92,9 +97,53 @@ Tensor& lowbit_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   return out;
 }
 
+// apq::lowbit_embedding.out(Tensor packed, Tensor scales, int bits, int group_size, Tensor ids,
+//                           int k, *, Tensor(a!) out) -> Tensor(a!)
+//   the rows `ids` [...] (int64) of the packed table of width k, float32 [..., k]: a tied head's
+//   embedding lookup over the head's own operands
+Tensor& lowbit_embedding_out(KernelRuntimeContext& ctx, const Tensor& packed,
+                             const Tensor& scales, const int64_t bits, const int64_t group_size,
+                             const Tensor& ids, const int64_t k, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, bits >= 2 && bits <= 8 && group_size > 0 && k > 0, InvalidArgument,
+                      out, "apq::lowbit_embedding: bits %lld, group %lld, width %lld",
+                      static_cast<long long>(bits), static_cast<long long>(group_size),
+                      static_cast<long long>(k));
+  ET_KERNEL_CHECK_MSG(ctx, packed.scalar_type() == ScalarType::Byte && packed.dim() == 2 &&
+                               packed.size(1) == (k * bits + 7) / 8,
+                      InvalidArgument, out,
+                      "apq::lowbit_embedding: expected uint8 packed [N, ceil(K * bits / 8)]");
+  const int64_t groups = (k + group_size - 1) / group_size;
+  ET_KERNEL_CHECK_MSG(ctx, scales.scalar_type() == ScalarType::Half && scales.dim() == 2 &&
+                               scales.size(0) == packed.size(0) && scales.size(1) == groups,
+                      InvalidArgument, out,
+                      "apq::lowbit_embedding: expected float16 scales [N, ceil(K / group)]");
+  ET_KERNEL_CHECK_MSG(ctx, ids.scalar_type() == ScalarType::Long, InvalidArgument, out,
+                      "apq::lowbit_embedding: expected int64 ids");
+  ET_KERNEL_CHECK_MSG(ctx, out.scalar_type() == ScalarType::Float &&
+                               ids.dim() < executorch::runtime::kTensorDimensionLimit,
+                      InvalidArgument, out, "apq::lowbit_embedding: expected a float32 out");
+  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
+  for (int d = 0; d < ids.dim(); ++d) sizes[d] = static_cast<SizesType>(ids.size(d));
+  sizes[ids.dim()] = static_cast<SizesType>(k);
+  ET_KERNEL_CHECK_MSG(
+      ctx,
+      executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(ids.dim() + 1)}) ==
+          Error::Ok,
+      InvalidArgument, out, "apq::lowbit_embedding: cannot resize out");
+  ET_KERNEL_CHECK_MSG(
+      ctx,
+      lowbit_rows(ids.const_data_ptr<int64_t>(), ids.numel(), packed.const_data_ptr<uint8_t>(),
+                  reinterpret_cast<const uint16_t*>(scales.const_data_ptr<Half>()),
+                  packed.size(0), k, static_cast<int>(bits), group_size,
+                  out.mutable_data_ptr<float>()),
+      InvalidArgument, out, "apq::lowbit_embedding: an id outside the table");
+  return out;
+}
+
 namespace {
 
 constexpr char kLowbitLinear[] = "apq::lowbit_linear.out";
+constexpr char kLowbitEmbedding[] = "apq::lowbit_embedding.out";
 
 // whether a kernel of this name is registered (a scan: the registry's own lookup logs an error
 // for a name it lacks)
@@ -111,6 +160,10 @@ struct Registration {
     if (!registered(kLowbitLinear)) {
       (void)executorch::runtime::register_kernel(
           make_boxed_kernel(kLowbitLinear, EXECUTORCH_FN(lowbit_linear_out, kLowbitLinear)));
+    }
+    if (!registered(kLowbitEmbedding)) {
+      (void)executorch::runtime::register_kernel(make_boxed_kernel(
+          kLowbitEmbedding, EXECUTORCH_FN(lowbit_embedding_out, kLowbitEmbedding)));
     }
   }
 };

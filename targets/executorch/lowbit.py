@@ -34,10 +34,13 @@ from torch import nn
 
 OP = "apq::lowbit_linear"
 KERNEL_NAME = "apq::lowbit_linear.out"  # what the program calls (ExecuTorch's out variant)
+EMBEDDING_KERNEL_NAME = "apq::lowbit_embedding.out"  # a tied head's lookup over its operands
 KERNEL_SOURCE = "executorch_lowbit_linear.cpp"
 KERNEL_HEADER = "apq_lowbit_linear.h"  # the arithmetic, included by the source
-#: bit widths the op serves: XNNPACK takes 4 bits; 2 and 3 have no XNNPACK kernel
+#: bit widths the target sends the op: XNNPACK takes 4 bits; 2 and 3 have no XNNPACK kernel
 BITS = (2, 3)
+#: what the op computes: also 4 bits, for a tied head whose lookup shares its operands
+KERNEL_BITS = (2, 3, 4)
 CXXFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off",
             # the definitions the wheel's CMake config gives its consumers
             "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED")
@@ -71,6 +74,15 @@ def reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits:
     for g in range(groups):
         acc = acc + s[:, g] * sums[:, :, g].float()
     return (acc * scale).reshape(*x.shape[:-1], n)
+
+
+def embedding_reference(packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+                        ids: torch.Tensor, k: int) -> torch.Tensor:
+    """apq::lowbit_embedding: rows `ids` of the packed table, (code - 2^(bits-1)) * scale in
+    float32 (exact: a small integer times a float16 value)."""
+    rows = unpack(packed[ids.reshape(-1)], bits, k).to(torch.float32) - (1 << (bits - 1))
+    s = scales[ids.reshape(-1)].float().repeat_interleave(group_size, 1)[:, :k]
+    return (rows * s).reshape(*ids.shape, k)
 
 
 def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
@@ -109,6 +121,31 @@ def define_ops() -> None:
         out.resize_((*x.shape[:-1], packed.shape[0]))
         return out
 
+    lib.define("lowbit_embedding(Tensor packed, Tensor scales, int bits, int group_size, "
+               "Tensor ids, int k) -> Tensor")
+    lib.define("lowbit_embedding.out(Tensor packed, Tensor scales, int bits, int group_size, "
+               "Tensor ids, int k, *, Tensor(a!) out) -> Tensor(a!)")
+
+    def embedding(packed, scales, bits, group_size, ids, k):
+        return embedding_reference(packed, scales, bits, group_size, ids, k)
+
+    def embedding_out(packed, scales, bits, group_size, ids, k, *, out):
+        result = embedding_reference(packed, scales, bits, group_size, ids, k)
+        out.resize_(result.shape)
+        out.copy_(result)
+        return out
+
+    def embedding_meta(packed, scales, bits, group_size, ids, k):
+        return scales.new_empty((*ids.shape, k), dtype=torch.float32)
+
+    def embedding_meta_out(packed, scales, bits, group_size, ids, k, *, out):
+        out.resize_((*ids.shape, k))
+        return out
+
+    lib.impl("lowbit_embedding", embedding, "CompositeExplicitAutograd")
+    lib.impl("lowbit_embedding.out", embedding_out, "CompositeExplicitAutograd")
+    lib.impl("lowbit_embedding", embedding_meta, "Meta")
+    lib.impl("lowbit_embedding.out", embedding_meta_out, "Meta")
     lib.impl("lowbit_linear", functional, "CompositeExplicitAutograd")
     lib.impl("lowbit_linear.out", out_variant, "CompositeExplicitAutograd")
     lib.impl("lowbit_linear", meta, "Meta")
@@ -123,8 +160,8 @@ class LowbitLinear(nn.Module):
     def __init__(self, module, bias: torch.Tensor | None):
         super().__init__()
         define_ops()
-        if module.bits not in BITS or not module.symmetric:
-            raise ValueError(f"LowbitLinear: expected symmetric {BITS}-bit groups, found "
+        if module.bits not in KERNEL_BITS or not module.symmetric:
+            raise ValueError(f"LowbitLinear: expected symmetric {KERNEL_BITS}-bit groups, found "
                              f"{module.bits}-bit "
                              f"{'symmetric' if module.symmetric else 'asymmetric'}")
         self.bits = int(module.bits)
@@ -139,6 +176,22 @@ class LowbitLinear(nn.Module):
     def forward(self, x):
         y = torch.ops.apq.lowbit_linear(x, self.packed, self.scales, self.bits, self.group_size)
         return y if self.bias is None else y + self.bias
+
+
+class LowbitEmbedding(nn.Module):
+    """A tied head's embedding lookup over the head's own operands (the same tensors as its
+    LowbitLinear: the program holds them once), by apq::lowbit_embedding; rows float32."""
+
+    def __init__(self, head: LowbitLinear, scale=None):
+        super().__init__()
+        self.head = head  # the same buffers, not a copy
+        self.register_buffer("embed_scale", scale)
+
+    def forward(self, ids):
+        head = self.head
+        rows = torch.ops.apq.lowbit_embedding(head.packed, head.scales, head.bits,
+                                              head.group_size, ids, head.in_features)
+        return rows if self.embed_scale is None else rows * self.embed_scale
 
 
 # -- the compiled kernel ---------------------------------------------------------------------------

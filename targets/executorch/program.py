@@ -14,6 +14,8 @@ with every planned layer swapped for an exportable one:
   `LowbitLinear` (lowbit.py): the checkpoint's qweight bytes and float16 scales unchanged, computed
   by the custom op apq::lowbit_linear outside the delegate (runtime_kernels/
   executorch_lowbit_linear.cpp), with the same int8 per-token asymmetric activations;
+  A tied packed head goes there too, and its embedding lookup becomes apq::lowbit_embedding
+  over the same tensors (`LowbitEmbedding`): the program holds the head once;
 * a 16-bit linear becomes a float32 `nn.Linear` of its float16 values (XNNPACK's float GEMM);
 * a tied 4-bit head's embedding lookup becomes `quantized_decomposed::embedding_4bit` over the
   same codes and float16 scales, nibbles re-laid out as that kernel reads them (first element in
@@ -47,7 +49,7 @@ import torch
 from torch import nn
 
 from .lowbit import BITS as LOWBIT_BITS
-from .lowbit import LowbitLinear
+from .lowbit import LowbitEmbedding, LowbitLinear
 
 #: ops that must never run outside the delegate where a planned quantized layer produced them
 #: (a quantized linear left in portable ops, dequantized to float on every call)
@@ -100,6 +102,21 @@ def bf16_exact(scales: np.ndarray) -> bool:
     return bool(torch.equal(s.to(torch.bfloat16).float(), s))
 
 
+def kernel_modules(checkpoint, lowbit_kernel: bool) -> set[str]:
+    """The planned layers apq::lowbit_linear computes (lowbit.py): with `lowbit_kernel`, every
+    2/3-bit layer, and a tied packed head, whose embedding lookup (apq::lowbit_embedding) then
+    reads the head's own operands instead of a second copy of them."""
+    if not lowbit_kernel:
+        return set()
+    out = {name for name, m in checkpoint.modules.items()
+           if m.kind == "packed" and m.bits in LOWBIT_BITS
+           and checkpoint.plan.modules[name].kind != "embedding"}
+    head = checkpoint.modules.get("lm_head")
+    if head is not None and head.kind == "packed" and checkpoint.config.tie_word_embeddings:
+        out.add("lm_head")
+    return out
+
+
 def exportable_model(checkpoint, *, activation_quantization: bool = True,
                      lowbit_kernel: bool = False):
     """The reference model of `checkpoint` with every planned layer exportable (module docstring);
@@ -116,6 +133,7 @@ def exportable_model(checkpoint, *, activation_quantization: bool = True,
     model = load_quantized(checkpoint.path, checkpoint=checkpoint).eval()
     plan = checkpoint.plan
     int4 = {4: torch.int4}
+    kernel = kernel_modules(checkpoint, lowbit_kernel)
     act = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN \
         if activation_quantization else None
     for name, module in checkpoint.modules.items():
@@ -125,7 +143,7 @@ def exportable_model(checkpoint, *, activation_quantization: bool = True,
                                                       _embed_scale(model)))
             continue
         bias = None if module.bias is None else torch.from_numpy(module.bias).float()
-        if module.kind == "packed" and lowbit_kernel and module.bits in LOWBIT_BITS:
+        if name in kernel:
             if not module.symmetric:
                 raise LoweringError(f"{name}: {module.bits}-bit asymmetric groups; "
                                     f"apq::lowbit_linear takes symmetric groups")
@@ -166,8 +184,12 @@ def exportable_model(checkpoint, *, activation_quantization: bool = True,
         replace_module(model, name, linear)
     if model.config.tie_word_embeddings and "lm_head" in checkpoint.modules:
         head = checkpoint.modules["lm_head"]
-        lookup = Embedding4Bit(head, _embed_scale(model)) if head.kind == "packed" else \
-            HalfEmbedding(head.arrays["weight"], _embed_scale(model))
+        if "lm_head" in kernel:  # the head's own operands, read by apq::lowbit_embedding
+            lookup = LowbitEmbedding(model.get_submodule("lm_head"), _embed_scale(model))
+        elif head.kind == "packed":
+            lookup = Embedding4Bit(head, _embed_scale(model))
+        else:
+            lookup = HalfEmbedding(head.arrays["weight"], _embed_scale(model))
         model.set_input_embeddings(lookup)
     model.requires_grad_(False)
     return model

@@ -24,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .lowbit import BITS as LOWBIT_BITS
-
 XNN_MAGIC = b"XH00"
 
 
@@ -132,9 +130,10 @@ def _bf16_to_f16(data: bytes, shape) -> np.ndarray:
     return bits.view(np.float32).reshape(shape).astype(np.float16)
 
 
-def weights_index(pte: Pte, checkpoint) -> dict:
-    """Where each planned module's weights are stored in the program: {module: entry}.
-    Raises PteFormatError for a module whose weights are not stored exactly as the core's."""
+def weights_index(pte: Pte, checkpoint, kernel: set[str] = frozenset()) -> dict:
+    """Where each planned module's weights are stored in the program: {module: entry}; `kernel`:
+    the modules apq::lowbit_linear computes (program.kernel_modules). Raises PteFormatError for
+    a module whose weights are not stored exactly as the core's."""
     from .program import nibbles_high_first
 
     by_key = {w.key: w for w in pte.weights}
@@ -150,7 +149,7 @@ def weights_index(pte: Pte, checkpoint) -> dict:
                                      f"program")
             index[name] = {"kind": "constant-float16", "shape": [n, k], "buffer": where}
             continue
-        if module.kind == "packed" and module.bits in LOWBIT_BITS:
+        if name in kernel:
             codes = constants.get(_sha(module.arrays["qweight"].tobytes()))
             scales = constants.get(_sha(module.arrays["scales"].astype(np.float16).tobytes()))
             if codes is None or scales is None:
@@ -181,7 +180,14 @@ def weights_index(pte: Pte, checkpoint) -> dict:
                                      f"float16 values")
             index[name] = {"kind": "xnnpack-fp32", "shape": [n, k], "weight": weight.key}
         if name == "lm_head" and checkpoint.config.tie_word_embeddings:
-            if module.kind == "packed":
+            if name in kernel:  # apq::lowbit_embedding reads the head's own constants
+                entry = index[name]
+                if sum(1 for c in pte.constants if len(c) == module.arrays["qweight"].nbytes
+                       and _sha(c) == _sha(module.arrays["qweight"].tobytes())) != 1:
+                    raise PteFormatError("lm_head: the tied head's codes are not stored exactly "
+                                         "once (its lookup must read the head's own)")
+                entry["lookup"] = {"kind": "shared"}
+            elif module.kind == "packed":
                 codes = constants.get(_sha(nibbles_high_first(module.arrays["qweight"]).tobytes()))
                 scales = constants.get(_sha(module.arrays["scales"].astype(np.float16).tobytes()))
                 if codes is None or scales is None:
@@ -249,6 +255,8 @@ def read_weights(pte: Pte, index: dict, plan) -> dict:
 
 
 def _lookup_matches(pte: Pte, lookup: dict, module, nibbles_high_first) -> bool:
+    if lookup["kind"] == "shared":  # the lookup reads the head's operands, read back above
+        return True
     if lookup["kind"] == "embedding_4bit":
         codes = pte.constants[lookup["codes_buffer"]]
         scales = pte.constants[lookup["scales_buffer"]]

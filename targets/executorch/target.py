@@ -110,10 +110,9 @@ class ExecuTorchTarget(Target):
         from apq_sdk.plan_file import plan_sha256
 
         from ..onnx_graph import LoweringError, dumps_json
-        from .lowbit import BITS as LOWBIT_BITS
-        from .lowbit import KERNEL_NAME as LOWBIT_KERNEL
+        from .lowbit import EMBEDDING_KERNEL_NAME, KERNEL_NAME
         from .program import (ATTENTION_CUSTOM_OPS, LLM_OPS, audit_delegation, export_program,
-                              exportable_model, lower_program)
+                              exportable_model, kernel_modules, lower_program)
 
         package_dir = Path(ctx.package_dir)
         package_dir.mkdir(parents=True, exist_ok=True)
@@ -133,8 +132,7 @@ class ExecuTorchTarget(Target):
             exported = export_program(model, max_context, attention)
             edge = lower_program(exported, self.partitioners(), metadata)
         planned = {n for n, m in ckpt.plan.modules.items() if m.kind != "embedding"}
-        kernel = {n for n in planned if self.lowbit_kernel and ckpt.modules[n].kind == "packed"
-                  and ckpt.modules[n].bits in LOWBIT_BITS}
+        kernel = kernel_modules(ckpt, self.lowbit_kernel)
         audit = audit_delegation(edge, planned, kernel)
         if audit.undelegated_modules:
             shown = ", ".join(audit.undelegated_modules[:8])
@@ -146,11 +144,13 @@ class ExecuTorchTarget(Target):
                 f"{shown}{more}. Ops outside any delegate: {dict(audit.outside)}")
         with quiet_toolchain():
             program = edge.to_executorch()
-        kernels = [LOWBIT_KERNEL] if audit.kernel_linears else []
+        kernels = [KERNEL_NAME] if audit.kernel_linears else []
+        if "lm_head" in kernel:
+            kernels.append(EMBEDDING_KERNEL_NAME)
         from .pte_reader import Pte, PteFormatError, weights_index
 
         try:
-            weights = weights_index(Pte(program.buffer), ckpt)
+            weights = weights_index(Pte(program.buffer), ckpt, kernel)
         except PteFormatError as exc:
             raise LoweringError(f"the lowered program does not hold the checkpoint's weights "
                                 f"as planned: {exc}") from exc
@@ -347,10 +347,13 @@ ANDROID_LOWBIT_CAPABILITIES = dataclasses.replace(
     ANDROID_CAPABILITIES,
     name="android-lowbit",
     weight_bits=(2, 3, 4, 16),
+    tied_lookup="shared",  # apq::lowbit_embedding reads a tied head's own operands
     notes=("The android target's XNNPACK program, plus 2- and 3-bit symmetric groups through the "
            "custom op apq::lowbit_linear (runtime_kernels/executorch_lowbit_linear.cpp: the "
            "checkpoint's packed codes and float16 scales, int8 per-token asymmetric dynamic "
-           "activations, one thread), outside the delegate. The runtime must link that kernel: "
+           "activations, one thread), outside the delegate; a tied 4-bit head runs there too, so "
+           "that its embedding lookup (apq::lowbit_embedding) reads the same codes and scales "
+           "instead of a second copy. The runtime must link that kernel: "
            "the package's C API compiles it in; executorch-android's stock LlmModule runtime "
            "does not have it (the package README says how to build one that does)."),
 )

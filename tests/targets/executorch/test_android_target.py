@@ -455,19 +455,29 @@ def test_the_recording_program_keeps_the_first_layers_and_the_head(checkpoint):
 # -- android-lowbit: 2- and 3-bit layers on apq::lowbit_linear ------------------------------------
 
 def test_the_lowbit_program_runs_its_low_layers_on_the_kernel(lowbit_package, lowbit_checkpoint):
-    """Every 2/3-bit layer is one apq::lowbit_linear over the checkpoint's own bytes; the 4-bit
-    and 16-bit ones are still XNNPACK's; nothing else is outside the delegate."""
+    """Every 2/3-bit layer is one apq::lowbit_linear over the checkpoint's own bytes, and so is
+    the tied head, whose lookup (apq::lowbit_embedding) reads the same constants: the program
+    holds them once. The other 4-bit and the 16-bit layers are still XNNPACK's; nothing else is
+    outside the delegate."""
     desc = json.loads((lowbit_package / "program.json").read_text())
     plan = lowbit_checkpoint.plan.modules
     low = {n for n, m in plan.items() if m.kind != "embedding" and m.bits in (2, 3)}
     assert low, "the budget must plan 2/3-bit layers for this test to mean anything"
+    assert lowbit_checkpoint.config.tie_word_embeddings and plan["lm_head"].bits == 4
+    kernel = low | {"lm_head"}
     audit = desc["delegation"]
-    assert audit["kernel_linears"] == len(low)
-    assert audit["delegated_linears"] == audit["planned_linears"] - len(low)
+    assert audit["kernel_linears"] == len(kernel)
+    assert audit["delegated_linears"] == audit["planned_linears"] - len(kernel)
     assert audit["undelegated_modules"] == []
-    assert audit["ops_outside_delegates"]["lowbit_linear"] == len(low)
-    assert desc["apq_kernels"] == ["apq::lowbit_linear.out"]
-    assert {n for n, w in desc["weights"].items() if w["kind"] == "apq-lowbit"} == low
+    assert audit["ops_outside_delegates"]["lowbit_linear"] == len(kernel)
+    assert audit["ops_outside_delegates"]["lowbit_embedding"] == 1
+    assert "embedding_4bit" not in audit["ops_outside_delegates"]
+    assert desc["apq_kernels"] == ["apq::lowbit_linear.out", "apq::lowbit_embedding.out"]
+    assert {n for n, w in desc["weights"].items() if w["kind"] == "apq-lowbit"} == kernel
+    assert desc["weights"]["lm_head"]["lookup"] == {"kind": "shared"}
+    # the whole program: the plan's bytes as the target counts them (one copy of the head)
+    totals = lowbit_checkpoint.plan.totals
+    assert totals.target_bits_per_weight == pytest.approx(totals.model_bits_per_weight)
     manifest = json.loads((lowbit_package / "manifest.json").read_text())
     assert manifest["target"]["name"] == "android-lowbit"
     assert any("apq::lowbit_linear" in line
@@ -518,13 +528,14 @@ def test_the_android_target_refuses_what_only_the_kernel_runs(lowbit_checkpoint)
         exported = et_program.export_program(model, 64)
     edge = et_program.lower_program(exported, [XnnpackPartitioner()], {})
     planned = {n for n, m in lowbit_checkpoint.plan.modules.items() if m.kind != "embedding"}
-    four = {n for n in planned if lowbit_checkpoint.plan.modules[n].bits == 4}
-    assert four
-    audit = et_program.audit_delegation(edge, planned, kernel=planned - four)
+    kernel = et_program.kernel_modules(lowbit_checkpoint, True)
+    four = planned - kernel  # XNNPACK's
+    assert four and all(lowbit_checkpoint.plan.modules[n].bits in (4, 16) for n in four)
+    audit = et_program.audit_delegation(edge, planned, kernel=kernel)
     assert audit.undelegated_modules == []
-    # the audit told that the 4-bit layers are kernel layers: each is found in the delegate
+    # the audit told that XNNPACK's layers are kernel layers: each is found in the delegate
     wrong = et_program.audit_delegation(edge, planned, kernel=planned)
     assert set(wrong.undelegated_modules) == four
     # and a kernel layer the audit was not told about is refused by name
     unplanned = et_program.audit_delegation(edge, planned, kernel=set())
-    assert set(unplanned.undelegated_modules) == planned - four
+    assert set(unplanned.undelegated_modules) == kernel

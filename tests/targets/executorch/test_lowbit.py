@@ -115,3 +115,80 @@ def test_the_kernel_library_is_built_once_and_cached(tmp_path, monkeypatch):
     mtime = first.stat().st_mtime_ns
     assert lowbit.build_kernel_library(tmp_path) == first
     assert first.stat().st_mtime_ns == mtime
+
+
+# -- the arithmetic alone, on every path it has -----------------------------------------------------
+
+HARNESS = r"""
+#include <cstdio>
+#include <vector>
+#include "apq_lowbit_linear.h"
+// stdin: int64 m, k, n, bits, group; float32 x[m*k]; uint8 packed[n*row]; uint16 scales[n*G]
+// stdout: float32 y[m*n], then the SIMD path's name
+int main() {
+  long long h[5];
+  if (std::fread(h, sizeof h, 1, stdin) != 1) return 2;
+  const long long m = h[0], k = h[1], n = h[2], bits = h[3], group = h[4];
+  const long long row = (k * bits + 7) / 8, groups = (k + group - 1) / group;
+  std::vector<float> x(m * k), y(m * n);
+  std::vector<unsigned char> packed(n * row);
+  std::vector<unsigned short> scales(n * groups);
+  if (std::fread(x.data(), 4, x.size(), stdin) != x.size() ||
+      std::fread(packed.data(), 1, packed.size(), stdin) != packed.size() ||
+      std::fread(scales.data(), 2, scales.size(), stdin) != scales.size()) return 3;
+  apq_lowbit::lowbit_linear(x.data(), m, k, packed.data(), scales.data(), n, (int)bits, group,
+                            y.data());
+  std::fwrite(y.data(), 4, y.size(), stdout);
+  std::fputs(APQ_LOWBIT_SIMD, stdout);
+  return 0;
+}
+"""
+
+
+def _compilers():
+    import shutil
+
+    out = []
+    cxx = shutil.which("g++")
+    if cxx:
+        out.append(pytest.param([cxx, "-O2", "-mssse3"], [], "ssse3", id="x86-64-ssse3"))
+        out.append(pytest.param([cxx, "-O2", "-march=x86-64"], [], "none", id="x86-64-scalar"))
+    cross, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    if cross and qemu:
+        out.append(pytest.param([cross, "-O2", "-static"], [qemu], "neon", id="aarch64-neon"))
+    else:
+        out.append(pytest.param(None, None, None, id="aarch64-neon", marks=pytest.mark.skip(
+            reason="aarch64 cross toolchain or qemu missing: apt-get install "
+                   "g++-aarch64-linux-gnu qemu-user")))
+    return out
+
+
+@pytest.mark.parametrize("compiler,launcher,simd", _compilers())
+def test_every_path_of_the_arithmetic_is_the_reference_bit_for_bit(compiler, launcher, simd,
+                                                                   tmp_path):
+    """apq_lowbit_linear.h compiled alone: with SSSE3, without SIMD, and for aarch64 with NEON
+    (run under qemu), decode and prefill, 2/3/4 bits: the Python reference's exact floats."""
+    import subprocess
+
+    from apq_sdk.runtime_kernels_build import kernel_source_dir
+
+    source = tmp_path / "harness.cpp"
+    source.write_text(HARNESS)
+    exe = tmp_path / "harness"
+    subprocess.run([*compiler, "-std=c++17", "-ffp-contract=off", f"-I{kernel_source_dir()}",
+                    str(source), "-o", str(exe)], check=True, capture_output=True)
+    cases = [(2, 576, 40, 64), (2, 512, 24, 128), (4, 256, 24, 32), (4, 576, 16, 64),
+             (3, 576, 16, 64), (2, 200, 8, 64)]
+    for bits, k, n, group in cases:
+        codes, packed, scales = _layer(bits, n, k, group, seed=bits * 7 + k)
+        for tokens in (1, 4, 6):
+            x = _activations(tokens, k, seed=tokens)
+            header = np.array([tokens, k, n, bits, group], dtype=np.int64).tobytes()
+            data = header + x.numpy().astype(np.float32).tobytes() + packed.numpy().tobytes() + \
+                scales.view(torch.int16).numpy().tobytes()
+            done = subprocess.run([*launcher, str(exe)], input=data, capture_output=True,
+                                  check=True, timeout=120)
+            got = np.frombuffer(done.stdout[:4 * tokens * n], dtype=np.float32)
+            assert done.stdout[4 * tokens * n:].decode() == simd
+            want = lowbit.reference(x, packed, scales, bits, group).numpy().ravel()
+            assert np.array_equal(got, want), (bits, k, group, tokens)
