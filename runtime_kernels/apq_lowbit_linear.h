@@ -17,13 +17,15 @@
 // Every S is an exact integer (int32), however it is computed; the float sums run over groups
 // in order, one multiply and one add each: compile with -ffp-contract=off, so no fused
 // multiply-add changes a rounding. The paths:
-//   * a few tokens (decode), 2 or 4 bits, whole groups of 16-byte multiples: SIMD (SSSE3 on
-//     x86-64, NEON on aarch64) over the packed bytes in place, the activations laid out in
+//   * a few tokens (decode), 2, 3 or 4 bits, whole groups: SIMD (SSSE3 on
+//     x86-64, AVX2 where groups span 32 bytes, NEON on aarch64) over the packed bytes in place, the activations laid out in
 //     planes (plane i holds the code of position P*j + i at j, P codes per byte), unsigned
 //     codes times signed activation codes, the zero points taken out per group:
 //     S = sum cx*cw - zw * sum cx - zx * sum cw + len * zx * zw;
 //   * the same without SIMD (any compiler);
-//   * otherwise (prefill, 3 bits, short groups): each row unpacked once, then reused.
+//     3-bit words are three bytes (eight codes): spread by PDEP (x86-64 with BMI2) or split by
+//     vld3 (NEON);
+//   * otherwise (prefill, short groups): each row unpacked once, then reused.
 #ifndef APQ_LOWBIT_LINEAR_H
 #define APQ_LOWBIT_LINEAR_H
 
@@ -33,8 +35,11 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__SSSE3__)
-#include <tmmintrin.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define APQ_LOWBIT_SIMD "avx2"
+#elif defined(__SSSE3__)
+#include <immintrin.h>
 #define APQ_LOWBIT_SIMD "ssse3"
 #elif defined(__ARM_NEON)
 #include <arm_neon.h>
@@ -177,16 +182,64 @@ inline GroupSums group_sums_scalar(const uint8_t* row, const int8_t* const* plan
   return {products, codes};
 }
 
-#if defined(__SSSE3__)
+#if defined(__SSSE3__) || defined(__AVX2__)
 inline int32_t hsum_epi32(__m128i v) {
   v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
   v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
   return _mm_cvtsi128_si32(v);
 }
 
+#if defined(__AVX2__)
+// bytes: a multiple of 32 (the same sums as the 16-byte loop below, twice as wide)
+inline GroupSums group_sums_avx2(const uint8_t* row, const int8_t* const* planes, int bits,
+                                 int64_t bytes) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i products = zero, codes = zero;
+  auto plane = [&](int i, int64_t j) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(planes[i] + j));
+  };
+  for (int64_t j = 0; j < bytes; j += 32) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
+    __m256i acc, total;
+    if (bits == 2) {
+      const __m256i mask = _mm256_set1_epi8(3);
+      const __m256i c0 = _mm256_and_si256(b, mask);
+      const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(b, 2), mask);
+      const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+      const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(b, 6), mask);
+      acc = _mm256_add_epi16(
+          _mm256_add_epi16(_mm256_maddubs_epi16(c0, plane(0, j)),
+                           _mm256_maddubs_epi16(c1, plane(1, j))),
+          _mm256_add_epi16(_mm256_maddubs_epi16(c2, plane(2, j)),
+                           _mm256_maddubs_epi16(c3, plane(3, j))));
+      total = _mm256_add_epi8(_mm256_add_epi8(c0, c1), _mm256_add_epi8(c2, c3));
+    } else {
+      const __m256i mask = _mm256_set1_epi8(15);
+      const __m256i c0 = _mm256_and_si256(b, mask);
+      const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+      acc = _mm256_add_epi16(_mm256_maddubs_epi16(c0, plane(0, j)),
+                             _mm256_maddubs_epi16(c1, plane(1, j)));
+      total = _mm256_add_epi8(c0, c1);
+    }
+    products = _mm256_add_epi32(products, _mm256_madd_epi16(acc, ones));
+    codes = _mm256_add_epi64(codes, _mm256_sad_epu8(total, zero));
+  }
+  const __m128i p = _mm_add_epi32(_mm256_castsi256_si128(products),
+                                  _mm256_extracti128_si256(products, 1));
+  const __m128i c = _mm_add_epi64(_mm256_castsi256_si128(codes),
+                                  _mm256_extracti128_si256(codes, 1));
+  return {hsum_epi32(p), static_cast<int32_t>(_mm_cvtsi128_si64(c) +
+                                              _mm_cvtsi128_si64(_mm_unpackhi_epi64(c, c)))};
+}
+#endif
+
 // bytes: a multiple of 16
 inline GroupSums group_sums_simd(const uint8_t* row, const int8_t* const* planes, int bits,
                                  int64_t bytes) {
+#if defined(__AVX2__)
+  if (bytes % 32 == 0) return group_sums_avx2(row, planes, bits, bytes);
+#endif
   const __m128i ones = _mm_set1_epi16(1);
   const __m128i zero = _mm_setzero_si128();
   __m128i products = zero, codes = zero;
@@ -256,6 +309,78 @@ inline GroupSums group_sums_simd(const uint8_t* row, const int8_t* const* planes
 }
 #endif
 
+
+// 3 bits: eight codes in each 3-byte word (code i at bits 3i .. 3i+2 of the little-endian word).
+// `planes[i]` as above (plane i holds the activation of position 8j + i at j), `inorder` the
+// group's activations in their own order, `words` the group's words.
+inline GroupSums group_sums3_scalar(const uint8_t* row, const int8_t* const* planes,
+                                    int64_t words) {
+  int32_t products = 0, codes = 0;
+  for (int64_t j = 0; j < words; ++j) {
+    const int32_t v = row[3 * j] | (row[3 * j + 1] << 8) | (row[3 * j + 2] << 16);
+    for (int i = 0; i < 8; ++i) {
+      const int c = (v >> (3 * i)) & 7;
+      products += c * planes[i][j];
+      codes += c;
+    }
+  }
+  return {products, codes};
+}
+
+#if (defined(__SSSE3__) || defined(__AVX2__)) && defined(__BMI2__)
+#define APQ_LOWBIT_SIMD3 1
+// words: even. PDEP spreads a word's eight 3-bit codes into eight bytes, in order.
+inline GroupSums group_sums3_simd(const uint8_t* row, const int8_t* const*, const int8_t* inorder,
+                                  int64_t words) {
+  const __m128i ones = _mm_set1_epi16(1);
+  const __m128i zero = _mm_setzero_si128();
+  const uint64_t spread = 0x0707070707070707ull;
+  __m128i products = zero, codes = zero;
+  for (int64_t j = 0; j < words; j += 2) {
+    const uint8_t* w = row + 3 * j;
+    const uint64_t lo = _pdep_u64(w[0] | (w[1] << 8) | (static_cast<uint64_t>(w[2]) << 16), spread);
+    const uint64_t hi = _pdep_u64(w[3] | (w[4] << 8) | (static_cast<uint64_t>(w[5]) << 16), spread);
+    const __m128i c = _mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo));
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(inorder + 8 * j));
+    // |each product pair| <= 2 * 7 * 128
+    products = _mm_add_epi32(products, _mm_madd_epi16(_mm_maddubs_epi16(c, a), ones));
+    codes = _mm_add_epi64(codes, _mm_sad_epu8(c, zero));
+  }
+  return {hsum_epi32(products), static_cast<int32_t>(_mm_cvtsi128_si64(codes) +
+                                                     _mm_cvtsi128_si64(_mm_unpackhi_epi64(codes, codes)))};
+}
+#elif defined(__ARM_NEON)
+#define APQ_LOWBIT_SIMD3 1
+// words: a multiple of 8. vld3 splits eight words into their first, second and third bytes.
+inline GroupSums group_sums3_simd(const uint8_t* row, const int8_t* const* planes,
+                                  const int8_t*, int64_t words) {
+  int32x4_t products = vdupq_n_s32(0);
+  uint32x4_t codes = vdupq_n_u32(0);
+  const uint8x8_t seven = vdup_n_u8(7);
+  for (int64_t j = 0; j < words; j += 8) {
+    const uint8x8x3_t b = vld3_u8(row + 3 * j);
+    uint8x8_t c[8];
+    c[0] = vand_u8(b.val[0], seven);
+    c[1] = vand_u8(vshr_n_u8(b.val[0], 3), seven);
+    c[2] = vorr_u8(vshr_n_u8(b.val[0], 6), vshl_n_u8(vand_u8(b.val[1], vdup_n_u8(1)), 2));
+    c[3] = vand_u8(vshr_n_u8(b.val[1], 1), seven);
+    c[4] = vand_u8(vshr_n_u8(b.val[1], 4), seven);
+    c[5] = vorr_u8(vshr_n_u8(b.val[1], 7), vshl_n_u8(vand_u8(b.val[2], vdup_n_u8(3)), 1));
+    c[6] = vand_u8(vshr_n_u8(b.val[2], 2), seven);
+    c[7] = vshr_n_u8(b.val[2], 5);
+    uint8x8_t total = vdup_n_u8(0);
+    for (int i = 0; i < 8; ++i) {
+      // |product| <= 7 * 128: eight of them fit int16 before widening
+      products = vpadalq_s16(products,
+                             vmull_s8(vreinterpret_s8_u8(c[i]), vld1_s8(planes[i] + j)));
+      total = vadd_u8(total, c[i]);
+    }
+    codes = vpadalq_u16(codes, vmovl_u8(total));
+  }
+  return {vaddvq_s32(products), static_cast<int32_t>(vaddvq_u32(codes))};
+}
+#endif
+
 // y [m, n] of x [m, k]: the whole operator
 inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* packed,
                           const uint16_t* scales, int64_t n, int bits, int64_t group, float* y) {
@@ -270,11 +395,12 @@ inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* p
   }
   std::vector<float> row_scales(static_cast<size_t>(groups));
 
-  const bool in_place = m <= kInPlaceTokens && (bits == 2 || bits == 4) && k % group == 0 &&
-                        (group * bits) % 8 == 0;
+  // a word holds `per` codes: a byte of 2- or 4-bit codes, three bytes of 3-bit ones
+  const int per = bits == 3 ? 8 : 8 / (bits > 0 && bits <= 8 ? bits : 8);
+  const bool in_place = m <= kInPlaceTokens && (bits == 2 || bits == 3 || bits == 4) &&
+                        k % group == 0 && group % per == 0;
   if (in_place) {
-    const int per = 8 / bits;
-    const int64_t words = k / per, group_bytes = group * bits / 8;
+    const int64_t words = k / per, group_words = group / per, group_bytes = group * bits / 8;
     std::vector<int8_t> planes(static_cast<size_t>(m * k));
     std::vector<int32_t> code_sums(static_cast<size_t>(m * groups));
     for (int64_t t = 0; t < m; ++t) {
@@ -289,36 +415,61 @@ inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* p
         code_sums[t * groups + g] = sum;
       }
     }
-#if defined(__SSSE3__) || defined(__ARM_NEON)
-    const bool simd = group_bytes % 16 == 0;
+#if defined(__SSSE3__) || defined(__AVX2__) || defined(__ARM_NEON)
+    const bool simd = bits != 3 && group_bytes % 16 == 0;
 #else
     const bool simd = false;
 #endif
-    for (int64_t r = 0; r < n; ++r) {
-      const uint8_t* row = packed + r * row_bytes;
-      for (int64_t g = 0; g < groups; ++g) row_scales[g] = half_to_float(scales[r * groups + g]);
-      for (int64_t t = 0; t < m; ++t) {
-        const int8_t* p = planes.data() + t * k;
-        float acc = 0.0f;
-        for (int64_t g = 0; g < groups; ++g) {
-          const int8_t* at[4];
-          for (int i = 0; i < per; ++i) at[i] = p + i * words + g * group_bytes;
-          GroupSums s;
-#if defined(__SSSE3__) || defined(__ARM_NEON)
-          if (simd) {
-            s = group_sums_simd(row + g * group_bytes, at, bits, group_bytes);
-          } else {
-            s = group_sums_scalar(row + g * group_bytes, at, bits, group_bytes);
-          }
-#else
-          s = group_sums_scalar(row + g * group_bytes, at, bits, group_bytes);
+#if defined(APQ_LOWBIT_SIMD3) && defined(__ARM_NEON)
+    const bool simd3 = bits == 3 && group_words % 8 == 0;
+#elif defined(APQ_LOWBIT_SIMD3)
+    const bool simd3 = bits == 3 && group_words % 2 == 0;
 #endif
-          const int32_t exact = s.products - zw * code_sums[t * groups + g] - zx[t] * s.codes +
-                                static_cast<int32_t>(group) * zx[t] * zw;
-          const float term = row_scales[g] * static_cast<float>(exact);
-          acc = acc + term;
+    // one group of one row for one token: the exact integer sum
+    auto exact_sum = [&](const uint8_t* row, int64_t g, int64_t t) -> int32_t {
+      const int8_t* p = planes.data() + t * k;
+      const int8_t* at[8];
+      for (int i = 0; i < per; ++i) at[i] = p + i * words + g * group_words;
+      GroupSums s;
+      if (bits == 3) {
+#if defined(APQ_LOWBIT_SIMD3)
+        s = simd3 ? group_sums3_simd(row + g * group_bytes, at, codes.data() + t * k + g * group,
+                                     group_words)
+                  : group_sums3_scalar(row + g * group_bytes, at, group_words);
+#else
+        s = group_sums3_scalar(row + g * group_bytes, at, group_words);
+#endif
+      } else {
+#if defined(__SSSE3__) || defined(__AVX2__) || defined(__ARM_NEON)
+        s = simd ? group_sums_simd(row + g * group_bytes, at, bits, group_bytes)
+                 : group_sums_scalar(row + g * group_bytes, at, bits, group_bytes);
+#else
+        s = group_sums_scalar(row + g * group_bytes, at, bits, group_bytes);
+#endif
+      }
+      return s.products - zw * code_sums[t * groups + g] - zx[t] * s.codes +
+             static_cast<int32_t>(group) * zx[t] * zw;
+    };
+    // rows in blocks of four: four independent float chains (each still its groups in order)
+    constexpr int64_t kBlock = 4;
+    std::vector<float> block_scales(static_cast<size_t>(kBlock * groups));
+    for (int64_t r0 = 0; r0 < n; r0 += kBlock) {
+      const int64_t rows = n - r0 < kBlock ? n - r0 : kBlock;
+      for (int64_t q = 0; q < rows; ++q) {
+        for (int64_t g = 0; g < groups; ++g) {
+          block_scales[q * groups + g] = half_to_float(scales[(r0 + q) * groups + g]);
         }
-        y[t * n + r] = acc * token_scale[t];
+      }
+      for (int64_t t = 0; t < m; ++t) {
+        float acc[kBlock] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int64_t g = 0; g < groups; ++g) {
+          for (int64_t q = 0; q < rows; ++q) {
+            const float term = block_scales[q * groups + g] *
+                               static_cast<float>(exact_sum(packed + (r0 + q) * row_bytes, g, t));
+            acc[q] = acc[q] + term;
+          }
+        }
+        for (int64_t q = 0; q < rows; ++q) y[t * n + r0 + q] = acc[q] * token_scale[t];
       }
     }
     return;

@@ -4,6 +4,8 @@ reference computes what the core's reference modules compute."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -151,7 +153,13 @@ def _compilers():
     out = []
     cxx = shutil.which("g++")
     if cxx:
-        out.append(pytest.param([cxx, "-O2", "-mssse3"], [], "ssse3", id="x86-64-ssse3"))
+        flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() \
+            else []
+        for name, isa in (("ssse3", ["-mssse3", "-mbmi2"]), ("avx2", ["-mavx2", "-mbmi2"])):
+            wanted = {"ssse3": "ssse3", "avx2": "avx2"}[name]
+            out.append(pytest.param([cxx, "-O2", *isa], [], name, id=f"x86-64-{name}-bmi2",
+                                    marks=[] if wanted in flags and "bmi2" in flags else
+                                    pytest.mark.skip(reason=f"this CPU lacks {wanted} or bmi2")))
         out.append(pytest.param([cxx, "-O2", "-march=x86-64"], [], "none", id="x86-64-scalar"))
     cross, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
     if cross and qemu:
@@ -166,8 +174,10 @@ def _compilers():
 @pytest.mark.parametrize("compiler,launcher,simd", _compilers())
 def test_every_path_of_the_arithmetic_is_the_reference_bit_for_bit(compiler, launcher, simd,
                                                                    tmp_path):
-    """apq_lowbit_linear.h compiled alone: with SSSE3, without SIMD, and for aarch64 with NEON
-    (run under qemu), decode and prefill, 2/3/4 bits: the Python reference's exact floats."""
+    """apq_lowbit_linear.h compiled alone: with SSSE3 or AVX2 (and BMI2's PDEP for 3 bits),
+    without SIMD, and for aarch64 with NEON (run under qemu), decode and prefill, 2/3/4 bits,
+    groups the SIMD loops take whole and groups they leave to the scalar loop: the Python
+    reference's exact floats."""
     import subprocess
 
     from apq_sdk.runtime_kernels_build import kernel_source_dir
@@ -178,7 +188,7 @@ def test_every_path_of_the_arithmetic_is_the_reference_bit_for_bit(compiler, lau
     subprocess.run([*compiler, "-std=c++17", "-ffp-contract=off", f"-I{kernel_source_dir()}",
                     str(source), "-o", str(exe)], check=True, capture_output=True)
     cases = [(2, 576, 40, 64), (2, 512, 24, 128), (4, 256, 24, 32), (4, 576, 16, 64),
-             (3, 576, 16, 64), (2, 200, 8, 64)]
+             (3, 576, 16, 64), (3, 512, 16, 128), (3, 576, 8, 32), (2, 200, 8, 64)]
     for bits, k, n, group in cases:
         codes, packed, scales = _layer(bits, n, k, group, seed=bits * 7 + k)
         for tokens in (1, 4, 6):
