@@ -5,7 +5,10 @@ Variants, all but export_llm's exported the same way (the package's attention, p
 "attention": ExecuTorch's custom SDPA and KV-cache ops for Llama-like families; torch.export,
 XNNPACK partitioner, ExecuTorch's runtime) so only the weights differ:
 
-* `apq-sdk` : the package (the plan's 4/16-bit layers, GPTQ, int8 per-token dynamic activations);
+* `apq-sdk` : the package (the plan's 4/16-bit layers, GPTQ, int8 per-token dynamic activations;
+  an android-lowbit package also has 2/3-bit layers and a tied head on apq::lowbit_linear);
+* `apq-sdk <target>` (with --also-package): further android or android-lowbit packages of the
+  same model, e.g. the 4.0-bits-per-weight android-lowbit package beside the android one;
 * `apq-sdk @ recipe size` (with --match-recipe-size): an android package built with the
   recipe's bits per weight as its budget, so accuracy is compared at equal size;
 * `ExecuTorch export_llm 8da4w` : what a user of ExecuTorch would ship, the peer the ratios are
@@ -25,7 +28,9 @@ same thread count for every runtime): median over runs of 32 decode steps after 
 prefill.
 
     apq-sdk build --target android --model demo -o apq-out
+    apq-sdk build --target android-lowbit --model demo -o apq-out    # 4.0 bits per weight
     python bench/bench_executorch.py --package apq-out/SmolLM2-135M-Instruct-android \\
+        --also-package apq-out/SmolLM2-135M-Instruct-android-lowbit \\
         --ort-package apq-out/SmolLM2-135M-Instruct-arm64-linux --match-recipe-size
 
 Writes OUT.json and OUT.md (default bench/results/executorch).
@@ -163,6 +168,8 @@ def export_llm_program(float_model, max_context: int, group: int, work: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--package", required=True, help="an android package directory")
+    parser.add_argument("--also-package", action="append", default=[],
+                        help="another android or android-lowbit package of the model (repeat)")
     parser.add_argument("--ort-package", default=None, help="an arm64-linux package of the model")
     parser.add_argument("--model", default=None,
                         help="the unquantized model (default: the one the manifest names)")
@@ -207,9 +214,12 @@ def main() -> None:
     started = time.time()
     package = Path(args.package)
     manifest = read_manifest(package)
-    if manifest["target"]["name"] != "android":
-        raise SystemExit(f"bench_executorch: {package} was built for "
-                         f"{manifest['target']['name']}; this bench measures an android package")
+    android = ("android", "android-lowbit")
+    for path in (package, *map(Path, args.also_package)):
+        built_for = read_manifest(path)["target"]["name"]
+        if built_for not in android:
+            raise SystemExit(f"bench_executorch: {path} was built for {built_for}; this bench "
+                             f"measures {' and '.join(android)} packages")
     checkpoint = read_checkpoint(reference_dir(package, manifest))
     model_spec = args.model or manifest["model"]["spec"]
     float_model, tokenizer, info = load_model(model_spec)
@@ -231,9 +241,25 @@ def main() -> None:
         variants[name] = {"what": what, "model_bytes": size,
                           "bits_per_weight": 8 * size / n_params, **(extra or {})}
 
+    from apq_sdk.targets.base import get_target
+
+    def package_runner(path):  # the target's own runner (it loads apq-sdk's kernels if needed)
+        return lambda pte, threads: get_target(read_manifest(path)["target"]["name"])().runner(
+            path, threads=threads)
+
     t = checkpoint.plan.totals
-    add_pte("apq-sdk", package / "model.pte", "this package (apq-sdk plan, GPTQ)",
-            {"planned_bits_per_weight": t.target_bits_per_weight})
+    add_pte("apq-sdk", package / "model.pte",
+            f"this package ({manifest['target']['name']}; apq-sdk plan, GPTQ)",
+            {"planned_bits_per_weight": t.target_bits_per_weight}, runner=package_runner(package))
+    for other in map(Path, args.also_package):
+        other_manifest = read_manifest(other)
+        totals = read_checkpoint(reference_dir(other, other_manifest)).plan.totals
+        name = f"apq-sdk {other_manifest['target']['name']}"
+        add_pte(name, other / "model.pte",
+                f"the {other_manifest['target']['name']} package {other.name} (apq-sdk plan at "
+                f"{totals.target_bits_per_weight:.2f} bits per weight, GPTQ)",
+                {"planned_bits_per_weight": totals.target_bits_per_weight},
+                runner=package_runner(other))
 
     print("float .pte: export and lower", flush=True)
     fp32_path = work / "float.pte"
@@ -283,8 +309,6 @@ def main() -> None:
                  .target_bits_per_weight})
 
     if args.ort_package:
-        from apq_sdk.targets.base import get_target
-
         ort_dir = Path(args.ort_package)
         ort_target = get_target(read_manifest(ort_dir)["target"]["name"])()
         runners["ONNX Runtime"] = ort_target.runner(ort_dir, threads=args.threads)
@@ -334,7 +358,7 @@ def render_markdown(r: dict) -> str:
     v = r["variants"]
     peer_name = PEER if PEER in v else RECIPE
     peer = v.get(peer_name)
-    lines = [f"# ExecuTorch + XNNPACK (android target): {r['model']}", "",
+    lines = [f"# ExecuTorch + XNNPACK (android targets): {r['model']}", "",
              f"Command: `{r['command']}`", "",
              f"ExecuTorch {r['executorch']}, {r['threads']} thread(s), x86-64 (XNNPACK's x86 "
              f"kernels; a phone runs its Arm ones). Perplexity and KL(unquantized || variant): "
@@ -360,7 +384,7 @@ def render_markdown(r: dict) -> str:
     lines += [f"- **{name}**: {x['what']}" for name, x in v.items()]
     p = r["plan"]
     lines += ["", f"The package's plan: {p['target_bits_per_weight']:.3f} bits per weight as "
-                  f"XNNPACK stores it, decoder linears {p['linear_bits_per_weight']:.3f}, "
+                  f"its target stores it, decoder linears {p['linear_bits_per_weight']:.3f}, "
                   f"bit-widths {p['bits']}, groups {p['group_sizes']}, head {p['head_bits']}-bit.",
               "", f"Total run time {r['total_seconds'] / 60:.1f} min.", ""]
     return "\n".join(lines)
