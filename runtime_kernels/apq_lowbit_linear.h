@@ -54,6 +54,13 @@ namespace apq_lowbit {
 constexpr int64_t kInPlaceTokens = 4;
 
 inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);  // exact, subnormals included
+#elif defined(__aarch64__)
+  __fp16 value;
+  std::memcpy(&value, &h, sizeof value);
+  return static_cast<float>(value);  // FCVT: exact
+#else
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t exponent = (h >> 10) & 0x1Fu;
   uint32_t mantissa = h & 0x3FFu;
@@ -75,6 +82,7 @@ inline float half_to_float(uint16_t h) {
   float out;
   std::memcpy(&out, &bits, sizeof out);
   return out;
+#endif
 }
 
 // one token row's int8 codes and zero point; returns the scale
@@ -182,17 +190,42 @@ inline GroupSums group_sums_scalar(const uint8_t* row, const int8_t* const* plan
   return {products, codes};
 }
 
+// 3 bits: eight codes in each 3-byte word (code i at bits 3i .. 3i+2 of the little-endian word).
+// `planes[i]` as above (plane i holds the activation of position 8j + i at j), `inorder` the
+// group's activations in their own order, `words` the group's words.
+inline GroupSums group_sums3_scalar(const uint8_t* row, const int8_t* const* planes,
+                                    int64_t words) {
+  int32_t products = 0, codes = 0;
+  for (int64_t j = 0; j < words; ++j) {
+    const int32_t v = row[3 * j] | (row[3 * j + 1] << 8) | (row[3 * j + 2] << 16);
+    for (int i = 0; i < 8; ++i) {
+      const int c = (v >> (3 * i)) & 7;
+      products += c * planes[i][j];
+      codes += c;
+    }
+  }
+  return {products, codes};
+}
+
+// The SIMD group sums keep four int32 lanes (Lanes) per group, reduced either one group at a
+// time (lanes_sum) or four rows at once (the block epilogue in lowbit_linear).
 #if defined(__SSSE3__) || defined(__AVX2__)
-inline int32_t hsum_epi32(__m128i v) {
+#define APQ_LOWBIT_LANES 1
+using Lanes = __m128i;
+inline int32_t lanes_sum(Lanes v) {
   v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
   v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
   return _mm_cvtsi128_si32(v);
 }
+struct GroupLanes {
+  Lanes products;
+  Lanes codes;  // PSADBW's two 64-bit sums, read as four int32 lanes (the high halves are 0)
+};
 
 #if defined(__AVX2__)
-// bytes: a multiple of 32 (the same sums as the 16-byte loop below, twice as wide)
-inline GroupSums group_sums_avx2(const uint8_t* row, const int8_t* const* planes, int bits,
-                                 int64_t bytes) {
+// bytes: a multiple of 32 (the 16-byte loop below, twice as wide)
+inline GroupLanes group_lanes_avx2(const uint8_t* row, const int8_t* const* planes, int bits,
+                                   int64_t bytes) {
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i zero = _mm256_setzero_si256();
   __m256i products = zero, codes = zero;
@@ -225,24 +258,23 @@ inline GroupSums group_sums_avx2(const uint8_t* row, const int8_t* const* planes
     products = _mm256_add_epi32(products, _mm256_madd_epi16(acc, ones));
     codes = _mm256_add_epi64(codes, _mm256_sad_epu8(total, zero));
   }
-  const __m128i p = _mm_add_epi32(_mm256_castsi256_si128(products),
-                                  _mm256_extracti128_si256(products, 1));
-  const __m128i c = _mm_add_epi64(_mm256_castsi256_si128(codes),
-                                  _mm256_extracti128_si256(codes, 1));
-  return {hsum_epi32(p), static_cast<int32_t>(_mm_cvtsi128_si64(c) +
-                                              _mm_cvtsi128_si64(_mm_unpackhi_epi64(c, c)))};
+  return {_mm_add_epi32(_mm256_castsi256_si128(products), _mm256_extracti128_si256(products, 1)),
+          _mm_add_epi64(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1))};
 }
 #endif
 
-// bytes: a multiple of 16
-inline GroupSums group_sums_simd(const uint8_t* row, const int8_t* const* planes, int bits,
-                                 int64_t bytes) {
+// 2 or 4 bits; bytes: a multiple of 16
+inline GroupLanes group_lanes(const uint8_t* row, const int8_t* const* planes, int bits,
+                              int64_t bytes) {
 #if defined(__AVX2__)
-  if (bytes % 32 == 0) return group_sums_avx2(row, planes, bits, bytes);
+  if (bytes % 32 == 0) return group_lanes_avx2(row, planes, bits, bytes);
 #endif
   const __m128i ones = _mm_set1_epi16(1);
   const __m128i zero = _mm_setzero_si128();
   __m128i products = zero, codes = zero;
+  auto plane = [&](int i, int64_t j) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[i] + j));
+  };
   for (int64_t j = 0; j < bytes; j += 16) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j));
     __m128i acc, total;
@@ -253,34 +285,78 @@ inline GroupSums group_sums_simd(const uint8_t* row, const int8_t* const* planes
       const __m128i c2 = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
       const __m128i c3 = _mm_and_si128(_mm_srli_epi16(b, 6), mask);
       // |each product pair| <= 2 * 3 * 128: four of them fit int16
-      acc = _mm_add_epi16(
-          _mm_add_epi16(
-              _mm_maddubs_epi16(c0, _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[0] + j))),
-              _mm_maddubs_epi16(c1, _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[1] + j)))),
-          _mm_add_epi16(
-              _mm_maddubs_epi16(c2, _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[2] + j))),
-              _mm_maddubs_epi16(c3, _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[3] + j)))));
+      acc = _mm_add_epi16(_mm_add_epi16(_mm_maddubs_epi16(c0, plane(0, j)),
+                                        _mm_maddubs_epi16(c1, plane(1, j))),
+                          _mm_add_epi16(_mm_maddubs_epi16(c2, plane(2, j)),
+                                        _mm_maddubs_epi16(c3, plane(3, j))));
       total = _mm_add_epi8(_mm_add_epi8(c0, c1), _mm_add_epi8(c2, c3));
     } else {  // 4 bits
       const __m128i mask = _mm_set1_epi8(15);
       const __m128i c0 = _mm_and_si128(b, mask);
       const __m128i c1 = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
       // |each product pair| <= 2 * 15 * 128: two of them fit int16
-      acc = _mm_add_epi16(
-          _mm_maddubs_epi16(c0, _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[0] + j))),
-          _mm_maddubs_epi16(c1, _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[1] + j))));
+      acc = _mm_add_epi16(_mm_maddubs_epi16(c0, plane(0, j)), _mm_maddubs_epi16(c1, plane(1, j)));
       total = _mm_add_epi8(c0, c1);
     }
     products = _mm_add_epi32(products, _mm_madd_epi16(acc, ones));
     codes = _mm_add_epi64(codes, _mm_sad_epu8(total, zero));
   }
-  const int32_t code_sum = static_cast<int32_t>(_mm_cvtsi128_si64(codes) +
-                                                _mm_cvtsi128_si64(_mm_unpackhi_epi64(codes, codes)));
-  return {hsum_epi32(products), code_sum};
+  return {products, codes};
 }
+
+#if defined(__BMI2__)
+#define APQ_LOWBIT_LANES3 2  // words per step
+// 3 bits; words: even. PDEP spreads a word's eight 3-bit codes into eight bytes, in order, so
+// they meet the group's activations in their own order (`inorder`).
+inline GroupLanes group_lanes3(const uint8_t* row, const int8_t* const*, const int8_t* inorder,
+                               int64_t words) {
+  const __m128i ones = _mm_set1_epi16(1);
+  const __m128i zero = _mm_setzero_si128();
+  const uint64_t spread = 0x0707070707070707ull;
+  __m128i products = zero, codes = zero;
+  for (int64_t j = 0; j < words; j += 2) {
+    const uint8_t* w = row + 3 * j;
+    const uint64_t lo = _pdep_u64(w[0] | (w[1] << 8) | (static_cast<uint64_t>(w[2]) << 16), spread);
+    const uint64_t hi = _pdep_u64(w[3] | (w[4] << 8) | (static_cast<uint64_t>(w[5]) << 16), spread);
+    const __m128i c = _mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo));
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(inorder + 8 * j));
+    // |each product pair| <= 2 * 7 * 128
+    products = _mm_add_epi32(products, _mm_madd_epi16(_mm_maddubs_epi16(c, a), ones));
+    codes = _mm_add_epi64(codes, _mm_sad_epu8(c, zero));
+  }
+  return {products, codes};
+}
+#endif
+
+#if defined(__SSE4_1__)
+#define APQ_LOWBIT_BLOCK 1
+// four rows' lanes -> [row 0, row 1, row 2, row 3]
+inline Lanes lanes_of_four(Lanes a, Lanes b, Lanes c, Lanes d) {
+  return _mm_hadd_epi32(_mm_hadd_epi32(a, b), _mm_hadd_epi32(c, d));
+}
+// the block epilogue: acc += scale * float(products - offset - zx * codes), lane by lane
+inline void block_step(float* acc, const float* scale, Lanes products, Lanes codes,
+                       int32_t offset, int32_t zx) {
+  const __m128i exact = _mm_sub_epi32(_mm_sub_epi32(products, _mm_set1_epi32(offset)),
+                                      _mm_mullo_epi32(codes, _mm_set1_epi32(zx)));
+  const __m128 term = _mm_mul_ps(_mm_loadu_ps(scale), _mm_cvtepi32_ps(exact));
+  _mm_storeu_ps(acc, _mm_add_ps(_mm_loadu_ps(acc), term));
+}
+#endif
+
 #elif defined(__ARM_NEON)
-inline GroupSums group_sums_simd(const uint8_t* row, const int8_t* const* planes, int bits,
-                                 int64_t bytes) {
+#define APQ_LOWBIT_LANES 1
+#define APQ_LOWBIT_BLOCK 1
+using Lanes = int32x4_t;
+inline int32_t lanes_sum(Lanes v) { return vaddvq_s32(v); }
+struct GroupLanes {
+  Lanes products;
+  Lanes codes;
+};
+
+// 2 or 4 bits; bytes: a multiple of 16
+inline GroupLanes group_lanes(const uint8_t* row, const int8_t* const* planes, int bits,
+                              int64_t bytes) {
   int32x4_t products = vdupq_n_s32(0);
   uint32x4_t codes = vdupq_n_u32(0);
   const int per = 8 / bits;
@@ -305,55 +381,14 @@ inline GroupSums group_sums_simd(const uint8_t* row, const int8_t* const* planes
     }
     codes = vpadalq_u16(codes, vpaddlq_u8(total));
   }
-  return {vaddvq_s32(products), static_cast<int32_t>(vaddvq_u32(codes))};
-}
-#endif
-
-
-// 3 bits: eight codes in each 3-byte word (code i at bits 3i .. 3i+2 of the little-endian word).
-// `planes[i]` as above (plane i holds the activation of position 8j + i at j), `inorder` the
-// group's activations in their own order, `words` the group's words.
-inline GroupSums group_sums3_scalar(const uint8_t* row, const int8_t* const* planes,
-                                    int64_t words) {
-  int32_t products = 0, codes = 0;
-  for (int64_t j = 0; j < words; ++j) {
-    const int32_t v = row[3 * j] | (row[3 * j + 1] << 8) | (row[3 * j + 2] << 16);
-    for (int i = 0; i < 8; ++i) {
-      const int c = (v >> (3 * i)) & 7;
-      products += c * planes[i][j];
-      codes += c;
-    }
-  }
-  return {products, codes};
+  return {products, vreinterpretq_s32_u32(codes)};
 }
 
-#if (defined(__SSSE3__) || defined(__AVX2__)) && defined(__BMI2__)
-#define APQ_LOWBIT_SIMD3 1
-// words: even. PDEP spreads a word's eight 3-bit codes into eight bytes, in order.
-inline GroupSums group_sums3_simd(const uint8_t* row, const int8_t* const*, const int8_t* inorder,
-                                  int64_t words) {
-  const __m128i ones = _mm_set1_epi16(1);
-  const __m128i zero = _mm_setzero_si128();
-  const uint64_t spread = 0x0707070707070707ull;
-  __m128i products = zero, codes = zero;
-  for (int64_t j = 0; j < words; j += 2) {
-    const uint8_t* w = row + 3 * j;
-    const uint64_t lo = _pdep_u64(w[0] | (w[1] << 8) | (static_cast<uint64_t>(w[2]) << 16), spread);
-    const uint64_t hi = _pdep_u64(w[3] | (w[4] << 8) | (static_cast<uint64_t>(w[5]) << 16), spread);
-    const __m128i c = _mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo));
-    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(inorder + 8 * j));
-    // |each product pair| <= 2 * 7 * 128
-    products = _mm_add_epi32(products, _mm_madd_epi16(_mm_maddubs_epi16(c, a), ones));
-    codes = _mm_add_epi64(codes, _mm_sad_epu8(c, zero));
-  }
-  return {hsum_epi32(products), static_cast<int32_t>(_mm_cvtsi128_si64(codes) +
-                                                     _mm_cvtsi128_si64(_mm_unpackhi_epi64(codes, codes)))};
-}
-#elif defined(__ARM_NEON)
-#define APQ_LOWBIT_SIMD3 1
-// words: a multiple of 8. vld3 splits eight words into their first, second and third bytes.
-inline GroupSums group_sums3_simd(const uint8_t* row, const int8_t* const* planes,
-                                  const int8_t*, int64_t words) {
+#define APQ_LOWBIT_LANES3 8  // words per step
+// 3 bits; words: a multiple of 8. vld3 splits eight words into their first, second and third
+// bytes; code i of each word meets plane i.
+inline GroupLanes group_lanes3(const uint8_t* row, const int8_t* const* planes, const int8_t*,
+                               int64_t words) {
   int32x4_t products = vdupq_n_s32(0);
   uint32x4_t codes = vdupq_n_u32(0);
   const uint8x8_t seven = vdup_n_u8(7);
@@ -370,20 +405,41 @@ inline GroupSums group_sums3_simd(const uint8_t* row, const int8_t* const* plane
     c[7] = vshr_n_u8(b.val[2], 5);
     uint8x8_t total = vdup_n_u8(0);
     for (int i = 0; i < 8; ++i) {
-      // |product| <= 7 * 128: eight of them fit int16 before widening
+      // |product| <= 7 * 128
       products = vpadalq_s16(products,
                              vmull_s8(vreinterpret_s8_u8(c[i]), vld1_s8(planes[i] + j)));
       total = vadd_u8(total, c[i]);
     }
     codes = vpadalq_u16(codes, vmovl_u8(total));
   }
-  return {vaddvq_s32(products), static_cast<int32_t>(vaddvq_u32(codes))};
+  return {products, vreinterpretq_s32_u32(codes)};
+}
+
+inline Lanes lanes_of_four(Lanes a, Lanes b, Lanes c, Lanes d) {
+  return vpaddq_s32(vpaddq_s32(a, b), vpaddq_s32(c, d));
+}
+inline void block_step(float* acc, const float* scale, Lanes products, Lanes codes,
+                       int32_t offset, int32_t zx) {
+  const int32x4_t exact =
+      vsubq_s32(vsubq_s32(products, vdupq_n_s32(offset)), vmulq_n_s32(codes, zx));
+  const float32x4_t term = vmulq_f32(vld1q_f32(scale), vcvtq_f32_s32(exact));
+  vst1q_f32(acc, vaddq_f32(vld1q_f32(acc), term));
 }
 #endif
 
-// y [m, n] of x [m, k]: the whole operator
+// y [m, n] of x [m, k]: the whole operator. `parallel(begin, end, grain, f)` runs f over
+// pieces of [begin, end) of at least `grain` items, in any order and on any threads (output rows
+// are split between pieces; every output is computed the same way wherever it runs): serially
+// by default, ExecuTorch's thread pool in executorch_lowbit_linear.cpp.
+template <class Parallel>
 inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* packed,
-                          const uint16_t* scales, int64_t n, int bits, int64_t group, float* y) {
+                          const uint16_t* scales, int64_t n, int bits, int64_t group, float* y,
+                          Parallel&& parallel) {
+  // at least ~64k multiply-adds a piece
+  auto grain = [](int64_t work_per_item) -> int64_t {
+    const int64_t items = (int64_t{1} << 16) / (work_per_item > 0 ? work_per_item : 1);
+    return items > 0 ? items : 1;
+  };
   const int64_t groups = (k + group - 1) / group;
   const int64_t row_bytes = (k * bits + 7) / 8;
   const int32_t zw = 1 << (bits - 1);
@@ -393,8 +449,6 @@ inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* p
   for (int64_t t = 0; t < m; ++t) {
     token_scale[t] = quantize_row(x + t * k, k, codes.data() + t * k, &zx[t]);
   }
-  std::vector<float> row_scales(static_cast<size_t>(groups));
-
   // a word holds `per` codes: a byte of 2- or 4-bit codes, three bytes of 3-bit ones
   const int per = bits == 3 ? 8 : 8 / (bits > 0 && bits <= 8 ? bits : 8);
   const bool in_place = m <= kInPlaceTokens && (bits == 2 || bits == 3 || bits == 4) &&
@@ -415,85 +469,149 @@ inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* p
         code_sums[t * groups + g] = sum;
       }
     }
-#if defined(__SSSE3__) || defined(__AVX2__) || defined(__ARM_NEON)
-    const bool simd = bits != 3 && group_bytes % 16 == 0;
+    // the SIMD loops take whole steps: 16 bytes of 2/4-bit codes, 2 (x86) or 8 (NEON) 3-bit words
+#if defined(APQ_LOWBIT_LANES)
+    const bool simd = bits == 3 ?
+#if defined(APQ_LOWBIT_LANES3)
+                                group_words % APQ_LOWBIT_LANES3 == 0
 #else
-    const bool simd = false;
+                                false
 #endif
-#if defined(APQ_LOWBIT_SIMD3) && defined(__ARM_NEON)
-    const bool simd3 = bits == 3 && group_words % 8 == 0;
-#elif defined(APQ_LOWBIT_SIMD3)
-    const bool simd3 = bits == 3 && group_words % 2 == 0;
+                                : group_bytes % 16 == 0;
 #endif
+    auto pointers = [&](int64_t t, int64_t g, const int8_t** at) {
+      const int8_t* p = planes.data() + t * k;
+      for (int i = 0; i < per; ++i) at[i] = p + i * words + g * group_words;
+    };
     // one group of one row for one token: the exact integer sum
     auto exact_sum = [&](const uint8_t* row, int64_t g, int64_t t) -> int32_t {
-      const int8_t* p = planes.data() + t * k;
       const int8_t* at[8];
-      for (int i = 0; i < per; ++i) at[i] = p + i * words + g * group_words;
-      GroupSums s;
-      if (bits == 3) {
-#if defined(APQ_LOWBIT_SIMD3)
-        s = simd3 ? group_sums3_simd(row + g * group_bytes, at, codes.data() + t * k + g * group,
-                                     group_words)
-                  : group_sums3_scalar(row + g * group_bytes, at, group_words);
-#else
-        s = group_sums3_scalar(row + g * group_bytes, at, group_words);
+      pointers(t, g, at);
+      int32_t products, code_total;
+#if defined(APQ_LOWBIT_LANES)
+      if (simd) {
+        GroupLanes v;
+        if (bits == 3) {
+#if defined(APQ_LOWBIT_LANES3)
+          v = group_lanes3(row + g * group_bytes, at, codes.data() + t * k + g * group,
+                           group_words);
 #endif
-      } else {
-#if defined(__SSSE3__) || defined(__AVX2__) || defined(__ARM_NEON)
-        s = simd ? group_sums_simd(row + g * group_bytes, at, bits, group_bytes)
-                 : group_sums_scalar(row + g * group_bytes, at, bits, group_bytes);
-#else
-        s = group_sums_scalar(row + g * group_bytes, at, bits, group_bytes);
+        } else {
+          v = group_lanes(row + g * group_bytes, at, bits, group_bytes);
+        }
+        products = lanes_sum(v.products);
+        code_total = lanes_sum(v.codes);
+      } else
 #endif
+      {
+        const GroupSums s = bits == 3 ? group_sums3_scalar(row + g * group_bytes, at, group_words)
+                                      : group_sums_scalar(row + g * group_bytes, at, bits,
+                                                          group_bytes);
+        products = s.products;
+        code_total = s.codes;
       }
-      return s.products - zw * code_sums[t * groups + g] - zx[t] * s.codes +
+      return products - zw * code_sums[t * groups + g] - zx[t] * code_total +
              static_cast<int32_t>(group) * zx[t] * zw;
     };
-    // rows in blocks of four: four independent float chains (each still its groups in order)
-    constexpr int64_t kBlock = 4;
-    std::vector<float> block_scales(static_cast<size_t>(kBlock * groups));
-    for (int64_t r0 = 0; r0 < n; r0 += kBlock) {
-      const int64_t rows = n - r0 < kBlock ? n - r0 : kBlock;
-      for (int64_t q = 0; q < rows; ++q) {
-        for (int64_t g = 0; g < groups; ++g) {
-          block_scales[q * groups + g] = half_to_float(scales[(r0 + q) * groups + g]);
+    // work units of four rows; each unit's outputs depend on nothing another unit computes
+    const int64_t units = (n + 3) / 4;
+    parallel(0, units, grain(4 * k * m), [&](int64_t u0, int64_t u1) {
+      std::vector<float> unit_scales(static_cast<size_t>(4 * groups));
+      for (int64_t u = u0; u < u1; ++u) {
+        int64_t r0 = 4 * u;
+        const int64_t r1 = r0 + 4 < n ? r0 + 4 : n;
+#if defined(APQ_LOWBIT_BLOCK)
+        // four rows at once: their lanes reduced together, their four float chains side by
+        // side (each lane one row's chain, its groups in order: the operations of one row alone)
+        if (simd && r1 - r0 == 4) {
+          for (int64_t q = 0; q < 4; ++q) {
+            for (int64_t g = 0; g < groups; ++g) {
+              unit_scales[g * 4 + q] = half_to_float(scales[(r0 + q) * groups + g]);
+            }
+          }
+          for (int64_t t = 0; t < m; ++t) {
+            alignas(16) float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t g = 0; g < groups; ++g) {
+              const int8_t* at[8];
+              pointers(t, g, at);
+              GroupLanes v[4];
+              for (int64_t q = 0; q < 4; ++q) {
+                const uint8_t* row = packed + (r0 + q) * row_bytes + g * group_bytes;
+                if (bits == 3) {
+#if defined(APQ_LOWBIT_LANES3)
+                  v[q] = group_lanes3(row, at, codes.data() + t * k + g * group, group_words);
+#endif
+                } else {
+                  v[q] = group_lanes(row, at, bits, group_bytes);
+                }
+              }
+              const int32_t offset = zw * code_sums[t * groups + g] -
+                                     static_cast<int32_t>(group) * zx[t] * zw;
+              block_step(acc, unit_scales.data() + g * 4,
+                         lanes_of_four(v[0].products, v[1].products, v[2].products, v[3].products),
+                         lanes_of_four(v[0].codes, v[1].codes, v[2].codes, v[3].codes), offset,
+                         zx[t]);
+            }
+            for (int64_t q = 0; q < 4; ++q) y[t * n + r0 + q] = acc[q] * token_scale[t];
+          }
+          continue;
         }
-      }
-      for (int64_t t = 0; t < m; ++t) {
-        float acc[kBlock] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int64_t g = 0; g < groups; ++g) {
-          for (int64_t q = 0; q < rows; ++q) {
-            const float term = block_scales[q * groups + g] *
-                               static_cast<float>(exact_sum(packed + (r0 + q) * row_bytes, g, t));
-            acc[q] = acc[q] + term;
+#endif
+        for (; r0 < r1; ++r0) {  // one row at a time
+          const uint8_t* row = packed + r0 * row_bytes;
+          for (int64_t g = 0; g < groups; ++g) {
+            unit_scales[g] = half_to_float(scales[r0 * groups + g]);
+          }
+          for (int64_t t = 0; t < m; ++t) {
+            float acc = 0.0f;
+            for (int64_t g = 0; g < groups; ++g) {
+              const float term = unit_scales[g] * static_cast<float>(exact_sum(row, g, t));
+              acc = acc + term;
+            }
+            y[t * n + r0] = acc * token_scale[t];
           }
         }
-        for (int64_t q = 0; q < rows; ++q) y[t * n + r0 + q] = acc[q] * token_scale[t];
       }
-    }
+    });
     return;
   }
 
   // each row unpacked once, reused for every token; activations minus their zero point
   std::vector<int16_t> a(static_cast<size_t>(m * k));
   for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<int16_t>(codes[i] - zx[i / k]);
-  std::vector<int16_t> w(static_cast<size_t>(k));
-  for (int64_t r = 0; r < n; ++r) {
-    unpack_row(packed + r * row_bytes, bits, k, w.data());
-    for (int64_t g = 0; g < groups; ++g) row_scales[g] = half_to_float(scales[r * groups + g]);
-    for (int64_t t = 0; t < m; ++t) {
-      const int16_t* at = a.data() + t * k;
-      float acc = 0.0f;
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t begin = g * group;
-        const int64_t len = begin + group <= k ? group : k - begin;
-        const float term = row_scales[g] * static_cast<float>(dot16(at + begin, w.data() + begin, len));
-        acc = acc + term;
+  parallel(0, n, grain(k * m), [&](int64_t r_begin, int64_t r_end) {
+    std::vector<int16_t> w(static_cast<size_t>(k));
+    std::vector<float> row_scales(static_cast<size_t>(groups));
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      unpack_row(packed + r * row_bytes, bits, k, w.data());
+      for (int64_t g = 0; g < groups; ++g) row_scales[g] = half_to_float(scales[r * groups + g]);
+      for (int64_t t = 0; t < m; ++t) {
+        const int16_t* at = a.data() + t * k;
+        float acc = 0.0f;
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t begin = g * group;
+          const int64_t len = begin + group <= k ? group : k - begin;
+          const float term =
+              row_scales[g] * static_cast<float>(dot16(at + begin, w.data() + begin, len));
+          acc = acc + term;
+        }
+        y[t * n + r] = acc * token_scale[t];
       }
-      y[t * n + r] = acc * token_scale[t];
     }
+  });
+}
+
+// runs f(begin, end) over [begin, end) in one piece: lowbit_linear's default `parallel`
+struct Serial {
+  template <class F>
+  void operator()(int64_t begin, int64_t end, int64_t, F&& f) const {
+    if (end > begin) f(begin, end);
   }
+};
+
+inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* packed,
+                          const uint16_t* scales, int64_t n, int bits, int64_t group, float* y) {
+  lowbit_linear(x, m, k, packed, scales, n, bits, group, y, Serial{});
 }
 
 // rows [count, k] float32 of a packed table [rows, ceil(k*bits/8)] with float16 scales: the

@@ -25,8 +25,9 @@
 // int8-per-token-asym-dynamic mode does, sums each group exactly in int32 and the groups in
 // order in float32 (build with -ffp-contract=off); the Python reference of the operator
 // (targets/executorch/lowbit.py) computes exactly this, and the two are compared bit for bit
-// (tests/targets/executorch/test_lowbit.py). One thread; SSSE3 or NEON where the compiler
-// targets them.
+// (tests/targets/executorch/test_lowbit.py). Output rows are split over ExecuTorch's thread pool
+// where the runtime has one (ET_USE_THREADPOOL); SIMD: SSSE3/AVX2(/BMI2, F16C) on x86-64, NEON on
+// aarch64, where the compiler targets them.
 //
 // The kernel registers itself at load time; linking it into an ExecuTorch runtime (or loading
 // it as a shared library beside one) is all it takes.
@@ -34,6 +35,7 @@
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/operator_registry.h>
+#include <executorch/runtime/kernel/thread_parallel_interface.h>
 
 #include <cstdint>
 #include <cstring>
@@ -91,9 +93,13 @@ Tensor& lowbit_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
       InvalidArgument, out, "apq::lowbit_linear: cannot resize out");
 
   const int64_t m = k ? x.numel() / k : 0;
+  // output rows split over ExecuTorch's thread pool (built with ET_USE_THREADPOOL; else serial)
+  auto parallel = [](int64_t begin, int64_t end, int64_t grain, const auto& f) {
+    executorch::extension::parallel_for(begin, end, grain, f);
+  };
   lowbit_linear(x.const_data_ptr<float>(), m, k, packed.const_data_ptr<uint8_t>(),
                 reinterpret_cast<const uint16_t*>(scales.const_data_ptr<Half>()), n,
-                static_cast<int>(bits), group_size, out.mutable_data_ptr<float>());
+                static_cast<int>(bits), group_size, out.mutable_data_ptr<float>(), parallel);
   return out;
 }
 

@@ -43,7 +43,8 @@ BITS = (2, 3)
 KERNEL_BITS = (2, 3, 4)
 CXXFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off",
             # the definitions the wheel's CMake config gives its consumers
-            "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED")
+            "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED",
+            "-DET_USE_THREADPOOL")  # output rows over the runtime's thread pool
 
 _LIBRARY = None  # torch.library.Library of the op definitions (kept alive)
 _LOADED: dict[Path, ctypes.CDLL] = {}
@@ -247,7 +248,8 @@ def build_kernel_library(out_dir: Path | str | None = None) -> Path:
     cmd = [cxx, *CXXFLAGS, "-I", str(include), "-I",
            str(include / "executorch" / "runtime" / "core" / "portable_type" / "c10"),
            "-o", str(tmp), str(source),
-           "-L", str(root / "lib"), "-lexecutorch", f"-Wl,-rpath,{root / 'lib'}"]
+           "-L", str(root / "lib"), "-lexecutorch", "-lexecutorch_threadpool",
+           f"-Wl,-rpath,{root / 'lib'}"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:

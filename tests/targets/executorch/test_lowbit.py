@@ -202,3 +202,26 @@ def test_every_path_of_the_arithmetic_is_the_reference_bit_for_bit(compiler, lau
             assert done.stdout[4 * tokens * n:].decode() == simd
             want = lowbit.reference(x, packed, scales, bits, group).numpy().ravel()
             assert np.array_equal(got, want), (bits, k, group, tokens)
+
+
+def test_the_threads_split_rows_without_changing_a_bit():
+    """With ExecuTorch's thread pool at two threads the kernel splits its output rows; every
+    output is computed as on one thread."""
+    from executorch.extension.pybindings import portable_lib
+
+    k, n, group = 576, 1536, 64
+    before = portable_lib._threadpool_get_thread_count()
+    try:
+        for bits in (2, 3, 4):
+            _, packed, scales = _layer(bits, n, k, group, seed=11)
+            method, _keep = _program(packed, scales, bits, group, k)
+            for tokens in (1, 9):
+                x = _activations(tokens, k, seed=5)
+                portable_lib._unsafe_reset_threadpool(1)
+                one = method.execute([x])[0].clone()
+                portable_lib._unsafe_reset_threadpool(2)
+                two = method.execute([x])[0]
+                assert torch.equal(one, two)
+                assert torch.equal(two, lowbit.reference(x, packed, scales, bits, group))
+    finally:
+        portable_lib._unsafe_reset_threadpool(before)
