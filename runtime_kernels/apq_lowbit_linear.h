@@ -17,15 +17,18 @@
 // Every S is an exact integer (int32), however it is computed; the float sums run over groups
 // in order, one multiply and one add each: compile with -ffp-contract=off, so no fused
 // multiply-add changes a rounding. The paths:
-//   * a few tokens (decode), 2, 3 or 4 bits, whole groups: SIMD (SSSE3 on
-//     x86-64, AVX2 where groups span 32 bytes, NEON on aarch64) over the packed bytes in place, the activations laid out in
-//     planes (plane i holds the code of position P*j + i at j, P codes per byte), unsigned
-//     codes times signed activation codes, the zero points taken out per group:
-//     S = sum cx*cw - zw * sum cx - zx * sum cw + len * zx * zw;
-//   * the same without SIMD (any compiler);
-//     3-bit words are three bytes (eight codes): spread by PDEP (x86-64 with BMI2) or split by
-//     vld3 (NEON);
-//   * otherwise (prefill, short groups): each row unpacked once, then reused.
+//   * a few tokens (decode), 2, 3 or 4 bits, whole groups: the packed codes read in place.
+//     The activations are laid out in planes (plane i holds the code of position P*j + i at j,
+//     a word holding P codes: a byte of four 2-bit or two 4-bit codes, three bytes of eight
+//     3-bit codes); unsigned weight codes meet signed activation codes and the zero points are
+//     taken out per group, S = sum cx*cw - zw * sum cx - zx * sum cw + len * zx * zw. SIMD
+//     where the compiler targets it: SSSE3 (AVX2 for 32-byte groups; 3-bit words spread by
+//     BMI2's PDEP) on x86-64, NEON on aarch64 (3-bit words split by vld3); rows four at a time,
+//     their sums reduced together and their float chains side by side (SSE4.1 or NEON).
+//     Without SIMD the same sums one byte at a time;
+//   * otherwise (prefill, short groups): each row unpacked once, then reused for every token.
+// Float16 scales are converted exactly (F16C, FCVT, or in software). Output rows may be split
+// over threads (the `parallel` argument); each output is computed the same way wherever it runs.
 #ifndef APQ_LOWBIT_LINEAR_H
 #define APQ_LOWBIT_LINEAR_H
 

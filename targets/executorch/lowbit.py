@@ -1,4 +1,4 @@
-"""apq::lowbit_linear: the 2- and 3-bit layers XNNPACK cannot hold, as an ExecuTorch custom op.
+"""apq::lowbit_linear and apq::lowbit_embedding: what XNNPACK cannot hold, as ExecuTorch custom ops.
 
 XNNPACK (ExecuTorch 1.5.1) delegates 4-bit groups only (target.py). The `android-lowbit` target
 keeps its 4-bit layers there and lowers each 2- or 3-bit layer to
@@ -15,7 +15,10 @@ runtime_kernels/executorch_lowbit_linear.cpp computes (its header states it). Th
 * compiles the kernel against the headers and `libexecutorch.so` the executorch wheel ships and
   loads it into this process, where it registers with the same runtime the Python bindings use
   (`load_kernel_library`): how verify and the benches run a program that calls it;
-* `LowbitLinear`, the module a planned 2/3-bit layer becomes in the exportable model.
+* `LowbitLinear`, the module a planned 2/3-bit layer becomes in the exportable model, and
+  `LowbitEmbedding`, a tied head's lookup over the head's own operands
+  (apq::lowbit_embedding), so the program holds a tied 4-bit head once: that head is a
+  LowbitLinear too.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ import numpy as np
 import torch
 from torch import nn
 
-OP = "apq::lowbit_linear"
 KERNEL_NAME = "apq::lowbit_linear.out"  # what the program calls (ExecuTorch's out variant)
 EMBEDDING_KERNEL_NAME = "apq::lowbit_embedding.out"  # a tied head's lookup over its operands
 KERNEL_SOURCE = "executorch_lowbit_linear.cpp"
@@ -215,8 +217,8 @@ def executorch_root() -> Path:
 
 def build_kernel_library(out_dir: Path | str | None = None) -> Path:
     """Compile runtime_kernels/executorch_lowbit_linear.cpp against the executorch wheel's
-    runtime into a shared library, cached under a key of the source, the compiler, the flags and
-    the runtime's version (APQ_CACHE_DIR or ~/.cache/apq-sdk/kernels)."""
+    runtime into a shared library for this CPU, cached under a key of the sources, the compiler,
+    the CPU, the flags and the runtime's version (APQ_CACHE_DIR or ~/.cache/apq-sdk/kernels)."""
     from executorch.version import __version__ as et_version
 
     from apq_sdk.runtime_kernels_build import (KernelBuildError, _cache_root, _compiler_identity,
@@ -232,7 +234,7 @@ def build_kernel_library(out_dir: Path | str | None = None) -> Path:
     root = executorch_root()
     digest = hashlib.sha256()
     for part in (source.read_bytes(), (source.parent / KERNEL_HEADER).read_bytes(),
-                 _compiler_identity(cxx).encode(),
+                 _compiler_identity(cxx).encode(), _cpu_identity().encode(),
                  " ".join(CXXFLAGS).encode(), et_version.encode(), str(root).encode()):
         digest.update(part)
         digest.update(b"\0")
@@ -261,6 +263,20 @@ def build_kernel_library(out_dir: Path | str | None = None) -> Path:
         if tmp.exists():
             tmp.unlink()
     return lib
+
+
+def _cpu_identity() -> str:
+    """What -march=native compiles for: this CPU's model and flags (a cache directory shared with
+    another machine must not hand it a library built for other instructions)."""
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return platform.machine() + "".join(sorted({line for line in lines
+                                                if line.split(":")[0].strip() in wanted}))
 
 
 def load_kernel_library(out_dir: Path | str | None = None) -> Path:

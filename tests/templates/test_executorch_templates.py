@@ -30,7 +30,7 @@ def _context(**changes) -> dict:
                    tokenizer_file="tokenizer.json", plan_sha256="ab" * 32,
                    model_megabytes="90.1", kv_cache_megabytes="47.2", vocab_size=384,
                    num_layers=2, num_kv_heads=2, head_dim=16, hidden_size=64, max_context=256,
-                   bos_token_id=1, eos_token_id=2, llm_ops=True)
+                   bos_token_id=1, eos_token_id=2, llm_ops=True, lowbit_kernel=False)
     context.update(changes)
     return context
 
@@ -59,6 +59,26 @@ def test_the_cmake_project_builds_the_llm_op_kernels_only_for_a_program_that_cal
     assert ("src/executorch_llm_ops.cpp" in cmake) == llm_ops
     assert ("APQ_BUNDLED_LLM_OPS" in readme) == llm_ops
     assert ("static-cache" in readme) != llm_ops
+
+
+@pytest.mark.parametrize("lowbit_kernel", [True, False])
+def test_a_program_with_apq_kernels_builds_them_and_says_how_android_gets_them(lowbit_kernel,
+                                                                              tmp_path,
+                                                                              kotlin_parser):
+    """An android-lowbit package: the C API compiles apq::lowbit_linear (no fused multiply-add),
+    the README says how to build ExecuTorch's AAR with it, and the Gradle module depends on that
+    AAR (a property it refuses to build without) instead of Maven's runtime, which lacks it."""
+    render_templates(("executorch",), _context(lowbit_kernel=lowbit_kernel), tmp_path)
+    cmake = (tmp_path / "CMakeLists.txt").read_text()
+    readme = (tmp_path / "README.md").read_text()
+    gradle = (tmp_path / "android/apq-model/build.gradle.kts").read_text()
+    assert ("src/executorch_lowbit_linear.cpp" in cmake) == lowbit_kernel
+    assert ("-ffp-contract=off" in cmake) == lowbit_kernel
+    assert ("executorch_jni" in readme and "apqExecutorchAar" in readme) == lowbit_kernel
+    assert ("No\nExecuTorch release has this kernel" in readme.replace("\n", " ")) is False
+    assert ("apqExecutorchAar" in gradle) == lowbit_kernel
+    assert ('implementation("org.pytorch:executorch-android:' in gradle) != lowbit_kernel
+    assert not _errors(kotlin_parser.parse(gradle.encode()).root_node, [])
 
 
 def _errors(node, out):

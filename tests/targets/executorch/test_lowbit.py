@@ -185,7 +185,8 @@ def test_every_path_of_the_arithmetic_is_the_reference_bit_for_bit(compiler, lau
     source = tmp_path / "harness.cpp"
     source.write_text(HARNESS)
     exe = tmp_path / "harness"
-    subprocess.run([*compiler, "-std=c++17", "-ffp-contract=off", f"-I{kernel_source_dir()}",
+    subprocess.run([*compiler, "-std=c++17", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
+                    f"-I{kernel_source_dir()}",
                     str(source), "-o", str(exe)], check=True, capture_output=True)
     cases = [(2, 576, 40, 64), (2, 512, 24, 128), (4, 256, 24, 32), (4, 576, 16, 64),
              (3, 576, 16, 64), (3, 512, 16, 128), (3, 576, 8, 32), (2, 200, 8, 64)]
