@@ -399,6 +399,12 @@ class AndroidLowbitTarget(AndroidTarget):
         extra = super().manifest_extra(package_dir)
         if read_program(package_dir).get("apq_kernels"):
             validation = extra["validation"]
+            validation["validated_here"] = [
+                line if "sits inside" not in line else
+                (f"every planned 4- and 16-bit linear sits inside a {self.backend_name} delegate, "
+                 f"every 2/3-bit one and a tied head in apq::lowbit_linear, nothing else outside "
+                 f"(program.json: delegation)")
+                for line in validation["validated_here"]]
             validation["validated_here"].append(
                 "apq::lowbit_linear (runtime_kernels/executorch_lowbit_linear.cpp, in src/) "
                 "compiled against the executorch wheel's runtime and loaded into it: verify ran "
