@@ -21,7 +21,7 @@
 //     the rows `ids` of the same operands, dequantized: a tied head's embedding lookup reads
 //     the head's own codes and scales, so the program holds them once
 //
-// The arithmetic (apq_lowbit_linear.h, beside this file) quantizes each token row as the core's
+// The arithmetic (apq_lowbit_linear.hpp, beside this file) quantizes each token row as the core's
 // int8-per-token-asym-dynamic mode does, sums each group exactly in int32 and the groups in
 // order in float32 (build with -ffp-contract=off); the Python reference of the operator
 // (targets/executorch/lowbit.py) computes exactly this, and the two are compared bit for bit
@@ -40,7 +40,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "apq_lowbit_linear.h"
+#include "apq_lowbit_linear.hpp"
 
 namespace apq_lowbit {
 

@@ -38,7 +38,7 @@ from torch import nn
 KERNEL_NAME = "apq::lowbit_linear.out"  # what the program calls (ExecuTorch's out variant)
 EMBEDDING_KERNEL_NAME = "apq::lowbit_embedding.out"  # a tied head's lookup over its operands
 KERNEL_SOURCE = "executorch_lowbit_linear.cpp"
-KERNEL_HEADER = "apq_lowbit_linear.h"  # the arithmetic, included by the source
+KERNEL_HEADER = "apq_lowbit_linear.hpp"  # the arithmetic, included by the source
 #: bit widths the target sends the op: XNNPACK takes 4 bits; 2 and 3 have no XNNPACK kernel
 BITS = (2, 3)
 #: what the op computes: also 4 bits, for a tied head whose lookup shares its operands

@@ -43,7 +43,7 @@ PROGRAM_FILE = "program.json"
 TOKENIZER_FILE = "tokenizer.json"
 LLM_OPS_SOURCE = "executorch_llm_ops.cpp"  # runtime_kernels/: reference kernels of llama:: ops
 LOWBIT_SOURCES = ("executorch_lowbit_linear.cpp",  # runtime_kernels/: apq::lowbit_linear
-                  "apq_lowbit_linear.h")  # and its arithmetic
+                  "apq_lowbit_linear.hpp")  # and its arithmetic
 EXECUTORCH_VERSION = "1.5.1"  # what packages are exported with and checked against here
 
 ATTENTION = BuildOption(

@@ -124,7 +124,7 @@ def test_the_kernel_library_is_built_once_and_cached(tmp_path, monkeypatch):
 HARNESS = r"""
 #include <cstdio>
 #include <vector>
-#include "apq_lowbit_linear.h"
+#include "apq_lowbit_linear.hpp"
 // stdin: int64 m, k, n, bits, group; float32 x[m*k]; uint8 packed[n*row]; uint16 scales[n*G]
 // stdout: float32 y[m*n], then the SIMD path's name
 int main() {
@@ -174,7 +174,7 @@ def _compilers():
 @pytest.mark.parametrize("compiler,launcher,simd", _compilers())
 def test_every_path_of_the_arithmetic_is_the_reference_bit_for_bit(compiler, launcher, simd,
                                                                    tmp_path):
-    """apq_lowbit_linear.h compiled alone: with SSSE3 or AVX2 (and BMI2's PDEP for 3 bits),
+    """apq_lowbit_linear.hpp compiled alone: with SSSE3 or AVX2 (and BMI2's PDEP for 3 bits),
     without SIMD, and for aarch64 with NEON (run under qemu), decode and prefill, 2/3/4 bits,
     groups the SIMD loops take whole and groups they leave to the scalar loop: the Python
     reference's exact floats."""

@@ -1,4 +1,4 @@
-// apq_lowbit_linear.h - the arithmetic of apq::lowbit_linear, with no runtime attached: low-bit
+// apq_lowbit_linear.hpp - the arithmetic of apq::lowbit_linear, with no runtime attached: low-bit
 // group-quantized weights in the core's packed layout times int8 per-token asymmetric dynamic
 // activations. executorch_lowbit_linear.cpp registers it with ExecuTorch; the tests compile it
 // alone too (x86-64 with and without SIMD, aarch64 under qemu) and compare every path with the
@@ -29,8 +29,8 @@
 //   * otherwise (prefill, short groups): each row unpacked once, then reused for every token.
 // Float16 scales are converted exactly (F16C, FCVT, or in software). Output rows may be split
 // over threads (the `parallel` argument); each output is computed the same way wherever it runs.
-#ifndef APQ_LOWBIT_LINEAR_H
-#define APQ_LOWBIT_LINEAR_H
+#ifndef APQ_LOWBIT_LINEAR_HPP
+#define APQ_LOWBIT_LINEAR_HPP
 
 #include <cfloat>
 #include <cmath>
@@ -640,4 +640,4 @@ inline bool lowbit_rows(const int64_t* ids, int64_t count, const uint8_t* packed
 
 }  // namespace apq_lowbit
 
-#endif  // APQ_LOWBIT_LINEAR_H
+#endif  // APQ_LOWBIT_LINEAR_HPP
