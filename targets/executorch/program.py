@@ -13,12 +13,12 @@ with every planned layer swapped for an exportable one:
 * a 2- or 3-bit linear (the android-lowbit target only, `lowbit_kernel`) becomes a
   `LowbitLinear` (lowbit.py): the checkpoint's qweight bytes and float16 scales unchanged, computed
   by the custom op apq::lowbit_linear outside the delegate (runtime_kernels/
-  executorch_lowbit_linear.cpp), with the same int8 per-token asymmetric activations;
-  A tied packed head goes there too, and its embedding lookup becomes apq::lowbit_embedding
+  executorch_lowbit_linear.cpp), with the same int8 per-token asymmetric activations. A tied
+  packed head goes there too, and its embedding lookup becomes apq::lowbit_embedding
   over the same tensors (`LowbitEmbedding`): the program holds the head once;
 * a 16-bit linear becomes a float32 `nn.Linear` of its float16 values (XNNPACK's float GEMM);
-* a tied 4-bit head's embedding lookup becomes `quantized_decomposed::embedding_4bit` over the
-  same codes and float16 scales, nibbles re-laid out as that kernel reads them (first element in
+* (android) a tied 4-bit head's embedding lookup becomes `quantized_decomposed::embedding_4bit`
+  over the same codes and float16 scales, nibbles re-laid out as that kernel reads them (first element in
   the high nibble): a second copy of the head in the core's size (Capabilities.tied_lookup),
   and a float table (an untied embedding, a tied 16-bit head's lookup) stays float16, cast after
   the lookup.
