@@ -403,6 +403,32 @@ def lower_program(exported, partitioners, metadata: dict):
         constant_methods=metadata)
 
 
+class LoadedMethod:
+    """One method of a program loaded into ExecuTorch's Python runtime, holding the program.
+
+    `Runtime.load_program(buffer).load_method(name)` lets the Program (and with it the bytes it
+    reads constants and delegate blobs from) be collected while the method still points into
+    them: execute then reads freed memory and, now and then, segfaults. Keep both here."""
+
+    def __init__(self, source, name: str = "forward"):
+        from executorch.runtime import Runtime
+
+        if isinstance(source, bytearray):
+            source = bytes(source)
+        self.program = Runtime.get().load_program(source)
+        self.method = self.program.load_method(name)
+        if self.method is None:
+            raise KeyError(f"the program has no method {name!r}; it has "
+                           f"{sorted(self.program.method_names)}")
+
+    def execute(self, inputs):
+        return self.method.execute(inputs)
+
+    @property
+    def metadata(self):
+        return self.method.metadata
+
+
 def _op_name(node) -> str:
     target = node.target
     if "auto_functionalized" in str(target) and node.args and callable(node.args[0]):

@@ -460,10 +460,9 @@ class PteDecoder(PrefixCacheRunner):
             load_kernel_library()
         with quiet_toolchain():
             import executorch.kernels.quantized  # noqa: F401  (embedding_4bit)
-            from executorch.runtime import Runtime
             from executorch.version import __version__
 
-            from .program import load_llm_ops
+            from .program import LoadedMethod, load_llm_ops
 
             load_llm_ops()  # llama::update_cache and llama::custom_sdpa (program.py, ATTENTION)
 
@@ -473,8 +472,7 @@ class PteDecoder(PrefixCacheRunner):
         if portable_lib._threadpool_get_thread_count() != threads:
             portable_lib._unsafe_reset_threadpool(int(threads))
         self.path = Path(path)
-        self.program = Runtime.get().load_program(str(self.path))
-        self.method = self.program.load_method("forward")
+        self.method = LoadedMethod(str(self.path))
         self.runtime = f"executorch {__version__} (XNNPACK, Python runtime)"
         self.live: tuple[int, ...] = ()
         self.recorder = recorder
@@ -484,11 +482,12 @@ class PteDecoder(PrefixCacheRunner):
     def _record_linears(self, ids: np.ndarray) -> list[dict]:
         """Every planned linear's input and output on `ids` (verify's per-layer check)."""
         import torch
-        from executorch.runtime import Runtime
+
+        from .program import LoadedMethod
 
         ids = np.asarray(ids, dtype=np.int64)
         buffer, names = self.recorder(int(ids.shape[0]))
-        method = Runtime.get().load_program(buffer).load_method("forward")
+        method = LoadedMethod(buffer)
         outputs = method.execute([torch.from_numpy(ids.copy())[None]])
         records = []
         for i, name in enumerate(names):

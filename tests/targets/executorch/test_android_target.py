@@ -138,7 +138,6 @@ def test_the_custom_op_program_computes_what_the_static_cache_program_does(packa
     same weights exported over transformers' static cache give the same logits, prefill and
     decode, in the runtime."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.runtime import Runtime
 
     program = json.loads((package / "program.json").read_text())
     assert program["attention"] == "custom-ops"
@@ -152,7 +151,7 @@ def test_the_custom_op_program_computes_what_the_static_cache_program_does(packa
             exported = et_program.export_program(et_program.exportable_model(checkpoint), 64,
                                                  attention)
         edge = et_program.lower_program(exported, [XnnpackPartitioner()], {})
-        method = Runtime.get().load_program(edge.to_executorch().buffer).load_method("forward")
+        method = et_program.LoadedMethod(edge.to_executorch().buffer)
         prefill = method.execute([ids[:, :13], torch.arange(13)])[0]
         steps = [method.execute([ids[:, i:i + 1], torch.tensor([i])])[0] for i in range(13, 20)]
         logits[attention] = torch.cat([prefill, *steps], 1)

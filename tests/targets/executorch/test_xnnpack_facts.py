@@ -52,15 +52,11 @@ def _lower(layer, x):
 
 
 def _run(edge, x):
-    from executorch.runtime import Runtime
+    from apq_sdk.targets.executorch.program import LoadedMethod
 
-    # the program reads its delegate blobs from this buffer while it runs: keep a reference (a
-    # temporary freed under it made XNNPACK's init fail now and then with NotSupported, 0x10)
-    buffer = edge.to_executorch().buffer
-    method = Runtime.get().load_program(buffer).load_method("forward")
-    out = method.execute([x])[0]
-    del buffer
-    return out
+    # LoadedMethod keeps the program and its bytes alive while the method runs (a temporary
+    # freed under it made XNNPACK's init fail now and then with NotSupported, 0x10, or segfault)
+    return LoadedMethod(edge.to_executorch().buffer).execute([x])[0]
 
 
 def _x():
