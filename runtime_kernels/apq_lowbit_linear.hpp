@@ -17,7 +17,15 @@
 // Every S is an exact integer (int32), however it is computed; the float sums run over groups
 // in order, one multiply and one add each: compile with -ffp-contract=off, so no fused
 // multiply-add changes a rounding. The paths:
-//   * a few tokens (decode), 2, 3 or 4 bits, whole groups: the packed codes read in place.
+//   * a few tokens (decode), 2, 3 or 4 bits, groups of whole 64-code chunks, on x86-64 with
+//     AVX-512 VNNI and VBMI: a chunk of one row becomes one register of 64 code bytes (4 bits:
+//     nibbles split; 2 bits: a variable shift per 128-bit lane; 3 bits: VPERMB gives each 3-byte
+//     word a 64-bit lane, VPMULTISHIFTQB cuts its eight codes), the activations are laid out in
+//     the same order, and VPDPBUSD sums cw * cx and cw * (-zx). Sixteen rows run side by side:
+//     their lanes are reduced together, and each row's float chain is one lane of a register.
+//     4-bit groups of 64 go two at a time (one 64-byte load, lanes 0-7 one group, 8-15 the
+//     next). The next block's codes and scales are prefetched;
+//   * otherwise a few tokens, 2, 3 or 4 bits, whole groups: the packed codes read in place.
 //     The activations are laid out in planes (plane i holds the code of position P*j + i at j,
 //     a word holding P codes: a byte of four 2-bit or two 4-bit codes, three bytes of eight
 //     3-bit codes); unsigned weight codes meet signed activation codes and the zero points are
@@ -38,7 +46,17 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+// GCC 12 warns of its own _mm512_undefined_* inside these headers (GCC bug 105593)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define APQ_LOWBIT_AVX512 1
+#define APQ_LOWBIT_SIMD "avx512vnni"
+#elif defined(__AVX2__)
 #include <immintrin.h>
 #define APQ_LOWBIT_SIMD "avx2"
 #elif defined(__SSSE3__)
@@ -91,7 +109,19 @@ inline float half_to_float(uint16_t h) {
 // one token row's int8 codes and zero point; returns the scale
 inline float quantize_row(const float* x, int64_t k, int8_t* codes, int32_t* zero_point) {
   float lo = 0.0f, hi = 0.0f;
-  for (int64_t i = 0; i < k; ++i) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  // min and max in any order (a -0.0 for a 0.0 changes neither the scale nor the zero point)
+  __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps();
+  for (; i + 16 <= k; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    vlo = _mm512_min_ps(vlo, v);
+    vhi = _mm512_max_ps(vhi, v);
+  }
+  lo = _mm512_reduce_min_ps(vlo);
+  hi = _mm512_reduce_max_ps(vhi);
+#endif
+  for (; i < k; ++i) {
     lo = x[i] < lo ? x[i] : lo;
     hi = x[i] > hi ? x[i] : hi;
   }
@@ -100,7 +130,19 @@ inline float quantize_row(const float* x, int64_t k, int8_t* codes, int32_t* zer
   float zero = -128.0f - std::nearbyint(lo / scale);
   zero = zero < -128.0f ? -128.0f : (zero > 127.0f ? 127.0f : zero);
   const float inverse = 1.0f / scale;
-  for (int64_t i = 0; i < k; ++i) {
+  i = 0;
+#if defined(__AVX512F__)
+  // the same operations 16 at a time: one rounding multiply, round half to even, one add
+  for (; i + 16 <= k; i += 16) {
+    __m512 code = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inverse)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    code = _mm512_add_ps(code, _mm512_set1_ps(zero));
+    code = _mm512_min_ps(_mm512_max_ps(code, _mm512_set1_ps(-128.0f)), _mm512_set1_ps(127.0f));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
+                     _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(code)));
+  }
+#endif
+  for (; i < k; ++i) {
     float code = std::nearbyint(x[i] * inverse) + zero;
     code = code < -128.0f ? -128.0f : (code > 127.0f ? 127.0f : code);
     codes[i] = static_cast<int8_t>(code);
@@ -430,6 +472,291 @@ inline void block_step(float* acc, const float* scale, Lanes products, Lanes cod
 }
 #endif
 
+#if defined(APQ_LOWBIT_AVX512)
+// AVX-512 VNNI (with VBMI): a chunk of 64 codes of one row becomes one register of 64 unsigned
+// bytes (4 bits: the 32 low nibbles, then the 32 high ones; 2 bits: the four 16-byte lanes hold
+// the codes at bits 0, 2, 4 and 6 of the chunk's 16 bytes; 3 bits: PERMB gives each 3-byte word
+// a 64-bit lane and MULTISHIFT cuts its eight codes, in order). The token's activation codes are
+// laid out in the same order (chunk_order), so VPDPBUSD meets each code with its activation.
+// Sixteen rows run side by side: their lanes are reduced together (reduce16, reduce16_pairs),
+// and the float chains of the sixteen rows sit in the sixteen lanes of one register, each lane
+// the operations of its row alone, its groups in order.
+constexpr int64_t kChunk = 64;
+
+// the position in the chunk of the register's byte p
+inline int chunk_order(int bits, int p) {
+  if (bits == 4) return p < 32 ? 2 * p : 2 * (p - 32) + 1;
+  if (bits == 2) return 4 * (p % 16) + p / 16;
+  return p;  // 3 bits: in order
+}
+
+// one chunk (64 codes) of a row as 64 unsigned bytes, in chunk_order
+template <int Bits>
+inline __m512i chunk_codes(const uint8_t* at) {
+  if constexpr (Bits == 4) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+    const __m512i both = _mm512_inserti64x4(_mm512_zextsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+    return _mm512_and_si512(both, _mm512_set1_epi8(15));
+  } else if constexpr (Bits == 2) {
+    const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+    const __m512i shifted = _mm512_srlv_epi64(b, _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0));
+    return _mm512_and_si512(shifted, _mm512_set1_epi8(3));
+  } else {
+    // 24 bytes (a masked load: nothing past the chunk is read); word w's bytes to lane w
+    const __m512i b = _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8(0x00FFFFFFu, at));
+    const __m512i index = _mm512_set_epi8(
+        28, 27, 26, 25, 24, 23, 22, 21, 25, 24, 23, 22, 21, 20, 19, 18,
+        22, 21, 20, 19, 18, 17, 16, 15, 19, 18, 17, 16, 15, 14, 13, 12,
+        16, 15, 14, 13, 12, 11, 10, 9, 13, 12, 11, 10, 9, 8, 7, 6,
+        10, 9, 8, 7, 6, 5, 4, 3, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i words = _mm512_permutexvar_epi8(index, b);
+    const __m512i shifts = _mm512_set1_epi64(0x15120F0C09060300ll);  // 21 18 15 12 9 6 3 0
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, words), _mm512_set1_epi8(7));
+  }
+}
+
+// sixteen registers of int32 lanes -> one register, lane r the sum of v[r]'s lanes
+inline __m512i reduce16(__m512i* v) {
+  __m512i t[8], u[4];
+  for (int i = 0; i < 8; ++i) {
+    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                            _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
+                            _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+  }
+  const __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88),
+                                      _mm512_shuffle_i32x4(u[0], u[1], 0xDD));
+  const __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88),
+                                      _mm512_shuffle_i32x4(u[2], u[3], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, 0x88), _mm512_shuffle_i32x4(w0, w1, 0xDD));
+}
+
+// sixteen registers, lanes 0-7 one group's and 8-15 the next group's -> two registers, lane r
+// the sums of v[r]'s lanes 0-7 (first) and 8-15 (second)
+inline void reduce16_pairs(__m512i* v, __m512i* first, __m512i* second) {
+  __m512i t[8], u[4];
+  for (int i = 0; i < 8; ++i) {
+    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                            _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
+                            _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+  }
+  // u[i]'s 128-bit lanes 0, 1: rows 4i .. 4i+3 of the first group; lanes 2, 3: of the second
+  const __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88),
+                                      _mm512_shuffle_i32x4(u[0], u[1], 0xDD));
+  const __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88),
+                                      _mm512_shuffle_i32x4(u[2], u[3], 0xDD));
+  *first = _mm512_shuffle_i32x4(w0, w1, 0x88);
+  *second = _mm512_shuffle_i32x4(w0, w1, 0xDD);
+}
+
+// v[i] lane j -> v[j] lane i
+inline void transpose16(__m512* v) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    auto lo = [](__m512 a, __m512 b) {
+      return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+    };
+    auto hi = [](__m512 a, __m512 b) {
+      return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+    };
+    v[i] = lo(t[i], t[i + 2]);
+    v[i + 1] = hi(t[i], t[i + 2]);
+    v[i + 2] = lo(t[i + 1], t[i + 3]);
+    v[i + 3] = hi(t[i + 1], t[i + 3]);
+  }
+  // now v[4a + b] holds, in 128-bit lane c, column 4c + b of rows 4a .. 4a + 3
+  for (int b = 0; b < 4; ++b) {
+    t[b] = _mm512_shuffle_f32x4(v[b], v[4 + b], 0x88);       // lanes 0, 2 of rows 0-3, 4-7
+    t[4 + b] = _mm512_shuffle_f32x4(v[b], v[4 + b], 0xDD);   // lanes 1, 3
+    t[8 + b] = _mm512_shuffle_f32x4(v[8 + b], v[12 + b], 0x88);
+    t[12 + b] = _mm512_shuffle_f32x4(v[8 + b], v[12 + b], 0xDD);
+  }
+  for (int b = 0; b < 4; ++b) {
+    v[b] = _mm512_shuffle_f32x4(t[b], t[8 + b], 0x88);         // column b
+    v[8 + b] = _mm512_shuffle_f32x4(t[b], t[8 + b], 0xDD);     // column 8 + b
+    v[4 + b] = _mm512_shuffle_f32x4(t[4 + b], t[12 + b], 0x88);  // column 4 + b
+    v[12 + b] = _mm512_shuffle_f32x4(t[4 + b], t[12 + b], 0xDD);  // column 12 + b
+  }
+}
+
+// rows [r0, r0 + 16) (those below n) of one token: y[r] for each. A row's group sum is
+// sum cw * cx - zx * sum cw - zw * (sum cx - group * zx): the codes meet the activation codes
+// `act` (chunk_order) and -zx in two VPDPBUSD (-zx fits int8 unless zx is -128: then 127 and 1
+// more); `offset[g]` = zw * (sum of the group's cx - group * zx); `scales16` [groups][16] the
+// rows' scales as floats.
+template <int Bits>
+inline void rows16(const int8_t* act, const int32_t* offset, int32_t zx, const uint8_t* packed,
+                   int64_t row_bytes, int64_t r0, int64_t n, int64_t k, int64_t group,
+                   const float* scales16, float token_scale, float* y) {
+  const int64_t groups = k / group, chunks_per_group = group / kChunk;
+  const int64_t chunk_bytes = kChunk * Bits / 8;
+  const int64_t rows = n - r0 < 16 ? n - r0 : 16;
+  const bool split = zx == -128;
+  const __m512i minus_zx = _mm512_set1_epi8(static_cast<char>(split ? 127 : -zx));
+  const __m512i one = _mm512_set1_epi8(1);
+  __m512 acc = _mm512_setzero_ps();
+  const uint8_t* block = packed + r0 * row_bytes;
+  int64_t g = 0;
+  if constexpr (Bits == 4) {
+    // groups of 64 in pairs: one 64-byte load holds two groups' codes, its low nibbles meet the
+    // two groups' even activations and its high nibbles the odd ones, lanes 0-7 summing the
+    // first group and 8-15 the second; the zero point meets the nibbles' sum (at most 30)
+    if (rows == 16 && group == kChunk && !split) {
+      for (; g + 2 <= groups; g += 2) {
+        const int8_t* a0 = act + g * kChunk;
+        const __m512i even = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a0))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a0 + kChunk)), 1);
+        const __m512i odd = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a0 + 32))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a0 + kChunk + 32)), 1);
+        const __m512i nibble = _mm512_set1_epi8(15);
+        __m512i lanes[16];
+#pragma GCC unroll 16
+        for (int q = 0; q < 16; ++q) {
+          const __m512i b = _mm512_loadu_si512(block + q * row_bytes + g * 32);
+          const __m512i lo = _mm512_and_si512(b, nibble);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+          __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even);
+          sum = _mm512_dpbusd_epi32(sum, hi, odd);
+          lanes[q] = _mm512_dpbusd_epi32(sum, _mm512_add_epi8(lo, hi), minus_zx);
+        }
+        __m512i first, second;
+        reduce16_pairs(lanes, &first, &second);
+        for (int64_t j = 0; j < 2; ++j) {
+          const __m512i exact = _mm512_sub_epi32(j == 0 ? first : second,
+                                                 _mm512_set1_epi32(offset[g + j]));
+          const __m512 term = _mm512_mul_ps(_mm512_loadu_ps(scales16 + (g + j) * 16),
+                                            _mm512_cvtepi32_ps(exact));
+          acc = _mm512_add_ps(acc, term);
+        }
+      }
+    }
+  }
+  for (; g < groups; ++g) {
+    __m512i lanes[16];
+    const int8_t* a_group = act + g * group;
+    const uint8_t* w_group = block + g * chunks_per_group * chunk_bytes;
+    if (rows == 16 && chunks_per_group == 1 && !split) {  // the common case, unrolled
+      const __m512i a = _mm512_loadu_si512(a_group);
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) {
+        const __m512i codes = chunk_codes<Bits>(w_group + q * row_bytes);
+        lanes[q] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, a),
+                                       codes, minus_zx);
+      }
+    } else {
+      for (int64_t q = 0; q < 16; ++q) {
+        __m512i sum = _mm512_setzero_si512();
+        if (q < rows) {
+          for (int64_t c = 0; c < chunks_per_group; ++c) {
+            const __m512i codes = chunk_codes<Bits>(w_group + q * row_bytes + c * chunk_bytes);
+            sum = _mm512_dpbusd_epi32(sum, codes, _mm512_loadu_si512(a_group + c * kChunk));
+            sum = _mm512_dpbusd_epi32(sum, codes, minus_zx);
+            if (split) sum = _mm512_dpbusd_epi32(sum, codes, one);
+          }
+        }
+        lanes[q] = sum;
+      }
+    }
+    const __m512i exact = _mm512_sub_epi32(reduce16(lanes), _mm512_set1_epi32(offset[g]));
+    const __m512 term = _mm512_mul_ps(_mm512_loadu_ps(scales16 + g * 16), _mm512_cvtepi32_ps(exact));
+    acc = _mm512_add_ps(acc, term);
+  }
+  alignas(64) float out[16];
+  _mm512_store_ps(out, _mm512_mul_ps(acc, _mm512_set1_ps(token_scale)));
+  for (int64_t q = 0; q < rows; ++q) y[r0 + q] = out[q];
+}
+
+// the whole in-place operator for whole groups of whole chunks (group % 64 == 0, k % group == 0)
+template <class Parallel>
+inline void lowbit_linear_avx512(const int8_t* codes, const int32_t* zx, const float* token_scale,
+                                 int64_t m, int64_t k, const uint8_t* packed,
+                                 const uint16_t* scales, int64_t n, int bits, int64_t group,
+                                 float* y, Parallel&& parallel, int64_t grain) {
+  const int64_t groups = k / group, row_bytes = k * bits / 8;
+  const int32_t zw = 1 << (bits - 1);
+  std::vector<int8_t> act(static_cast<size_t>(m * k));
+  std::vector<int32_t> offset(static_cast<size_t>(m * groups));
+  alignas(64) int8_t order[kChunk];
+  for (int p = 0; p < kChunk; ++p) order[p] = static_cast<int8_t>(chunk_order(bits, p));
+  const __m512i index = _mm512_load_si512(order);
+  const __m512i ones = _mm512_set1_epi8(1);
+  const int64_t chunks_per_group = group / kChunk;
+  for (int64_t t = 0; t < m; ++t) {
+    const int8_t* c = codes + t * k;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t j = g * chunks_per_group; j < (g + 1) * chunks_per_group; ++j) {
+        const __m512i v = _mm512_loadu_si512(c + j * kChunk);
+        _mm512_storeu_si512(act.data() + t * k + j * kChunk, _mm512_permutexvar_epi8(index, v));
+        sum = _mm512_dpbusd_epi32(sum, ones, v);  // the codes' sum, exact
+      }
+      offset[t * groups + g] =
+          zw * (_mm512_reduce_add_epi32(sum) - static_cast<int32_t>(group) * zx[t]);
+    }
+  }
+  const int64_t blocks = (n + 15) / 16;
+  parallel(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> scales16(static_cast<size_t>(groups * 16), 0.0f);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = 16 * b;
+      // the next block's rows and scales (contiguous runs) to the cache while this one runs
+      if (b + 1 < b1) {
+        const int64_t next_rows = n - r0 - 16 < 16 ? n - r0 - 16 : 16;
+        const uint8_t* next = packed + (r0 + 16) * row_bytes;
+        for (int64_t i = 0; i < next_rows * row_bytes; i += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T0);
+        }
+        const uint8_t* next_scales = reinterpret_cast<const uint8_t*>(scales + (r0 + 16) * groups);
+        for (int64_t i = 0; i < next_rows * groups * 2; i += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(next_scales + i), _MM_HINT_T0);
+        }
+      }
+      // the block's scales, float16 [rows][groups] (contiguous), to floats [groups][16]: 16
+      // columns at a time, each row converted (F16C: exact) and the 16x16 tile transposed
+      const int64_t rows = n - r0 < 16 ? n - r0 : 16;
+      const uint16_t* tile = scales + r0 * groups;
+      for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+        const int64_t width = groups - g0 < 16 ? groups - g0 : 16;
+        const __mmask16 columns = static_cast<__mmask16>((1u << width) - 1u);
+        __m512 v[16];
+        for (int64_t q = 0; q < 16; ++q) {
+          v[q] = q < rows ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(columns, tile + q * groups + g0))
+                          : _mm512_setzero_ps();
+        }
+        transpose16(v);
+        for (int64_t j = 0; j < width; ++j) _mm512_storeu_ps(scales16.data() + (g0 + j) * 16, v[j]);
+      }
+      for (int64_t t = 0; t < m; ++t) {
+        const int8_t* a = act.data() + t * k;
+        const int32_t* off = offset.data() + t * groups;
+        float* out = y + t * n;
+        if (bits == 4) {
+          rows16<4>(a, off, zx[t], packed, row_bytes, r0, n, k, group, scales16.data(),
+                    token_scale[t], out);
+        } else if (bits == 3) {
+          rows16<3>(a, off, zx[t], packed, row_bytes, r0, n, k, group, scales16.data(),
+                    token_scale[t], out);
+        } else {
+          rows16<2>(a, off, zx[t], packed, row_bytes, r0, n, k, group, scales16.data(),
+                    token_scale[t], out);
+        }
+      }
+    }
+  });
+}
+#endif
+
 // y [m, n] of x [m, k]: the whole operator. `parallel(begin, end, grain, f)` runs f over
 // pieces of [begin, end) of at least `grain` items, in any order and on any threads (output rows
 // are split between pieces; every output is computed the same way wherever it runs): serially
@@ -456,6 +783,13 @@ inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* p
   const int per = bits == 3 ? 8 : 8 / (bits > 0 && bits <= 8 ? bits : 8);
   const bool in_place = m <= kInPlaceTokens && (bits == 2 || bits == 3 || bits == 4) &&
                         k % group == 0 && group % per == 0;
+#if defined(APQ_LOWBIT_AVX512)
+  if (in_place && group % kChunk == 0) {
+    lowbit_linear_avx512(codes.data(), zx.data(), token_scale.data(), m, k, packed, scales, n,
+                         bits, group, y, parallel, grain(16 * k * m));
+    return;
+  }
+#endif
   if (in_place) {
     const int64_t words = k / per, group_words = group / per, group_bytes = group * bits / 8;
     std::vector<int8_t> planes(static_cast<size_t>(m * k));

@@ -26,8 +26,8 @@
 // order in float32 (build with -ffp-contract=off); the Python reference of the operator
 // (targets/executorch/lowbit.py) computes exactly this, and the two are compared bit for bit
 // (tests/targets/executorch/test_lowbit.py). Output rows are split over ExecuTorch's thread pool
-// where the runtime has one (ET_USE_THREADPOOL); SIMD: SSSE3/AVX2(/BMI2, F16C) on x86-64, NEON on
-// aarch64, where the compiler targets them.
+// where the runtime has one (ET_USE_THREADPOOL); SIMD: AVX-512 VNNI+VBMI, or SSSE3/AVX2 (/BMI2,
+// F16C) on x86-64, NEON on aarch64, where the compiler targets them.
 //
 // The kernel registers itself at load time; linking it into an ExecuTorch runtime (or loading
 // it as a shared library beside one) is all it takes.

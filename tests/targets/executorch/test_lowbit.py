@@ -41,15 +41,15 @@ def _program(packed, scales, bits, group, k, max_tokens=32):
     """The op alone as an ExecuTorch program (dynamic token count), loaded; the buffer and the
     program are kept alive with the method."""
     from executorch.exir import EdgeCompileConfig, to_edge
-    from executorch.runtime import Runtime
+
+    from apq_sdk.targets.executorch.program import LoadedMethod
 
     exported = torch.export.export(
         _Op(packed, scales, bits, group), (torch.zeros(1, 2, k),),
         dynamic_shapes=({1: torch.export.Dim("tokens", min=1, max=max_tokens)},), strict=True)
     buffer = to_edge(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False)) \
         .to_executorch().buffer
-    program = Runtime.get().load_program(buffer)
-    return program.load_method("forward"), (buffer, program)
+    return LoadedMethod(buffer), buffer
 
 
 def _layer(bits, n, k, group, seed=0):
@@ -155,11 +155,16 @@ def _compilers():
     if cxx:
         flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() \
             else []
-        for name, isa in (("ssse3", ["-mssse3", "-mbmi2"]), ("avx2", ["-mavx2", "-mbmi2"])):
-            wanted = {"ssse3": "ssse3", "avx2": "avx2"}[name]
-            out.append(pytest.param([cxx, "-O2", *isa], [], name, id=f"x86-64-{name}-bmi2",
-                                    marks=[] if wanted in flags and "bmi2" in flags else
-                                    pytest.mark.skip(reason=f"this CPU lacks {wanted} or bmi2")))
+        avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"]
+        for name, isa, wanted in (
+                ("ssse3", ["-mssse3", "-mbmi2"], ["ssse3", "bmi2"]),
+                ("avx2", ["-mavx2", "-mbmi2"], ["avx2", "bmi2"]),
+                ("avx512vnni", [*avx512, "-mbmi2", "-mf16c"],
+                 ["avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"])):
+            missing = [f for f in wanted if f not in flags]
+            out.append(pytest.param([cxx, "-O2", *isa], [], name, id=f"x86-64-{name}",
+                                    marks=[pytest.mark.skip(reason=f"this CPU lacks {missing}")]
+                                    if missing else []))
         out.append(pytest.param([cxx, "-O2", "-march=x86-64"], [], "none", id="x86-64-scalar"))
     cross, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
     if cross and qemu:
@@ -188,8 +193,11 @@ def test_every_path_of_the_arithmetic_is_the_reference_bit_for_bit(compiler, lau
     subprocess.run([*compiler, "-std=c++17", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
                     f"-I{kernel_source_dir()}",
                     str(source), "-o", str(exe)], check=True, capture_output=True)
+    # rows: whole blocks of 16 and a short last one (the AVX-512 path), groups of one and two
+    # 64-code chunks
     cases = [(2, 576, 40, 64), (2, 512, 24, 128), (4, 256, 24, 32), (4, 576, 16, 64),
-             (3, 576, 16, 64), (3, 512, 16, 128), (3, 576, 8, 32), (2, 200, 8, 64)]
+             (4, 512, 21, 128), (3, 576, 16, 64), (3, 512, 19, 128), (3, 576, 8, 32),
+             (3, 1536, 33, 64), (2, 200, 8, 64)]
     for bits, k, n, group in cases:
         codes, packed, scales = _layer(bits, n, k, group, seed=bits * 7 + k)
         for tokens in (1, 4, 6):
