@@ -24,8 +24,8 @@ XNNPACK partitioner, ExecuTorch's runtime) so only the weights differ:
 
 Per variant: model file size, perplexity on the first N windows of wikitext2-test, mean
 KL(unquantized || variant) over every predicted position, and decode speed here (x86-64, the
-same thread count for every runtime): median over runs of 32 decode steps after a 128-token
-prefill.
+same thread count for every runtime): median over rounds of 32 decode steps after a 128-token
+prefill, each round timing every runtime once, in turn.
 
     apq-sdk build --target android --model demo -o apq-out
     apq-sdk build --target android-lowbit --model demo -o apq-out    # 4.0 bits per weight
@@ -97,21 +97,34 @@ def pte_program(model, max_context: int, attention: str, partitioner_factory) ->
     return lower_program(exported, partitioner_factory(), {}).to_executorch().buffer
 
 
+def decode_run(runner, ids: np.ndarray, steps: int = DECODE, prefill: int = PREFILL) -> float:
+    """Seconds for `steps` greedy decode steps after a `prefill`-token prompt."""
+    logits, state = runner.step(ids[:prefill], None)
+    token = int(np.argmax(logits[-1]))
+    started = time.perf_counter()
+    for _ in range(steps):
+        logits, state = runner.step(np.array([token]), state)
+        token = int(np.argmax(logits[-1]))
+    return time.perf_counter() - started
+
+
 def decode_speed(runner, ids: np.ndarray, runs: int, steps: int = DECODE,
                  prefill: int = PREFILL) -> dict:
     """Median over `runs` of `steps` greedy decode steps after a `prefill`-token prompt."""
-    times = []
-    for _ in range(runs):
-        logits, state = runner.step(ids[:prefill], None)
-        token = int(np.argmax(logits[-1]))
-        started = time.perf_counter()
-        for _ in range(steps):
-            logits, state = runner.step(np.array([token]), state)
-            token = int(np.argmax(logits[-1]))
-        times.append(time.perf_counter() - started)
-    median = statistics.median(times)
-    return {"decode_tokens_per_s": steps / median, "runs": runs,
+    times = [decode_run(runner, ids, steps, prefill) for _ in range(runs)]
+    return {"decode_tokens_per_s": steps / statistics.median(times), "runs": runs,
             "seconds": [round(t, 4) for t in times]}
+
+
+def decode_speeds(runners: dict, ids: np.ndarray, runs: int, steps: int = DECODE) -> dict:
+    """Median over `runs` rounds; each round times every runner once, in turn, so a slow spell
+    of a shared machine falls on all of them alike rather than on whichever ran then."""
+    times = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, runner in runners.items():
+            times[name].append(decode_run(runner, ids, steps))
+    return {name: {"decode_tokens_per_s": steps / statistics.median(t), "runs": runs,
+                   "seconds": [round(x, 4) for x in t]} for name, t in times.items()}
 
 
 def export_llm_program(float_model, max_context: int, group: int, work: Path) -> Path:
@@ -178,7 +191,8 @@ def main() -> None:
                         help="also build an android package at the recipe's bits per weight")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--window-len", type=int, default=512)
-    parser.add_argument("--runs", type=int, default=5, help="decode timing runs (median)")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="decode timing rounds, every runtime once a round (median)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--text", default=None, help="default: wikitext2-test")
     parser.add_argument("--out", default=str(RESULTS / "executorch"))
@@ -331,7 +345,9 @@ def main() -> None:
         print(f"window {i + 1}/{len(windows)}", flush=True)
     for name in runners:
         variants[name].update(scores[name].to_dict())
-        variants[name].update(decode_speed(runners[name], windows[0].astype(np.int64), args.runs))
+    print(f"decode: {args.runs} rounds over {len(runners)} runtimes", flush=True)
+    for name, speed in decode_speeds(runners, windows[0].astype(np.int64), args.runs).items():
+        variants[name].update(speed)
     torch_rows = {name: scores[name].to_dict() for name in ("apq-sdk torch reference",
                                                             "FP32 torch")}
     import executorch.version
@@ -363,9 +379,9 @@ def render_markdown(r: dict) -> str:
              f"ExecuTorch {r['executorch']}, {r['threads']} thread(s), x86-64 (XNNPACK's x86 "
              f"kernels; a phone runs its Arm ones). Perplexity and KL(unquantized || variant): "
              f"first {r['windows']} windows of {r['window_len']} tokens of {Path(r['text']).name}"
-             f". Decode: median of {next(iter(v.values()))['runs']} runs of "
-             f"{r['decode']['decode_steps']} steps after a {r['decode']['prefill']}-token "
-             f"prefill.", "",
+             f". Decode: median of {next(iter(v.values()))['runs']} rounds, every runtime "
+             f"once a round, of {r['decode']['decode_steps']} steps after a "
+             f"{r['decode']['prefill']}-token prefill.", "",
              f"| variant | model file | bits/weight | perplexity | KL | decode tok/s | vs "
              f"{peer_name} |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
