@@ -134,8 +134,8 @@ inline float quantize_row(const float* x, int64_t k, int8_t* codes, int32_t* zer
 #if defined(__AVX512F__)
   // the same operations 16 at a time: one rounding multiply, round half to even, one add
   for (; i + 16 <= k; i += 16) {
-    __m512 code = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inverse)),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inverse));
+    __m512 code = _mm512_roundscale_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     code = _mm512_add_ps(code, _mm512_set1_ps(zero));
     code = _mm512_min_ps(_mm512_max_ps(code, _mm512_set1_ps(-128.0f)), _mm512_set1_ps(127.0f));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
@@ -515,9 +515,10 @@ inline __m512i chunk_codes(const uint8_t* at) {
   }
 }
 
-// sixteen registers of int32 lanes -> one register, lane r the sum of v[r]'s lanes
-inline __m512i reduce16(__m512i* v) {
-  __m512i t[8], u[4];
+// sixteen registers of int32 lanes -> four, u[i] holding in each 128-bit lane the partial sums
+// of rows 4i .. 4i+3 (v[4i] .. v[4i+3]) over that lane
+inline void reduce16_to_lanes(const __m512i* v, __m512i* u) {
+  __m512i t[8];
   for (int i = 0; i < 8; ++i) {
     t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
                             _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
@@ -526,30 +527,31 @@ inline __m512i reduce16(__m512i* v) {
     u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
                             _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
   }
-  const __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88),
-                                      _mm512_shuffle_i32x4(u[0], u[1], 0xDD));
-  const __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88),
-                                      _mm512_shuffle_i32x4(u[2], u[3], 0xDD));
+}
+
+// the 128-bit lanes of u[0..3] summed in pairs: [rows 0-3 lanes 0+1, rows 0-3 lanes 2+3, rows 4-7
+// lanes 0+1, rows 4-7 lanes 2+3] (w0) and the same for rows 8-15 (w1)
+inline void pair_lanes(const __m512i* u, __m512i* w0, __m512i* w1) {
+  *w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88),
+                         _mm512_shuffle_i32x4(u[0], u[1], 0xDD));
+  *w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88),
+                         _mm512_shuffle_i32x4(u[2], u[3], 0xDD));
+}
+
+// sixteen registers of int32 lanes -> one register, lane r the sum of v[r]'s lanes
+inline __m512i reduce16(const __m512i* v) {
+  __m512i u[4], w0, w1;
+  reduce16_to_lanes(v, u);
+  pair_lanes(u, &w0, &w1);
   return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, 0x88), _mm512_shuffle_i32x4(w0, w1, 0xDD));
 }
 
 // sixteen registers, lanes 0-7 one group's and 8-15 the next group's -> two registers, lane r
 // the sums of v[r]'s lanes 0-7 (first) and 8-15 (second)
-inline void reduce16_pairs(__m512i* v, __m512i* first, __m512i* second) {
-  __m512i t[8], u[4];
-  for (int i = 0; i < 8; ++i) {
-    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
-                            _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
-                            _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
-  }
-  // u[i]'s 128-bit lanes 0, 1: rows 4i .. 4i+3 of the first group; lanes 2, 3: of the second
-  const __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88),
-                                      _mm512_shuffle_i32x4(u[0], u[1], 0xDD));
-  const __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88),
-                                      _mm512_shuffle_i32x4(u[2], u[3], 0xDD));
+inline void reduce16_pairs(const __m512i* v, __m512i* first, __m512i* second) {
+  __m512i u[4], w0, w1;
+  reduce16_to_lanes(v, u);  // u[i]'s lanes 0, 1: the first group; lanes 2, 3: the second
+  pair_lanes(u, &w0, &w1);
   *first = _mm512_shuffle_i32x4(w0, w1, 0x88);
   *second = _mm512_shuffle_i32x4(w0, w1, 0xDD);
 }
@@ -669,7 +671,8 @@ inline void rows16(const int8_t* act, const int32_t* offset, int32_t zx, const u
       }
     }
     const __m512i exact = _mm512_sub_epi32(reduce16(lanes), _mm512_set1_epi32(offset[g]));
-    const __m512 term = _mm512_mul_ps(_mm512_loadu_ps(scales16 + g * 16), _mm512_cvtepi32_ps(exact));
+    const __m512 term =
+        _mm512_mul_ps(_mm512_loadu_ps(scales16 + g * 16), _mm512_cvtepi32_ps(exact));
     acc = _mm512_add_ps(acc, term);
   }
   alignas(64) float out[16];
@@ -731,7 +734,8 @@ inline void lowbit_linear_avx512(const int8_t* codes, const int32_t* zx, const f
         const __mmask16 columns = static_cast<__mmask16>((1u << width) - 1u);
         __m512 v[16];
         for (int64_t q = 0; q < 16; ++q) {
-          v[q] = q < rows ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(columns, tile + q * groups + g0))
+          v[q] = q < rows ? _mm512_cvtph_ps(
+                                _mm256_maskz_loadu_epi16(columns, tile + q * groups + g0))
                           : _mm512_setzero_ps();
         }
         transpose16(v);
