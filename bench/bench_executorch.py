@@ -111,18 +111,17 @@ def decode_run(runner, ids: np.ndarray, steps: int = DECODE, prefill: int = PREF
 def decode_speed(runner, ids: np.ndarray, runs: int, steps: int = DECODE,
                  prefill: int = PREFILL) -> dict:
     """Median over `runs` of `steps` greedy decode steps after a `prefill`-token prompt."""
-    times = [decode_run(runner, ids, steps, prefill) for _ in range(runs)]
-    return {"decode_tokens_per_s": steps / statistics.median(times), "runs": runs,
-            "seconds": [round(t, 4) for t in times]}
+    return decode_speeds({"runner": runner}, ids, runs, steps, prefill)["runner"]
 
 
-def decode_speeds(runners: dict, ids: np.ndarray, runs: int, steps: int = DECODE) -> dict:
+def decode_speeds(runners: dict, ids: np.ndarray, runs: int, steps: int = DECODE,
+                  prefill: int = PREFILL) -> dict:
     """Median over `runs` rounds; each round times every runner once, in turn, so a slow spell
     of a shared machine falls on all of them alike rather than on whichever ran then."""
     times = {name: [] for name in runners}
     for _ in range(runs):
         for name, runner in runners.items():
-            times[name].append(decode_run(runner, ids, steps))
+            times[name].append(decode_run(runner, ids, steps, prefill))
     return {name: {"decode_tokens_per_s": steps / statistics.median(t), "runs": runs,
                    "seconds": [round(x, 4) for x in t]} for name, t in times.items()}
 

@@ -413,9 +413,7 @@ class LoadedMethod:
     def __init__(self, source, name: str = "forward"):
         from executorch.runtime import Runtime
 
-        if isinstance(source, bytearray):
-            source = bytes(source)
-        self.program = Runtime.get().load_program(source)
+        self.program = Runtime.get().load_program(source)  # a path, or bytes it holds
         self.method = self.program.load_method(name)
         if self.method is None:
             raise KeyError(f"the program has no method {name!r}; it has "
@@ -423,10 +421,6 @@ class LoadedMethod:
 
     def execute(self, inputs):
         return self.method.execute(inputs)
-
-    @property
-    def metadata(self):
-        return self.method.metadata
 
 
 def _op_name(node) -> str:

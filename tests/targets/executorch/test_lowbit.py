@@ -38,8 +38,8 @@ class _Op(torch.nn.Module):
 
 
 def _program(packed, scales, bits, group, k, max_tokens=32):
-    """The op alone as an ExecuTorch program (dynamic token count), loaded; the buffer and the
-    program are kept alive with the method."""
+    """The op alone as an ExecuTorch program (dynamic token count), loaded (the method holds
+    its program and bytes)."""
     from executorch.exir import EdgeCompileConfig, to_edge
 
     from apq_sdk.targets.executorch.program import LoadedMethod
@@ -49,7 +49,7 @@ def _program(packed, scales, bits, group, k, max_tokens=32):
         dynamic_shapes=({1: torch.export.Dim("tokens", min=1, max=max_tokens)},), strict=True)
     buffer = to_edge(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False)) \
         .to_executorch().buffer
-    return LoadedMethod(buffer), buffer
+    return LoadedMethod(buffer)
 
 
 def _layer(bits, n, k, group, seed=0):
@@ -78,7 +78,7 @@ def _activations(tokens, k, seed=1):
                                        (200, 24, 64)])
 def test_the_kernel_is_its_reference_bit_for_bit(bits, k, n, group):
     codes, packed, scales = _layer(bits, n, k, group)
-    method, _keep = _program(packed, scales, bits, group, k)
+    method = _program(packed, scales, bits, group, k)
     for tokens in (1, 3, 4, 5, 17):
         x = _activations(tokens, k)
         got = method.execute([x])[0]
@@ -105,7 +105,7 @@ def test_the_kernel_refuses_operands_that_do_not_fit():
     """Scales of the wrong shape fail the method (the kernel's check), not a read past the end."""
     k, n, group = 128, 16, 32
     _, packed, scales = _layer(2, n, k, group)
-    method, _keep = _program(packed, scales[:, :2].contiguous(), 2, group, k)
+    method = _program(packed, scales[:, :2].contiguous(), 2, group, k)
     with pytest.raises(RuntimeError):
         method.execute([torch.randn(1, 3, k)])
 
@@ -223,7 +223,7 @@ def test_the_threads_split_rows_without_changing_a_bit():
     try:
         for bits in (2, 3, 4):
             _, packed, scales = _layer(bits, n, k, group, seed=11)
-            method, _keep = _program(packed, scales, bits, group, k)
+            method = _program(packed, scales, bits, group, k)
             for tokens in (1, 9):
                 x = _activations(tokens, k, seed=5)
                 portable_lib._unsafe_reset_threadpool(1)
