@@ -74,8 +74,10 @@ CALIBRATION_KINDS = ("file", "data-dir", "builtin")
 OBJECTIVE_MODES = ("memory", "loss")
 BUDGET_SCOPES = ("model", "linear")
 #: the grid a module's scales lie on: float16, or bfloat16's (for runtimes that keep bfloat16
-#: scales; stored as float16 all the same, every such value being exact in float16)
-SCALE_DTYPES = ("float16", "bfloat16")
+#: scales; stored as float16 all the same, every such value being exact in float16), or QNN's
+#: block encoding "qnn-lpbq" (symmetric codes in +-(2**(b-1) - 1), and every block scale of a row
+#: a multiple 1..16 of one per-row scale, the largest 16 times it: apq_sdk.quant.weights.lpbq)
+SCALE_DTYPES = ("float16", "bfloat16", "qnn-lpbq")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -370,6 +372,9 @@ class ModulePlan:
         _enum(self, "bits", p, SUPPORTED_BITS)
         _bool(self, "symmetric", p)
         _enum(self, "scale_dtype", p, SCALE_DTYPES)
+        if self.scale_dtype == "qnn-lpbq" and not self.symmetric:
+            raise _fail(_join(p, "symmetric"), "true for scale_dtype 'qnn-lpbq' (QNN's block "
+                        "encoding has no zero points)", self.symmetric)
         _enum(self, "activation", p, ACTIVATIONS)
         _num(self, "act_clip", p, exclusive_min=0, maximum=1)
         if self.activation in ("int8-per-block-dynamic", "int8-per-token-asym-dynamic"):

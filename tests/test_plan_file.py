@@ -208,7 +208,11 @@ CORRUPTIONS = {
     ),
     "bad scale grid": (
         lambda d: d["modules"][UP].update(scale_dtype="float8"),
-        [f'modules["{UP}"].scale_dtype: expected one of "float16", "bfloat16"'],
+        [f'modules["{UP}"].scale_dtype: expected one of "float16", "bfloat16", "qnn-lpbq"'],
+    ),
+    "qnn grid on an asymmetric layer": (
+        lambda d: d["modules"][UP].update(scale_dtype="qnn-lpbq", symmetric=False),
+        [f'modules["{UP}"].symmetric: expected true for scale_dtype \'qnn-lpbq\''],
     ),
     "bad sha": (
         lambda d: d["model"].update(config_sha256="ABC"),

@@ -149,16 +149,67 @@ def round_scales(scale: torch.Tensor, scale_dtype: str = "float16") -> torch.Ten
     "float16": float16's grid. "bfloat16": bfloat16's grid (XNNPACK keeps 4-bit block scales in
     bfloat16), from float16's smallest normal up to 65280, where every bfloat16 value is a
     float16 value too: the checkpoint still stores float16, and the target converts them
-    exactly."""
+    exactly. "qnn-lpbq": float16's grid per group; `lpbq_scales` then ties a row's groups
+    together."""
     tiny = torch.finfo(torch.float16).tiny
-    if scale_dtype == "float16":
+    if scale_dtype in ("float16", QNN_LPBQ):
         return scale.half().float().clamp(min=tiny)
     if scale_dtype == "bfloat16":
         return scale.clamp(min=tiny, max=BF16_IN_F16_MAX).to(torch.bfloat16).float()
-    raise ValueError(f"scale_dtype: expected 'float16' or 'bfloat16', found {scale_dtype!r}")
+    raise ValueError(f"scale_dtype: expected 'float16', 'bfloat16' or {QNN_LPBQ!r}, "
+                     f"found {scale_dtype!r}")
 
 
 BF16_IN_F16_MAX = 65280.0  # the largest bfloat16 value float16 holds (0x477f)
+
+#: QNN's block encoding ("blockwise expansion", ExecuTorch's 16a4w_block): a float scale per row
+#: and a 4-bit multiplier 1..16 per block, the row scale being the largest block scale / 16; the
+#: codes are symmetric without the most negative one (-7..7 for 4 bits)
+QNN_LPBQ = "qnn-lpbq"
+LPBQ_STEPS = 16
+LPBQ_ROW_SCALE_BITS = 6  # significant bits of the row scale: row scale x 1..16 is exact in float16
+
+
+def code_floor(symmetric: bool, scale_dtype: str) -> int:
+    """The smallest code a symmetric group may hold: 1 on QNN's grid, whose codes stop at
+    -(2**(b-1) - 1) (the zero point being 2**(b-1)), else 0."""
+    return 1 if symmetric and scale_dtype == QNN_LPBQ else 0
+
+
+def lpbq_row_scale(largest: torch.Tensor) -> torch.Tensor:
+    """The row scale of QNN's block encoding for rows whose largest block scale is `largest`:
+    largest / 16 rounded to 6 significant bits, a normal float16, so that every multiple 1..16
+    of it is exact in float16 and QNN's own encoding (largest / 16, then block / row rounded)
+    gives back exactly the multiples chosen."""
+    mantissa, exponent = torch.frexp(largest.float() / LPBQ_STEPS)
+    steps = float(1 << LPBQ_ROW_SCALE_BITS)
+    row = torch.ldexp(torch.round(mantissa * steps) / steps, exponent)
+    return row.clamp(min=torch.finfo(torch.float16).tiny, max=4032.0).half().float()
+
+
+def lpbq_scales(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
+                weights: torch.Tensor, floor: int) -> torch.Tensor:
+    """Block scales [N, G] for groups w [N, G, g] on QNN's grid: the row scale from the largest
+    searched scale of a group that holds a non-zero weight, then for each group the multiple
+    1..16 with the least weighted squared error; the group with the largest searched scale takes
+    16, so that the row scale is the largest block scale / 16 as QNN computes it."""
+    live = w.abs().amax(-1) > 0
+    searched = torch.where(live, scale, torch.zeros_like(scale))
+    row = lpbq_row_scale(searched.amax(-1)).unsqueeze(-1)  # [N, 1]
+    z = zero.unsqueeze(-1)
+    best_err = torch.full_like(scale, float("inf"))
+    best = torch.ones_like(scale)
+    for k in range(1, LPBQ_STEPS + 1):
+        s = (row * k).unsqueeze(-1)  # [N, 1, 1]
+        d = torch.div(w, s).round_().add_(z).clamp_(min=floor)
+        torch.minimum(d, maxq.unsqueeze(-1), out=d)
+        err = d.sub_(z).mul_(s).sub_(w).square_().mul_(weights).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, float(k)), best)
+    best.scatter_(1, searched.argmax(-1, keepdim=True),
+                  torch.full_like(best[:, :1], float(LPBQ_STEPS)))
+    return row * best
 
 
 def group_params(w: torch.Tensor, maxq: torch.Tensor, symmetric: bool,
@@ -169,8 +220,13 @@ def group_params(w: torch.Tensor, maxq: torch.Tensor, symmetric: bool,
     `maxq` broadcasts against w[..., 0] (one value per row allows batching bit-widths). The clip
     factor minimises the importance-weighted squared error of the group (importance = the Hessian
     diagonal of each input channel, or 1). Scales are rounded to their stored grid (`round_scales`)
-    before codes are chosen.
+    before codes are chosen; on QNN's grid (w [N, G, g]) a row's scales are then tied together
+    (`lpbq_scales`).
     """
+    if scale_dtype == QNN_LPBQ and not symmetric:
+        raise ValueError(f"scale_dtype {QNN_LPBQ!r}: expected symmetric groups (QNN's block "
+                         f"encoding has no zero points), found asymmetric")
+    floor = code_floor(symmetric, scale_dtype)
     maxq = maxq.to(w.dtype)
     weights = importance if importance is not None else torch.ones_like(w[..., :1])
     best_err = torch.full(w.shape[:-1], float("inf"), dtype=w.dtype, device=w.device)
@@ -193,13 +249,15 @@ def group_params(w: torch.Tensor, maxq: torch.Tensor, symmetric: bool,
             scale = round_scales(scale, scale_dtype)
             zero = torch.clamp(torch.round(-lo / scale), torch.zeros_like(maxq), maxq)
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        d = torch.div(w, s).round_().add_(z).clamp_(min=0)  # in place: this loop dominates RTN
+        d = torch.div(w, s).round_().add_(z).clamp_(min=floor)  # in place: this loop dominates
         torch.minimum(d, maxq.unsqueeze(-1), out=d)
         err = d.sub_(z).mul_(s).sub_(w).square_().mul_(weights).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
+    if scale_dtype == QNN_LPBQ:
+        best_scale = lpbq_scales(w, best_scale, best_zero, maxq, weights, floor)
     return best_scale, best_zero
 
 
@@ -229,7 +287,8 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
                                     scale_dtype)
     maxq = float((1 << bits) - 1)
     codes = torch.clamp(torch.round(w / expand_groups(scales, group_size, k))
-                        + expand_groups(zeros, group_size, k), 0, maxq)
+                        + expand_groups(zeros, group_size, k),
+                        code_floor(symmetric, scale_dtype), maxq)
     return QuantizedWeight(codes.to(torch.uint8), scales.half(),
                            None if symmetric else zeros.to(torch.uint8), bits, group_size)
 
@@ -290,14 +349,15 @@ def gptq_quantize_many(tasks: list[GptqTask], hessian: torch.Tensor, symmetric: 
             else torch.arange(k, device=h.device))
     hinv = _inverse_hessian_factor(h[perm][:, perm], damp)
 
-    prepared = []  # per task: weight with dead columns zeroed, scales [N, G], zeros [N, G]
+    prepared = []  # per task: weight with dead columns zeroed, scales [N, G], zeros [N, G],
+    #                the smallest code
     for task in tasks:
         w = task.weight.float().clone()
         w[:, dead] = 0
         bits_row = torch.full((w.shape[0],), task.bits, device=w.device)
         scales, zeros = _grouped_params(w, bits_row, task.group_size, symmetric, diag,
                                         task.scale_dtype)
-        prepared.append((w, scales, zeros))
+        prepared.append((w, scales, zeros, code_floor(symmetric, task.scale_dtype)))
 
     max_rows = max(1, MAX_SWEEP_ELEMENTS // k)
     pieces = [(t, r0, min(r0 + max_rows, task.weight.shape[0]))
@@ -329,18 +389,19 @@ def _sweep_chunk(chunk, tasks, prepared, codes, perm, hinv, block_size, inner_bl
     rather than memory-bound rank-1 work. The per-column work is a handful of vector ops.
     """
     k = perm.shape[0]
-    w_cols, scale_cols, zero_cols, maxq_rows = [], [], [], []
+    w_cols, scale_cols, zero_cols, maxq_rows, floor_rows = [], [], [], [], []
     for t, r0, r1 in chunk:
-        w, scales, zeros = prepared[t]
+        w, scales, zeros, floor = prepared[t]
         group_of_column = perm // tasks[t].group_size
         w_cols.append(w[r0:r1].T[perm])
         scale_cols.append(scales[r0:r1].T[group_of_column])
         zero_cols.append(zeros[r0:r1].T[group_of_column])
         maxq_rows.append(torch.full((r1 - r0,), float((1 << tasks[t].bits) - 1), device=w.device))
+        floor_rows.append(torch.full((r1 - r0,), float(floor), device=w.device))
     w = torch.cat(w_cols, dim=1)
     scale = torch.cat(scale_cols, dim=1)
     zero = torch.cat(zero_cols, dim=1)
-    low = zero.neg()  # codes minus zero point lie in [-zero, maxq - zero]
+    low = torch.cat(floor_rows).sub(zero)  # codes minus zero point: [floor - zero, maxq - zero]
     high = torch.cat(maxq_rows).sub(zero)
     code = torch.empty_like(w)  # codes minus zero point until the end
     err = torch.empty_like(w)

@@ -216,7 +216,8 @@ def test_bfloat16_scale_grid_is_exact_in_float16():
     assert torch.equal(grid.to(torch.bfloat16).float(), grid)
     assert torch.equal(grid.half().float(), grid)
     assert grid.min() >= torch.finfo(torch.float16).tiny and grid.max() <= 65280
-    with pytest.raises(ValueError, match="scale_dtype: expected 'float16' or 'bfloat16'"):
+    with pytest.raises(ValueError, match="scale_dtype: expected 'float16', 'bfloat16' or "
+                                         "'qnn-lpbq'"):
         round_scales(raw, "float8")
     weight = torch.randn(48, 128)
     q = quantize_rtn(weight, 4, 32, symmetric=True, scale_dtype="bfloat16")
@@ -244,3 +245,47 @@ def test_asymmetric_per_token_activations_are_torchaos_formula_bit_for_bit():
     theirs = intx._apply_int8_act_asym_per_token_quant_dequant(x)
     assert torch.equal(ours, theirs)
     assert (ours - x).abs().max() <= (x.amax(-1) - x.amin(-1)).max() / 255
+
+
+def _qnn_block_encoding(scales: torch.Tensor) -> torch.Tensor:
+    """What ExecuTorch's QNN builder stores for per-block scales [N, G] (node_visitor's
+    make_qnn_per_block_config, ExecuTorch 1.5.1): a row scale = largest / 16 and multiples
+    round(scale / row scale) clamped to 1..16; returned as the scales QNN runs with."""
+    row = scales.amax(-1) / 16
+    return row[:, None] * torch.clamp(torch.round(scales / row[:, None]), 1, 16)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("group", [32, 64])
+def test_qnn_grid_survives_qnns_block_encoding_exactly(method, group):
+    """scale_dtype qnn-lpbq: codes stay in -7..7 (QNN's int4 weights) and QNN's re-encoding of
+    the block scales gives back the stored float16 scales exactly, dead rows and groups included;
+    plain float16 scales do not survive it."""
+    from apq_sdk.quant.weights import gptq_quantize, quantize_rtn
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 256) * torch.rand(48, 1) * 0.1
+    weight[3, :group] = 0
+    weight[5] = 0
+    if method == "gptq":
+        x = torch.randn(1024, 256)
+        q = gptq_quantize(weight, x.T @ x, 4, group, True, scale_dtype="qnn-lpbq")
+    else:
+        q = quantize_rtn(weight, 4, group, True, scale_dtype="qnn-lpbq")
+    assert q.codes.min() >= 1 and q.codes.max() <= 15  # zero point 8: -7..7
+    scales = q.scales.float()
+    assert torch.equal(_qnn_block_encoding(scales), scales)
+    plain = quantize_rtn(weight, 4, group, True)
+    assert not torch.equal(_qnn_block_encoding(plain.scales.float()), plain.scales.float())
+    # what the grid costs: a bounded error (GPTQ moves codes by up to a few steps)
+    assert (q.dequantize() - weight).abs().max() <= scales.max() * 8.5
+    if method == "rtn":  # within 30 % of the squared error of free float16 scales
+        assert (q.dequantize() - weight).square().mean() <= \
+            1.3 * (plain.dequantize() - weight).square().mean()
+
+
+def test_qnn_grid_refuses_asymmetric_groups():
+    from apq_sdk.quant.weights import quantize_rtn
+
+    with pytest.raises(ValueError, match="expected symmetric groups"):
+        quantize_rtn(torch.randn(8, 64), 4, 32, False, scale_dtype="qnn-lpbq")
