@@ -365,19 +365,26 @@ QNN_SDK_VERSION = "2.37.0.250724"  # what ExecuTorch 1.5.1's Qualcomm backend is
 QUALCOMM_CAPABILITIES = dataclasses.replace(
     ANDROID_CAPABILITIES,
     name="qualcomm",
-    weight_bits=(4, 8, 16),
+    weight_bits=(4,),
     activation_modes=("none",),
     default_activation="none",
     quantized_activation=None,
-    head_bits=(8, 16),
-    scale_dtype="float16",
+    head_bits=(4,),
+    scale_dtype="qnn-lpbq",
+    # QNN stores a block's 4-bit multiplier in a byte plus a float32 per row: never more than the
+    # 2 bytes per block counted here once a row has 4 blocks or more
+    scale_bytes=2,
     float_weight_bytes=2,
     notes=("QNN's HTP (Hexagon NPU) runs statically quantized graphs: 16-bit activations with "
-           "ranges calibrated ahead of time, 8-bit weights per channel and 4-bit weights per "
-           "block (16a8w, 16a4w_block). Per-token dynamic scaling becomes static 16-bit "
-           "activations on this target. Building needs Qualcomm's QNN SDK (QNN_SDK_ROOT); "
-           "without it the build stops before any work. The QNN lowering itself is not "
-           "implemented in this release: it could not be validated without the SDK."),
+           "ranges calibrated ahead of time (uint16 per tensor) and 4-bit weights per block in "
+           "QNN's block encoding (ExecuTorch's 16a4w_block): codes -7..7, each block scale a "
+           "multiple 1..16 of a per-row scale. The core quantizes onto that grid (scale_dtype "
+           "qnn-lpbq), so the graph holds its codes and scales bit for bit. Per-token dynamic "
+           "scaling becomes static 16-bit activations on this target; the plan is weight-only "
+           "and bench/bench_qnn_simulation.py measures what the static activations cost. "
+           "Building needs Qualcomm's QNN SDK (QNN_SDK_ROOT); without it the build stops "
+           "before any work. The QNN partitioner and HTP compilation need that SDK and are not "
+           "run or validated here."),
 )
 
 
@@ -418,12 +425,16 @@ class AndroidLowbitTarget(AndroidTarget):
 
 class QualcommTarget(ExecuTorchTarget):
     """Snapdragon NPUs through ExecuTorch's QNN backend. The build stops before any work
-    without Qualcomm's QNN SDK; with it, it stops at lowering, which is not implemented yet
-    (nothing of it could be run or validated on a machine without the SDK)."""
+    without Qualcomm's QNN SDK. What is built and checked without it: plans on QNN's grid
+    (QUALCOMM_CAPABILITIES), quantized by the core, and ExecuTorch's QNN quantizer graph over
+    them (qnn.py: the checkpoint's codes and scales bit for bit, static 16-bit activations
+    calibrated on the calibration text). With the SDK the build stops at lowering: the
+    KV-cache program, QNN partitioning and HTP compilation are not implemented, because none of
+    it can be run or validated on a machine without the SDK."""
 
     name = "qualcomm"
     description = ("ExecuTorch with Qualcomm's QNN backend on Snapdragon NPUs (HTP): static "
-                   "16-bit activations; needs the QNN SDK")
+                   "16-bit activations, 4-bit weights in QNN's block encoding; needs the QNN SDK")
     backend = "QnnBackend"
     backend_name = "QNN"
     maven_artifact = "org.pytorch:executorch-android-qnn"
@@ -443,9 +454,11 @@ class QualcommTarget(ExecuTorchTarget):
 
         raise LoweringError(
             "the qualcomm target's QNN lowering is not implemented in this release of apq-sdk: "
-            "it needs the plan's weights in QNN's block encoding and static 16-bit activation "
-            "ranges, and none of it could be validated without the QNN SDK. Build the android "
-            "target (XNNPACK, Arm CPUs) for Snapdragon phones meanwhile.")
+            "the plan's weights on QNN's block grid and ExecuTorch's QNN quantizer graph over "
+            "them are (targets/executorch/qnn.py, checked bit for bit without the SDK), but the "
+            "KV-cache program, QNN partitioning and HTP compilation could not be run or "
+            "validated without the SDK. Build the android target (XNNPACK, Arm CPUs) for "
+            "Snapdragon phones meanwhile.")
 
 
 class PteDecoder(PrefixCacheRunner):

@@ -1,10 +1,15 @@
-"""The qualcomm target without Qualcomm's QNN SDK: the build stops before any work, saying what
-is missing and where it comes from, and `build --target all` skips it."""
+"""The qualcomm target. Without Qualcomm's QNN SDK the build stops before any work, saying what
+is missing and where it comes from. What runs without it: a plan on QNN's grid, quantized by the
+core, and ExecuTorch's QNN quantizer graph over it (targets/executorch/qnn.py), which holds the
+checkpoint's codes and scales bit for bit and runs QNN's static 16-bit activations in torch."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
+import torch
 
 from apq_sdk.targets.base import get_target
 
@@ -41,5 +46,107 @@ def test_the_sdk_is_found_by_its_library(tmp_path, monkeypatch):
 def test_its_table_says_what_the_npu_runs():
     caps = get_target("qualcomm").capabilities
     assert caps.symmetric_only and caps.whole_groups
+    assert caps.weight_bits == (4,) and caps.head_bits == (4,) and caps.scale_dtype == "qnn-lpbq"
     assert "static 16-bit activations" in caps.notes
     assert get_target("qualcomm").maven_artifact == "org.pytorch:executorch-android-qnn"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny llama planned for qualcomm and quantized by the core (no SDK needed for either)."""
+    pytest.importorskip("executorch", reason="pip install 'apq-sdk[executorch]' torch==2.13.0")
+    import apq_sdk
+    from apq_sdk.calibration import builtin_text
+    from apq_sdk.checkpoint import read_checkpoint
+    from apq_sdk.testing import make_tiny_model
+
+    tmp = tmp_path_factory.mktemp("qualcomm")
+    calib = tmp / "calib.txt"
+    calib.write_text(builtin_text()[:60_000])
+    model = make_tiny_model(tmp / "tiny-llama", "llama")
+    sens = apq_sdk.profile(str(model), calib=str(calib), samples=8, seq_len=48,
+                           target="qualcomm")
+    plan = apq_sdk.plan(sens, bits_per_weight=5.4, target="qualcomm")
+    apq_sdk.quantize(str(model), plan, str(tmp / "q"), calib=str(calib), samples=8, seq_len=48)
+    return read_checkpoint(tmp / "q")
+
+
+@pytest.fixture(scope="module")
+def graph(checkpoint):
+    from apq_sdk.targets.executorch import qnn
+
+    torch.manual_seed(0)
+    windows = torch.randint(0, checkpoint.spec.vocab_size, (4, 32))
+    return qnn.quantize_graph(checkpoint, windows), windows
+
+
+def test_the_plan_is_on_qnns_grid(checkpoint):
+    """Every planned layer is 4-bit, symmetric, on QNN's block grid: codes -7..7 (stored 1..15
+    around the zero point 8) and block scales that QNN's own re-encoding gives back exactly."""
+    from apq_sdk.quant.packing import unpack_bits
+
+    packed = [(n, m) for n, m in checkpoint.modules.items() if m.kind == "packed"]
+    assert packed and all(checkpoint.plan.modules[n].scale_dtype == "qnn-lpbq" for n, _ in packed)
+    for name, module in packed:
+        codes = unpack_bits(module.arrays["qweight"], 4, module.shape[1])
+        assert codes.min() >= 1 and codes.max() <= 15, name
+        scales = torch.from_numpy(module.arrays["scales"].astype("float32"))
+        row = scales.amax(-1, keepdim=True) / 16
+        assert torch.equal(row * torch.clamp(torch.round(scales / row), 1, 16), scales), name
+
+
+def test_the_qnn_graph_holds_the_checkpoints_weights_and_tracks_its_reference(checkpoint, graph):
+    """QnnQuantizer's 16a4w_block graph: every planned linear quantized to the checkpoint's codes
+    with its scales (check_weights ran in quantize_graph), uint16 activations everywhere, and
+    its logits within 1 % of the weight-only reference on the calibrated windows."""
+    import apq_sdk
+
+    converted, windows = graph
+    assert set(converted.linears) == {n for n, m in checkpoint.plan.modules.items()
+                                      if m.kind != "embedding"}
+    ranges = {(a[-2], a[-1]) for node in converted.module.graph.nodes
+              if node.op == "call_function" and "dequantize_per_tensor" in str(node.target)
+              for a in [[x for x in node.args if isinstance(x, int)]]}
+    assert (0, 65535) in ranges and not {r for r in ranges if r[1] - r[0] < 65535 and r[0] >= 0}
+    reference = apq_sdk.load(checkpoint.path)
+    with torch.no_grad():
+        for i in range(windows.shape[0]):
+            want = reference(windows[i:i + 1]).logits
+            got = converted.module(windows[i:i + 1])
+            assert (got - want).abs().mean() < 0.01 * want.abs().mean()
+
+
+def test_a_changed_code_in_the_graph_is_caught(checkpoint, graph):
+    from apq_sdk.targets.executorch import qnn
+    from apq_sdk.targets.onnx_graph import LoweringError
+
+    converted, _ = graph
+    name, node_name = next(iter(converted.linears.items()))
+    nodes = {node.name: node for node in converted.module.graph.nodes}
+    codes_node = nodes[node_name].args[1].args[0]
+    codes = getattr(converted.module, codes_node.target)
+    saved = codes.clone()
+    try:
+        codes.view(-1)[0] = 7 if codes.view(-1)[0] != 7 else -7
+        with pytest.raises(LoweringError, match=f"{name}: the graph's int4 codes"):
+            qnn.check_weights(converted, checkpoint)
+    finally:
+        codes.copy_(saved)
+
+
+def test_a_plan_off_qnns_grid_is_refused(checkpoint, tmp_path):
+    """A checkpoint quantized for another table (free float16 scales) cannot be lowered exactly:
+    the graph refuses it, naming the layer and the fix."""
+    import dataclasses
+
+    from apq_sdk.checkpoint import read_checkpoint
+    from apq_sdk.targets.executorch import qnn
+    from apq_sdk.targets.onnx_graph import LoweringError
+
+    name = next(n for n, m in checkpoint.plan.modules.items() if m.kind == "linear")
+    modules = dict(checkpoint.plan.modules)
+    modules[name] = dataclasses.replace(modules[name], scale_dtype="float16")
+    other = dataclasses.replace(read_checkpoint(checkpoint.path),
+                                plan=dataclasses.replace(checkpoint.plan, modules=modules))
+    with pytest.raises(LoweringError, match=f"{name}: 4-bit, scale grid float16.*qualcomm"):
+        qnn.float_model(other)
