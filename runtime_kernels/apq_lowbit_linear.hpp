@@ -1,8 +1,8 @@
 // apq_lowbit_linear.hpp - the arithmetic of apq::lowbit_linear, with no runtime attached: low-bit
 // group-quantized weights in the core's packed layout times int8 per-token asymmetric dynamic
 // activations. executorch_lowbit_linear.cpp registers it with ExecuTorch; the tests compile it
-// alone too (x86-64 with and without SIMD, aarch64 under qemu) and compare every path with the
-// Python reference (targets/executorch/lowbit.py) bit for bit.
+// alone too (x86-64 with and without SIMD, aarch64 with and without the dot product under qemu)
+// and compare every path with the Python reference (targets/executorch/lowbit.py) bit for bit.
 //
 //   y[t, n] = (((0 + s[n,0] * S[t,n,0]) + s[n,1] * S[t,n,1]) + ...) * scale[t]   (float32)
 //   S[t,n,g] = sum over k in group g of (code_x[t,k] - zero_x[t]) * (code_w[n,k] - 2^(bits-1))
@@ -25,6 +25,16 @@
 //     their lanes are reduced together, and each row's float chain is one lane of a register.
 //     4-bit groups of 64 go two at a time (one 64-byte load, lanes 0-7 one group, 8-15 the
 //     next). The next block's codes and scales are prefetched;
+//   * a few tokens, 2, 3 or 4 bits, whole groups of a multiple of 32 codes (4 bits: 16), on
+//     aarch64 with the Armv8.2 dot product: always where the compiler targets it (+dotprod),
+//     else on Linux and Android (GCC, clang 16 on) compiled with a target attribute and taken
+//     where getauxval says the CPU has it, so an armv8-a build runs it on the phones that do
+//     (APQ_LOWBIT_NO_DOTPROD leaves it out). A group's steps (16 bytes of 2- or 4-bit codes,
+//     eight 3-byte words, and at most one half step) are cut into registers of code bytes (3
+//     bits: vld3 splits the words, two rows share a register), the activations are laid out
+//     in the same order, and SDOT sums cw * cx and, SDOT or UDOT, cw * (-zx). Eight rows at a
+//     time as two blocks of four: a block's lanes are reduced together and its four float
+//     chains are the lanes of one register;
 //   * otherwise a few tokens, 2, 3 or 4 bits, whole groups: the packed codes read in place.
 //     The activations are laid out in planes (plane i holds the code of position P*j + i at j,
 //     a word holding P codes: a byte of four 2-bit or two 4-bit codes, three bytes of eight
@@ -64,9 +74,27 @@
 #define APQ_LOWBIT_SIMD "ssse3"
 #elif defined(__ARM_NEON)
 #include <arm_neon.h>
+#if defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#define APQ_LOWBIT_DOTPROD 2  // the compiler targets the dot product: always taken
+#define APQ_LOWBIT_SIMD "neon+dotprod"
+#else
 #define APQ_LOWBIT_SIMD "neon"
+// Compiled for the dot product (a target attribute) and taken where the CPU has it (getauxval,
+// Linux and Android). Clang before 16 declares vdotq_s32 only under __ARM_FEATURE_DOTPROD.
+#if defined(__aarch64__) && defined(__linux__) && !defined(APQ_LOWBIT_NO_DOTPROD) && \
+    (!defined(__clang__) || __clang_major__ >= 16)
+#define APQ_LOWBIT_DOTPROD 1
+#include <sys/auxv.h>
+#endif
+#endif
 #else
 #define APQ_LOWBIT_SIMD "none"
+#endif
+
+// APQ_LOWBIT_TRACE(path), if defined before this header, is called with the path each call of
+// lowbit_linear takes: "avx512", "dotprod", "in-place" or "unpack" (the tests' harness prints it)
+#ifndef APQ_LOWBIT_TRACE
+#define APQ_LOWBIT_TRACE(path) ((void)0)
 #endif
 
 namespace apq_lowbit {
@@ -472,6 +500,276 @@ inline void block_step(float* acc, const float* scale, Lanes products, Lanes cod
 }
 #endif
 
+#if defined(APQ_LOWBIT_DOTPROD)
+// Armv8.2's dot product (SDOT: sixteen int8 products summed four by four into four int32 lanes
+// in one instruction; the plain NEON loop takes SMULL, SMLAL and SADALP for eight). Codes are
+// 0 .. 2^bits - 1, exact as int8, so SDOT meets them with the token's int8 activation codes
+// directly, and their sum meets -zx (SDOT, or UDOT where zx <= 0: -zx may be 128), as VPDPBUSD
+// does on AVX-512. A group is a run of steps, 16 bytes of 2- or 4-bit codes (64 codes: the
+// registers of the codes at bits 0, 2, 4, 6; 32 codes: low and high nibbles) or eight 3-byte
+// words of 3-bit codes (vld3 splits the words' bytes; a register holds code i of eight words of
+// two rows, cut by immediate shifts), and at most one half step (8 bytes; four words, split by
+// TBL; the rest zero codes). The token's activation codes are laid out in the same order
+// (dot_order; 3 bits: twice, once per row; a half step's others zero). Eight rows run as
+// two blocks of four: a block's lanes are reduced together and its float chains are the lanes
+// of one register, each lane the operations of its row alone, its groups in order.
+#if APQ_LOWBIT_DOTPROD == 1
+// GCC declares vdotq_s32 for armv8.2-a+dotprod (its "+dotprod" alone does not inline it); a
+// CPU with the dot product implements Armv8.2 (FEAT_DotProd is optional from Armv8.2 on)
+#if defined(__clang__)
+#define APQ_LOWBIT_DOTPROD_FN __attribute__((target("dotprod")))
+#else
+#define APQ_LOWBIT_DOTPROD_FN __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
+#else
+#define APQ_LOWBIT_DOTPROD_FN
+#endif
+
+constexpr int64_t kDotRows = 8;
+
+// whether the CPU runs SDOT (read once)
+inline bool cpu_has_dotprod() {
+#if APQ_LOWBIT_DOTPROD == 2
+  return true;
+#else
+  static const bool has = (getauxval(AT_HWCAP) & (1ul << 20)) != 0;  // HWCAP_ASIMDDP
+  return has;
+#endif
+}
+
+// the codes of a step, and the bytes of its activations
+constexpr int64_t dot_step(int bits) { return bits == 4 ? 32 : 64; }
+constexpr int64_t dot_step_act(int bits) { return bits == 3 ? 128 : dot_step(bits); }
+
+// groups of whole steps and at most one half step
+inline bool dot_fits(int bits, int64_t group) {
+  return (bits == 2 || bits == 3 || bits == 4) && group % (dot_step(bits) / 2) == 0;
+}
+
+// the position in its step of the code that meets activation byte p of the step (register
+// p / 16, lane p % 16), or -1 where a half step has no code
+inline int dot_order(int bits, int p, bool half) {
+  if (bits == 3) {  // register i: code i of words 0-7, twice
+    return half && p % 8 >= 4 ? -1 : 8 * (p % 8) + p / 16;
+  }
+  return half && p % 16 >= 8 ? -1 : (8 / bits) * (p % 16) + p / 16;
+}
+
+// the zero point's term: sum + -zx * the codes' sums
+template <bool ZeroUnsigned>
+APQ_LOWBIT_DOTPROD_FN inline int32x4_t dot_zero(int32x4_t sum, uint8x16_t total,
+                                                uint8x16_t minus_zx) {
+  if constexpr (ZeroUnsigned) {  // -zx: 0 .. 128
+    return vreinterpretq_s32_u32(vdotq_u32(vreinterpretq_u32_s32(sum), total, minus_zx));
+  } else {  // -zx: -127 .. -1
+    return vdotq_s32(sum, vreinterpretq_s8_u8(total), vreinterpretq_s8_u8(minus_zx));
+  }
+}
+
+// one step of one row, 2 or 4 bits: sum + its codes * the activations a - zx * its codes
+template <int Bits, bool Half, bool ZeroUnsigned>
+APQ_LOWBIT_DOTPROD_FN inline int32x4_t dot_row_step(int32x4_t sum, const uint8_t* w,
+                                                    const int8_t* a, uint8x16_t minus_zx) {
+  const uint8x16_t b = Half ? vcombine_u8(vld1_u8(w), vcreate_u8(0)) : vld1q_u8(w);
+  uint8x16_t total;
+  if constexpr (Bits == 4) {
+    const uint8x16_t lo = vandq_u8(b, vdupq_n_u8(15)), hi = vshrq_n_u8(b, 4);
+    sum = vdotq_s32(sum, vreinterpretq_s8_u8(lo), vld1q_s8(a));
+    sum = vdotq_s32(sum, vreinterpretq_s8_u8(hi), vld1q_s8(a + 16));
+    total = vaddq_u8(lo, hi);  // <= 30
+  } else {
+    const uint8x16_t three = vdupq_n_u8(3);
+    const uint8x16_t c0 = vandq_u8(b, three), c1 = vandq_u8(vshrq_n_u8(b, 2), three);
+    const uint8x16_t c2 = vandq_u8(vshrq_n_u8(b, 4), three), c3 = vshrq_n_u8(b, 6);
+    sum = vdotq_s32(sum, vreinterpretq_s8_u8(c0), vld1q_s8(a));
+    sum = vdotq_s32(sum, vreinterpretq_s8_u8(c1), vld1q_s8(a + 16));
+    sum = vdotq_s32(sum, vreinterpretq_s8_u8(c2), vld1q_s8(a + 32));
+    sum = vdotq_s32(sum, vreinterpretq_s8_u8(c3), vld1q_s8(a + 48));
+    total = vaddq_u8(vaddq_u8(c0, c1), vaddq_u8(c2, c3));  // <= 12
+  }
+  return dot_zero<ZeroUnsigned>(sum, total, minus_zx);
+}
+
+// eight 3-bit words' bytes 0, 1 and 2 (a half step: four words, 12 bytes, nothing past them
+// read; the other lanes 0)
+template <bool Half>
+APQ_LOWBIT_DOTPROD_FN inline uint8x8x3_t words3(const uint8_t* w) {
+  if constexpr (Half) {
+    uint64_t lo;
+    uint32_t hi;
+    std::memcpy(&lo, w, sizeof lo);
+    std::memcpy(&hi, w + 8, sizeof hi);
+    const uint8x16_t b = vcombine_u8(vcreate_u8(lo), vcreate_u8(hi));
+    uint8x8x3_t out;  // index 255: 0
+    out.val[0] = vqtbl1_u8(b, vcreate_u8(0xFFFFFFFF09060300ull));
+    out.val[1] = vqtbl1_u8(b, vcreate_u8(0xFFFFFFFF0A070401ull));
+    out.val[2] = vqtbl1_u8(b, vcreate_u8(0xFFFFFFFF0B080502ull));
+    return out;
+  } else {
+    return vld3_u8(w);
+  }
+}
+
+// one step of two rows, 3 bits (lanes 0-1 the first row's, 2-3 the second's): sum + their
+// codes * the activations a - zx * their codes. Code i is bits 3i .. 3i + 2 of its word; codes
+// 2 and 5 straddle bytes (SLI joins their parts).
+template <bool Half, bool ZeroUnsigned>
+APQ_LOWBIT_DOTPROD_FN inline int32x4_t dot_pair_step3(int32x4_t sum, const uint8_t* w0,
+                                                      const uint8_t* w1, const int8_t* a,
+                                                      uint8x16_t minus_zx) {
+  const uint8x8x3_t r0 = words3<Half>(w0), r1 = words3<Half>(w1);
+  const uint8x16_t b0 = vcombine_u8(r0.val[0], r1.val[0]);
+  const uint8x16_t b1 = vcombine_u8(r0.val[1], r1.val[1]);
+  const uint8x16_t b2 = vcombine_u8(r0.val[2], r1.val[2]);
+  const uint8x16_t seven = vdupq_n_u8(7);
+  uint8x16_t c[8];
+  c[0] = vandq_u8(b0, seven);
+  c[1] = vandq_u8(vshrq_n_u8(b0, 3), seven);
+  c[2] = vandq_u8(vsliq_n_u8(vshrq_n_u8(b0, 6), b1, 2), seven);
+  c[3] = vandq_u8(vshrq_n_u8(b1, 1), seven);
+  c[4] = vandq_u8(vshrq_n_u8(b1, 4), seven);
+  c[5] = vandq_u8(vsliq_n_u8(vshrq_n_u8(b1, 7), b2, 1), seven);
+  c[6] = vandq_u8(vshrq_n_u8(b2, 2), seven);
+  c[7] = vshrq_n_u8(b2, 5);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    sum = vdotq_s32(sum, vreinterpretq_s8_u8(c[i]), vld1q_s8(a + 16 * i));
+  }
+  const uint8x16_t total = vaddq_u8(vaddq_u8(vaddq_u8(c[0], c[1]), vaddq_u8(c[2], c[3])),
+                                    vaddq_u8(vaddq_u8(c[4], c[5]), vaddq_u8(c[6], c[7])));
+  return dot_zero<ZeroUnsigned>(sum, total, minus_zx);  // total <= 56
+}
+
+// one step of four rows (w: their codes, `at` bytes in): their lanes
+template <int Bits, bool Half, bool ZeroUnsigned>
+APQ_LOWBIT_DOTPROD_FN inline void dot_step4(int32x4_t* lanes, const uint8_t* const* w,
+                                            int64_t at, const int8_t* a, uint8x16_t minus_zx) {
+  if constexpr (Bits == 3) {
+    lanes[0] = dot_pair_step3<Half, ZeroUnsigned>(lanes[0], w[0] + at, w[1] + at, a, minus_zx);
+    lanes[1] = dot_pair_step3<Half, ZeroUnsigned>(lanes[1], w[2] + at, w[3] + at, a, minus_zx);
+  } else {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      lanes[q] = dot_row_step<Bits, Half, ZeroUnsigned>(lanes[q], w[q] + at, a, minus_zx);
+    }
+  }
+}
+
+// eight rows of one token (w: the rows' codes; a short block repeats its last row): y[q] for
+// the first `rows`. A row's group sum is sum cw * cx - zx * sum cw - zw * (sum cx - group * zx):
+// `act` the token's codes in dot_order, group by group (each whole steps), `offset[g]` = zw *
+// (the sum of group g's cx - group * zx), `scales8` [groups][8] the rows' scales as floats.
+template <int Bits, bool ZeroUnsigned>
+APQ_LOWBIT_DOTPROD_FN inline void rows8_dot(const int8_t* act, const int32_t* offset, int32_t zx,
+                                            const uint8_t* const* w, int64_t groups,
+                                            int64_t group, const float* scales8,
+                                            float token_scale, int64_t rows, float* y) {
+  constexpr int64_t step = dot_step(Bits), step_bytes = step * Bits / 8;
+  constexpr int64_t step_act = dot_step_act(Bits);
+  const int64_t full = group / step, group_bytes = group * Bits / 8;
+  const bool half = group % step != 0;
+  const int64_t group_act = (full + (half ? 1 : 0)) * step_act;
+  const uint8x16_t minus_zx = vdupq_n_u8(static_cast<uint8_t>(-zx));
+  float32x4_t acc[2] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* a = act + g * group_act;
+    const int64_t at = g * group_bytes;
+    for (int h = 0; h < 2; ++h) {  // rows 4h .. 4h + 3: acc += scale * float(exact)
+      int32x4_t lanes[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+      for (int64_t s = 0; s < full; ++s) {
+        dot_step4<Bits, false, ZeroUnsigned>(lanes, w + 4 * h, at + s * step_bytes,
+                                             a + s * step_act, minus_zx);
+      }
+      if (half) {
+        dot_step4<Bits, true, ZeroUnsigned>(lanes, w + 4 * h, at + full * step_bytes,
+                                            a + full * step_act, minus_zx);
+      }
+      const int32x4_t sums =
+          Bits == 3 ? vpaddq_s32(lanes[0], lanes[1])
+                    : vpaddq_s32(vpaddq_s32(lanes[0], lanes[1]), vpaddq_s32(lanes[2], lanes[3]));
+      const int32x4_t exact = vsubq_s32(sums, vdupq_n_s32(offset[g]));
+      const float32x4_t term = vmulq_f32(vld1q_f32(scales8 + g * kDotRows + 4 * h),
+                                         vcvtq_f32_s32(exact));
+      acc[h] = vaddq_f32(acc[h], term);
+    }
+  }
+  alignas(16) float out[kDotRows];
+  vst1q_f32(out, acc[0]);
+  vst1q_f32(out + 4, acc[1]);
+  for (int64_t q = 0; q < rows; ++q) y[q] = out[q] * token_scale;
+}
+
+// rows8_dot with the zero point's instruction chosen for zx
+template <int Bits>
+inline void rows8_dot_token(const int8_t* act, const int32_t* offset, int32_t zx,
+                            const uint8_t* const* w, int64_t groups, int64_t group,
+                            const float* scales8, float token_scale, int64_t rows, float* y) {
+  if (zx > 0) {
+    rows8_dot<Bits, false>(act, offset, zx, w, groups, group, scales8, token_scale, rows, y);
+  } else {
+    rows8_dot<Bits, true>(act, offset, zx, w, groups, group, scales8, token_scale, rows, y);
+  }
+}
+
+// the whole in-place operator for dot_fits groups (k % group == 0)
+template <class Parallel>
+inline void lowbit_linear_dotprod(const int8_t* codes, const int32_t* zx, const float* token_scale,
+                                  int64_t m, int64_t k, const uint8_t* packed,
+                                  const uint16_t* scales, int64_t n, int bits, int64_t group,
+                                  float* y, Parallel&& parallel, int64_t grain) {
+  const int64_t groups = k / group, row_bytes = k * bits / 8;
+  const int64_t step = dot_step(bits), step_act = dot_step_act(bits);
+  const int64_t group_act = (group + step - 1) / step * step_act;
+  const int32_t zw = 1 << (bits - 1);
+  std::vector<int8_t> act(static_cast<size_t>(m * groups * group_act));
+  std::vector<int32_t> offset(static_cast<size_t>(m * groups));
+  for (int64_t t = 0; t < m; ++t) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* c = codes + t * k + g * group;
+      int8_t* out = act.data() + (t * groups + g) * group_act;
+      for (int64_t s = 0; s < group; s += step, out += step_act) {
+        const bool half = group - s < step;
+        for (int p = 0; p < step_act; ++p) {
+          const int at = dot_order(bits, p, half);
+          out[p] = at < 0 ? int8_t{0} : c[s + at];
+        }
+      }
+      int32_t sum = 0;
+      for (int64_t i = 0; i < group; ++i) sum += c[i];
+      offset[t * groups + g] = zw * (sum - static_cast<int32_t>(group) * zx[t]);
+    }
+  }
+  const int64_t blocks = (n + kDotRows - 1) / kDotRows;
+  parallel(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> scales8(static_cast<size_t>(groups * kDotRows));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = kDotRows * b, rows = n - r0 < kDotRows ? n - r0 : kDotRows;
+      const uint8_t* w[kDotRows];
+      for (int64_t q = 0; q < kDotRows; ++q) {
+        w[q] = packed + (r0 + (q < rows ? q : rows - 1)) * row_bytes;
+        for (int64_t g = 0; g < groups; ++g) {
+          scales8[g * kDotRows + q] =
+              q < rows ? half_to_float(scales[(r0 + q) * groups + g]) : 0.0f;
+        }
+      }
+      for (int64_t t = 0; t < m; ++t) {
+        const int8_t* a = act.data() + t * groups * group_act;
+        const int32_t* off = offset.data() + t * groups;
+        float* out = y + t * n + r0;
+        const float* s8 = scales8.data();
+        if (bits == 4) {
+          rows8_dot_token<4>(a, off, zx[t], w, groups, group, s8, token_scale[t], rows, out);
+        } else if (bits == 3) {
+          rows8_dot_token<3>(a, off, zx[t], w, groups, group, s8, token_scale[t], rows, out);
+        } else {
+          rows8_dot_token<2>(a, off, zx[t], w, groups, group, s8, token_scale[t], rows, out);
+        }
+      }
+    }
+  });
+}
+#endif
+
 #if defined(APQ_LOWBIT_AVX512)
 // AVX-512 VNNI (with VBMI): a chunk of 64 codes of one row becomes one register of 64 unsigned
 // bytes (4 bits: the 32 low nibbles, then the 32 high ones; 2 bits: the four 16-byte lanes hold
@@ -789,12 +1087,22 @@ inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* p
                         k % group == 0 && group % per == 0;
 #if defined(APQ_LOWBIT_AVX512)
   if (in_place && group % kChunk == 0) {
+    APQ_LOWBIT_TRACE("avx512");
     lowbit_linear_avx512(codes.data(), zx.data(), token_scale.data(), m, k, packed, scales, n,
                          bits, group, y, parallel, grain(16 * k * m));
     return;
   }
 #endif
+#if defined(APQ_LOWBIT_DOTPROD)
+  if (in_place && dot_fits(bits, group) && cpu_has_dotprod()) {
+    APQ_LOWBIT_TRACE("dotprod");
+    lowbit_linear_dotprod(codes.data(), zx.data(), token_scale.data(), m, k, packed, scales, n,
+                          bits, group, y, parallel, grain(kDotRows * k * m));
+    return;
+  }
+#endif
   if (in_place) {
+    APQ_LOWBIT_TRACE("in-place");
     const int64_t words = k / per, group_words = group / per, group_bytes = group * bits / 8;
     std::vector<int8_t> planes(static_cast<size_t>(m * k));
     std::vector<int32_t> code_sums(static_cast<size_t>(m * groups));
@@ -918,6 +1226,7 @@ inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* p
   }
 
   // each row unpacked once, reused for every token; activations minus their zero point
+  APQ_LOWBIT_TRACE("unpack");
   std::vector<int16_t> a(static_cast<size_t>(m * k));
   for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<int16_t>(codes[i] - zx[i / k]);
   parallel(0, n, grain(k * m), [&](int64_t r_begin, int64_t r_end) {
@@ -940,6 +1249,15 @@ inline void lowbit_linear(const float* x, int64_t m, int64_t k, const uint8_t* p
       }
     }
   });
+}
+
+// the SIMD of lowbit_linear's in-place path on this CPU: APQ_LOWBIT_SIMD, or "neon+dotprod"
+// where the dot product is chosen at run time
+inline const char* simd_path() {
+#if defined(APQ_LOWBIT_DOTPROD)
+  if (cpu_has_dotprod()) return "neon+dotprod";
+#endif
+  return APQ_LOWBIT_SIMD;
 }
 
 // runs f(begin, end) over [begin, end) in one piece: lowbit_linear's default `parallel`

@@ -27,7 +27,8 @@
 // (targets/executorch/lowbit.py) computes exactly this, and the two are compared bit for bit
 // (tests/targets/executorch/test_lowbit.py). Output rows are split over ExecuTorch's thread pool
 // where the runtime has one (ET_USE_THREADPOOL); SIMD: AVX-512 VNNI+VBMI, or SSSE3/AVX2 (/BMI2,
-// F16C) on x86-64, NEON on aarch64, where the compiler targets them.
+// F16C) on x86-64, where the compiler targets them; NEON on aarch64, and the Armv8.2 dot product
+// (SDOT) where the CPU has it, chosen at run time (Linux, Android) in an armv8-a build.
 //
 // The kernel registers itself at load time; linking it into an ExecuTorch runtime (or loading
 // it as a shared library beside one) is all it takes.
@@ -126,10 +127,11 @@ Tensor& lowbit_embedding_out(KernelRuntimeContext& ctx, const Tensor& packed,
   ET_KERNEL_CHECK_MSG(ctx, ids.scalar_type() == ScalarType::Long, InvalidArgument, out,
                       "apq::lowbit_embedding: expected int64 ids");
   ET_KERNEL_CHECK_MSG(ctx, out.scalar_type() == ScalarType::Float &&
-                               ids.dim() < executorch::runtime::kTensorDimensionLimit,
+                               static_cast<size_t>(ids.dim()) <
+                                   executorch::runtime::kTensorDimensionLimit,
                       InvalidArgument, out, "apq::lowbit_embedding: expected a float32 out");
   SizesType sizes[executorch::runtime::kTensorDimensionLimit];
-  for (int d = 0; d < ids.dim(); ++d) sizes[d] = static_cast<SizesType>(ids.size(d));
+  for (ssize_t d = 0; d < ids.dim(); ++d) sizes[d] = static_cast<SizesType>(ids.size(d));
   sizes[ids.dim()] = static_cast<SizesType>(k);
   ET_KERNEL_CHECK_MSG(
       ctx,

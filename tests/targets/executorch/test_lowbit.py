@@ -124,9 +124,11 @@ def test_the_kernel_library_is_built_once_and_cached(tmp_path, monkeypatch):
 HARNESS = r"""
 #include <cstdio>
 #include <vector>
+static const char* taken = "";  // the path lowbit_linear took
+#define APQ_LOWBIT_TRACE(path) (taken = (path))
 #include "apq_lowbit_linear.hpp"
 // stdin: int64 m, k, n, bits, group; float32 x[m*k]; uint8 packed[n*row]; uint16 scales[n*G]
-// stdout: float32 y[m*n], then the SIMD path's name
+// stdout: float32 y[m*n], then the SIMD on this CPU, a newline and the path taken
 int main() {
   long long h[5];
   if (std::fread(h, sizeof h, 1, stdin) != 1) return 2;
@@ -141,7 +143,7 @@ int main() {
   apq_lowbit::lowbit_linear(x.data(), m, k, packed.data(), scales.data(), n, (int)bits, group,
                             y.data());
   std::fwrite(y.data(), 4, y.size(), stdout);
-  std::fputs(APQ_LOWBIT_SIMD, stdout);
+  std::printf("%s\n%s", apq_lowbit::simd_path(), taken);
   return 0;
 }
 """
@@ -166,23 +168,58 @@ def _compilers():
                                     marks=[pytest.mark.skip(reason=f"this CPU lacks {missing}")]
                                     if missing else []))
         out.append(pytest.param([cxx, "-O2", "-march=x86-64"], [], "none", id="x86-64-scalar"))
+    # aarch64 under qemu-user: Android's baseline armv8-a build takes the dot product (SDOT) at
+    # run time where the CPU has it (qemu's "max" CPU) and the plain NEON path where it does not
+    # (Cortex-A53); a build for armv8.2-a+dotprod takes it always
     cross, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
-    if cross and qemu:
-        out.append(pytest.param([cross, "-O2", "-static"], [qemu], "neon", id="aarch64-neon"))
-    else:
-        out.append(pytest.param(None, None, None, id="aarch64-neon", marks=pytest.mark.skip(
-            reason="aarch64 cross toolchain or qemu missing: apt-get install "
-                   "g++-aarch64-linux-gnu qemu-user")))
+    for name, march, cpu, simd in (("neon", "armv8-a", "cortex-a53", "neon"),
+                                   ("dispatch-dotprod", "armv8-a", "max", "neon+dotprod"),
+                                   ("dotprod", "armv8.2-a+dotprod", "max", "neon+dotprod")):
+        if cross and qemu:
+            out.append(pytest.param([cross, "-O2", "-static", f"-march={march}"],
+                                    [qemu, "-cpu", cpu], simd, id=f"aarch64-{name}"))
+        else:
+            out.append(pytest.param(None, None, None, id=f"aarch64-{name}", marks=pytest.mark.skip(
+                reason="aarch64 cross toolchain or qemu missing: apt-get install "
+                       "g++-aarch64-linux-gnu qemu-user")))
+    # clang, the Android NDK's compiler, whose target attribute differs from GCC's (the GCC
+    # cross toolchain's sysroot serves it)
+    clang = next(filter(None, map(shutil.which, ("clang++", *(f"clang++-{v}"
+                                                               for v in range(21, 15, -1))))), None)
+    for name, cpu, simd in (("neon", "cortex-a53", "neon"),
+                            ("dispatch-dotprod", "max", "neon+dotprod")):
+        if clang and cross and qemu:
+            out.append(pytest.param([clang, "--target=aarch64-linux-gnu", "-O2", "-static",
+                                     "-march=armv8-a"], [qemu, "-cpu", cpu], simd,
+                                    id=f"aarch64-clang-{name}"))
+        else:
+            out.append(pytest.param(None, None, None, id=f"aarch64-clang-{name}",
+                                    marks=pytest.mark.skip(
+                reason="clang 16 or later, the aarch64 cross toolchain or qemu missing: apt-get "
+                       "install clang-16 g++-aarch64-linux-gnu qemu-user")))
     return out
+
+
+def _path(simd, bits, k, group, tokens):
+    """The path lowbit_linear takes (its dispatch)."""
+    if not (tokens <= 4 and k % group == 0 and group % (8 if bits == 3 else 8 // bits) == 0):
+        return "unpack"
+    if simd == "avx512vnni" and group % 64 == 0:
+        return "avx512"
+    if simd == "neon+dotprod" and group % (16 if bits == 4 else 32) == 0:
+        return "dotprod"
+    return "in-place"
 
 
 @pytest.mark.parametrize("compiler,launcher,simd", _compilers())
 def test_every_path_of_the_arithmetic_is_the_reference_bit_for_bit(compiler, launcher, simd,
                                                                    tmp_path):
     """apq_lowbit_linear.hpp compiled alone: with SSSE3 or AVX2 (and BMI2's PDEP for 3 bits),
-    without SIMD, and for aarch64 with NEON (run under qemu), decode and prefill, 2/3/4 bits,
-    groups the SIMD loops take whole and groups they leave to the scalar loop: the Python
-    reference's exact floats."""
+    without SIMD, and for aarch64 with NEON and with the dot product (run under qemu), decode
+    and prefill, 2/3/4 bits, groups the SIMD loops take whole, in half steps (the dot product)
+    and groups they leave to the scalar loop: the Python reference's exact floats, on the path
+    the dispatch should take (the harness prints it)."""
+    import signal
     import subprocess
 
     from apq_sdk.runtime_kernels_build import kernel_source_dir
@@ -193,24 +230,46 @@ def test_every_path_of_the_arithmetic_is_the_reference_bit_for_bit(compiler, lau
     subprocess.run([*compiler, "-std=c++17", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
                     f"-I{kernel_source_dir()}",
                     str(source), "-o", str(exe)], check=True, capture_output=True)
-    # rows: whole blocks of 16 and a short last one (the AVX-512 path), groups of one and two
-    # 64-code chunks
+    # rows: whole blocks of 16 (AVX-512) or 8 (the dot product) and a short last one, groups of
+    # one and two 64-code chunks, of half a dot-product step (2 and 3 bits: 32, 4 bits: 16) and
+    # of whole steps and a half (96)
     cases = [(2, 576, 40, 64), (2, 512, 24, 128), (4, 256, 24, 32), (4, 576, 16, 64),
              (4, 512, 21, 128), (3, 576, 16, 64), (3, 512, 19, 128), (3, 576, 8, 32),
-             (3, 1536, 33, 64), (2, 200, 8, 64)]
-    for bits, k, n, group in cases:
+             (3, 1536, 33, 64), (2, 200, 8, 64), (2, 576, 19, 32), (2, 384, 13, 96),
+             (3, 384, 13, 96), (4, 320, 11, 16)]
+
+    def inputs(bits, k, n, group):
         codes, packed, scales = _layer(bits, n, k, group, seed=bits * 7 + k)
         for tokens in (1, 4, 6):
-            x = _activations(tokens, k, seed=tokens)
+            yield _activations(tokens, k, seed=tokens), packed, scales
+        # large group sums (the top codes, activations >= 0: most |S| past 2^13), where the
+        # product scale * float(S) rounds: a fused multiply-add would show
+        gen = torch.Generator().manual_seed(k + n)
+        top = torch.randint(3 << (bits - 2), 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
+        packed = torch.from_numpy(pack_bits(top.numpy(), bits, pad=True))
+        for tokens in (1, 4):
+            yield torch.rand(1, tokens, k, generator=gen), packed, scales
+
+    decode = None  # a decode input, for the SIGILL check below
+    for bits, k, n, group in cases:
+        for x, packed, scales in inputs(bits, k, n, group):
+            tokens = x.shape[1]
             header = np.array([tokens, k, n, bits, group], dtype=np.int64).tobytes()
             data = header + x.numpy().astype(np.float32).tobytes() + packed.numpy().tobytes() + \
                 scales.view(torch.int16).numpy().tobytes()
+            decode = decode or data
             done = subprocess.run([*launcher, str(exe)], input=data, capture_output=True,
                                   check=True, timeout=120)
             got = np.frombuffer(done.stdout[:4 * tokens * n], dtype=np.float32)
-            assert done.stdout[4 * tokens * n:].decode() == simd
+            assert done.stdout[4 * tokens * n:].decode().split("\n") == \
+                [simd, _path(simd, bits, k, group, tokens)], (bits, k, group, tokens)
             want = lowbit.reference(x, packed, scales, bits, group).numpy().ravel()
             assert np.array_equal(got, want), (bits, k, group, tokens)
+    if "-march=armv8.2-a+dotprod" in compiler:
+        # qemu's Cortex-A53 really lacks the Armv8.2 instructions this build runs: SIGILL
+        done = subprocess.run([launcher[0], "-cpu", "cortex-a53", str(exe)], input=decode,
+                              capture_output=True, timeout=120)
+        assert done.returncode in (-signal.SIGILL, 128 + signal.SIGILL), done.returncode
 
 
 def test_the_threads_split_rows_without_changing_a_bit():
