@@ -369,6 +369,17 @@ def main() -> None:
     write_results(args.out, result, render_markdown(result))
 
 
+def paired_speed(x: dict, peer: dict) -> str:
+    """The speed ratio round by round (the same round's seconds of the peer over x's): its
+    median and range, where both were timed in the same rounds."""
+    mine, theirs = x.get("seconds") or [], peer.get("seconds") or []
+    if len(mine) < 2 or len(mine) != len(theirs):
+        return ""
+    ratios = sorted(p / m for p, m in zip(theirs, mine))
+    return (f" (round by round: median x{statistics.median(ratios):.2f}, "
+            f"x{ratios[0]:.2f}-x{ratios[-1]:.2f})")
+
+
 def render_markdown(r: dict) -> str:
     v = r["variants"]
     peer_name = PEER if PEER in v else RECIPE
@@ -389,7 +400,8 @@ def render_markdown(r: dict) -> str:
         if peer is not None and name != peer_name:
             ratio = (f"size x{x['model_bytes'] / peer['model_bytes']:.2f}, KL "
                      f"x{x['kl_mean'] / peer['kl_mean']:.2f}, speed "
-                     f"x{x['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}")
+                     f"x{x['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}"
+                     f"{paired_speed(x, peer)}")
         lines.append(f"| {name} | {x['model_bytes'] / 2**20:.1f} MiB | "
                      f"{x['bits_per_weight']:.2f} | {x['perplexity']:.3f} | {x['kl_mean']:.4f} | "
                      f"{x['decode_tokens_per_s']:.1f} | {ratio} |")
