@@ -22,7 +22,8 @@ on the same windows:
 A treatment equal to the plan's is listed once. Perplexity and mean KL(unquantized || variant) on
 the first N windows of wikitext2-test, beside the unquantized model (FP32, dequantized Q4_1 for
 the demo). Not simulated: QNN's own rounding of the weights' block scales and of the other ops
-(norms, attention, softmax), which run in 16 bits too.
+(norms, attention, softmax), which run in 16 bits too; bench_qnn_simulation.py runs ExecuTorch's
+QNN quantizer graph itself, all of that included, for the qualcomm target's plans.
 
     python bench/bench_activations.py --package apq-out/SmolLM2-135M-Instruct-android
 

@@ -217,33 +217,65 @@ def quantize_graph(checkpoint, calibration: torch.Tensor, *, soc: str = DEFAULT_
     with QnnQuantizer (16a4w_block, the checkpoint's block sizes and scales), calibrate the
     activation ranges on every window and convert. Raises LoweringError when a planned linear
     is missing from the graph or its weights would not be the checkpoint's."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
     from ..onnx_graph import LoweringError
 
-    model = _Logits(float_model(checkpoint))
     planned = {n for n, m in checkpoint.plan.modules.items() if m.kind != "embedding"}
+    blocks = {name: checkpoint.modules[name].group_size for name in planned}
+    graph = convert(float_model(checkpoint), calibration, blocks, soc=soc, progress=progress,
+                    observe=lambda prepared, linears: _fix_weight_observers(prepared, checkpoint,
+                                                                            linears))
+    missing = sorted(planned - set(graph.linears))
+    if missing:
+        raise LoweringError(f"{len(missing)} planned layers are not linears of the exported "
+                            f"graph: {', '.join(missing[:8])}")
+    check_weights(graph, checkpoint)
+    return graph
+
+
+def convert(model: nn.Module, calibration: torch.Tensor, blocks: dict[str, int], *,
+            soc: str = DEFAULT_SOC, progress=None, observe=None) -> QnnGraph:
+    """ExecuTorch's QNN PTQ flow on a transformers model: export for windows shaped like
+    `calibration` [n, L], QnnQuantizer with 16a4w_block over the linears named in `blocks`
+    (module name -> block size), `observe(prepared, linears)` (the place to replace observers),
+    every calibration window through the observers, convert_pt2e."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
     with torch.no_grad():
-        exported = torch.export.export(model, (calibration[:1],), strict=False).module()
-        linears = linear_names(exported, planned)
-        missing = sorted(planned - set(linears))
-        if missing:
-            raise LoweringError(f"{len(missing)} planned layers are not linears of the exported "
-                                f"graph: {', '.join(missing[:8])}")
+        exported = torch.export.export(_Logits(model), (calibration[:1],), strict=False).module()
+        linears = linear_names(exported, set(blocks))
         quantizer = qnn_quantizer(soc)
-        quantizer.set_block_size_map({node: (1, checkpoint.modules[name].group_size)
-                                      for name, node in linears.items()})
+        quantizer.set_block_size_map({node: (1, blocks[name]) for name, node in linears.items()})
         quantizer.add_discard_ops([torch.ops.aten.embedding.default])
         prepared = prepare_pt2e(exported, quantizer)
-        _fix_weight_observers(prepared, checkpoint, linears)
+        if observe is not None:
+            observe(prepared, linears)
         for i in range(calibration.shape[0]):
             prepared(calibration[i:i + 1])
             if progress is not None:
                 progress(i + 1, calibration.shape[0])
         converted = convert_pt2e(prepared)
-    graph = QnnGraph(converted, linears, int(calibration.shape[0]))
-    check_weights(graph, checkpoint)
-    return graph
+    return QnnGraph(converted, linears, int(calibration.shape[0]))
+
+
+def block_encoding(scales: torch.Tensor) -> torch.Tensor:
+    """The block scales [N, G] QNN runs with for float block scales: what ExecuTorch's QNN
+    builder (node_visitor.make_qnn_per_block_config, ExecuTorch 1.5.1) stores, a row scale =
+    largest / 16 and a multiplier clamp(round(scale / row scale), 1, 16) per block."""
+    row = scales.amax(-1, keepdim=True) / 16
+    return row * torch.clamp(torch.round(scales / row), 1, 16)
+
+
+def encode_blocks(graph: QnnGraph) -> None:
+    """Set every block-quantized weight's scales in `graph` to what QNN's builder makes of them
+    (block_encoding), its codes unchanged: what a graph with float block scales (QNN's own PTQ)
+    computes once lowered. A no-op on scales already on the grid (the checkpoint's)."""
+    module = graph.module
+    nodes = {node.name: node for node in module.graph.nodes}
+    for node_name in graph.linears.values():
+        dq = nodes[node_name].args[1]
+        if "dequantize_affine" in str(dq.target):
+            scale = dq.args[2]
+            setattr(module, scale.target, block_encoding(getattr(module, scale.target)))
 
 
 def _fix_weight_observers(prepared, checkpoint, linears: dict[str, str]) -> None:

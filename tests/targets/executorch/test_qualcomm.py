@@ -150,3 +150,48 @@ def test_a_plan_off_qnns_grid_is_refused(checkpoint, tmp_path):
                                 plan=dataclasses.replace(checkpoint.plan, modules=modules))
     with pytest.raises(LoweringError, match=f"{name}: 4-bit, scale grid float16.*qualcomm"):
         qnn.float_model(other)
+
+
+def _qnn_builder_block_scales(scales: torch.Tensor) -> torch.Tensor:
+    """What ExecuTorch's own QNN builder stores for a linear's float block scales [N, G]
+    (NodeVisitor.make_qnn_per_block_config, run on a stand-in node): row scale x multiplier."""
+    from types import SimpleNamespace
+
+    from executorch.backends.qualcomm.builders.node_visitor import NodeVisitor
+    from executorch.backends.qualcomm.utils.constants import (
+        QCOM_BLOCK_SCALE_OFFSET, QCOM_BLOCK_SCALES, QCOM_DTYPE, QCOM_QUANT_MAX, QCOM_QUANT_MIN,
+        QCOM_SCALE)
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    n, groups = scales.shape
+    linear = SimpleNamespace(target=exir_ops.edge.aten.linear.default, args=())
+    visitor = SimpleNamespace(get_first_user=lambda node: linear)
+    node = SimpleNamespace(meta={"val": torch.empty(n, groups * 8)})
+    _, config = NodeVisitor.make_qnn_per_block_config(
+        visitor, node, {QCOM_DTYPE: torch.int8, QCOM_QUANT_MIN: -7, QCOM_QUANT_MAX: 7,
+                        QCOM_SCALE: scales})
+    row = torch.tensor([float(r[0]) for r in config[QCOM_BLOCK_SCALE_OFFSET]])
+    multiples = torch.from_numpy(config[QCOM_BLOCK_SCALES].astype("float32")).view(n, groups)
+    return row[:, None] * multiples
+
+
+def test_qnns_own_builder_stores_the_checkpoints_block_scales_exactly(checkpoint, graph):
+    """ExecuTorch's QNN builder re-encodes block scales (a float per row, a 4-bit multiple per
+    block). Run on the checkpoint's scales it gives back every one exactly; run on QNN's own
+    PTQ scales (min/max per block) it changes them, which `encode_blocks` simulates, and is a
+    no-op on the checkpoint's graph."""
+    from apq_sdk.targets.executorch import qnn
+
+    for name, module in checkpoint.modules.items():
+        if module.kind != "packed":
+            continue
+        scales = torch.from_numpy(module.arrays["scales"].astype("float32"))
+        assert torch.equal(_qnn_builder_block_scales(scales), scales), name
+        assert torch.equal(qnn.block_encoding(scales), scales), name
+    torch.manual_seed(1)
+    free = torch.rand(16, 8) * 0.01 + 1e-4
+    assert torch.equal(_qnn_builder_block_scales(free), qnn.block_encoding(free))
+    assert not torch.equal(qnn.block_encoding(free), free)
+    converted, _ = graph
+    qnn.encode_blocks(converted)
+    qnn.check_weights(converted, checkpoint)
