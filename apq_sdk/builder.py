@@ -304,6 +304,9 @@ def build(req: BuildRequest, log=print) -> Path:
     if missing:
         raise ApqError(f"target {target_cls.name!r} needs " + "; ".join(
             f"{t.name} ({t.how_to_get})" for t in missing))
+    refusal = target_cls.build_refusal()
+    if refusal:
+        raise ApqError(f"target {target_cls.name!r}: {refusal}")
     budget = check_request(req, target_cls)
     started = time.time()
     log(f"model: loading {req.model}")

@@ -472,6 +472,8 @@ def build_cmd(target, model, plan_file, bits_per_weight, linear_bits_per_weight,
             elif missing:
                 click.echo(f"skipping {name}: missing " + "; ".join(
                     f"{t.name} ({t.how_to_get})" for t in missing))
+            elif cls.build_refusal():
+                click.echo(f"skipping {name}: {cls.build_refusal()}")
             else:
                 names.append(name)
     given = _target_options(target_options)

@@ -145,6 +145,12 @@ class Target:
         return [t for t in cls.tools if t.needed_for == stage and not t.present()]
 
     @classmethod
+    def build_refusal(cls) -> str | None:
+        """Why `build` cannot finish for this target on any input, with its tools present (a
+        stage not implemented), or None. `build` says it before loading anything."""
+        return None
+
+    @classmethod
     def check_plan(cls, plan) -> list[Violation]:
         return cls.capabilities.check_plan(plan)
 

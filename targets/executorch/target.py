@@ -428,7 +428,7 @@ class QualcommTarget(ExecuTorchTarget):
     without Qualcomm's QNN SDK. What is built and checked without it: plans on QNN's grid
     (QUALCOMM_CAPABILITIES), quantized by the core, and ExecuTorch's QNN quantizer graph over
     them (qnn.py: the checkpoint's codes and scales bit for bit, static 16-bit activations
-    calibrated on the calibration text). With the SDK the build stops at lowering: the
+    calibrated on the calibration text). With the SDK the build stops before any work too: the
     KV-cache program, QNN partitioning and HTP compilation are not implemented, because none of
     it can be run or validated on a machine without the SDK."""
 
@@ -449,16 +449,24 @@ class QualcommTarget(ExecuTorchTarget):
              f"the rest", "build", requires="lib/x86_64-linux-clang/libQnnHtp.so"),
     )
 
+    @classmethod
+    def build_refusal(cls) -> str:
+        return QUALCOMM_REFUSAL
+
     def lower(self, ctx: BuildContext) -> None:
         from ..onnx_graph import LoweringError
 
-        raise LoweringError(
-            "the qualcomm target's QNN lowering is not implemented in this release of apq-sdk: "
-            "the plan's weights on QNN's block grid and ExecuTorch's QNN quantizer graph over "
-            "them are (targets/executorch/qnn.py, checked bit for bit without the SDK), but the "
-            "KV-cache program, QNN partitioning and HTP compilation could not be run or "
-            "validated without the SDK. Build the android target (XNNPACK, Arm CPUs) for "
-            "Snapdragon phones meanwhile.")
+        raise LoweringError(QUALCOMM_REFUSAL)
+
+
+#: why `build --target qualcomm` stops (before any work) even with the QNN SDK present
+QUALCOMM_REFUSAL = (
+    "its QNN lowering is not implemented in this release of apq-sdk. What is: plans on QNN's "
+    "block grid and their checkpoints (apq-sdk plan --target qualcomm, apq-sdk quantize), and "
+    "ExecuTorch's QNN quantizer graph over them (targets/executorch/qnn.py, checked bit for bit; "
+    "bench/bench_qnn_simulation.py measures it). Not implemented: the KV-cache program, QNN "
+    "partitioning and HTP compilation, which could not be run or validated without the SDK. "
+    "Build the android target (XNNPACK, Arm CPUs) for Snapdragon phones meanwhile.")
 
 
 class PteDecoder(PrefixCacheRunner):

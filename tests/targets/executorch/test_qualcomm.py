@@ -31,6 +31,26 @@ def test_without_the_sdk_the_build_stops_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.json"))
 
 
+def test_with_the_sdk_the_build_still_stops_before_any_work(tmp_path):
+    """With an SDK in place (here a stand-in holding the library the check looks for), the
+    build stops before loading anything, because the lowering is not implemented, and says what
+    runs instead."""
+    sdk = tmp_path / "qnn-sdk"
+    lib = sdk / get_target("qualcomm").tools[-1].requires
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"")
+    env = {**__import__("os").environ, "QNN_SDK_ROOT": str(sdk),
+           "APQ_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "apq_sdk.cli", "build", "--target", "qualcomm",
+                             "-m", str(tmp_path / "no-such-model"), "-o", str(out)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "QNN lowering is not implemented" in result.stderr
+    assert "apq-sdk plan --target qualcomm" in result.stderr
+    assert "no-such-model" not in result.stderr and not out.exists()
+
+
 def test_the_sdk_is_found_by_its_library(tmp_path, monkeypatch):
     tool = next(t for t in get_target("qualcomm").tools if t.kind == "sdk")
     monkeypatch.setenv("QNN_SDK_ROOT", str(tmp_path))
