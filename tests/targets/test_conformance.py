@@ -81,6 +81,8 @@ def _target(name):
     missing = cls.missing_tools("build") + cls.missing_tools("verify")
     if missing:
         pytest.skip(f"{name}: missing " + "; ".join(f"{t.name} ({t.how_to_get})" for t in missing))
+    if cls.build_refusal():
+        pytest.skip(f"{name}: {cls.build_refusal()}")
     return cls
 
 
