@@ -137,10 +137,7 @@ def main() -> None:
     apq_graph = qnn.quantize_graph(checkpoint, calib, soc=args.soc)
     reference = apq_sdk.load(checkpoint.path)
     log("QNN PTQ: export, annotate, calibrate, convert")
-    ptq_model, _, _ = load_model(args.model)
-    ptq_model.eval()
-    qnn._register_attention()
-    ptq_model.config._attn_implementation = qnn._ATTENTION
+    ptq_model = qnn.use_bounded_mask(load_model(args.model)[0].eval())
     linears = {n: args.block for n, m in ptq_model.named_modules()
                if isinstance(m, torch.nn.Linear)}
     ptq_graph = qnn.convert(ptq_model, calib, linears, soc=args.soc)

@@ -32,11 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-#: Snapdragon SoCs the qualcomm target builds for (`--target-option soc=`), ExecuTorch's names
+#: Snapdragon SoCs (ExecuTorch's names) whose HTP the quantizer is made for
 QNN_SOCS = ("SM8650", "SM8750", "SM8850")
 DEFAULT_SOC = "SM8650"
-#: what ExecuTorch's 16-bit activation configurations calibrate with (per-tensor, affine)
-ACTIVATION_DTYPE = "uint16"
 
 
 def qnn_quantizer(soc: str = DEFAULT_SOC):
@@ -93,12 +91,15 @@ def _bounded_mask_attention(module, query, key, value, attention_mask, scaling=N
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
-def _register_attention() -> None:
+def use_bounded_mask(model: nn.Module) -> nn.Module:
+    """`model` (a transformers model) attending with `_bounded_mask_attention`."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     ALL_ATTENTION_FUNCTIONS.register(_ATTENTION, _bounded_mask_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTENTION, lambda *args, **kwargs: None)
+    model.config._attn_implementation = _ATTENTION
+    return model
 
 
 def float_model(checkpoint) -> nn.Module:
@@ -109,17 +110,13 @@ def float_model(checkpoint) -> nn.Module:
     from apq_sdk.placement import replace_module
 
     from ..onnx_graph import LoweringError
-    from .program import Embedding4Bit, _embed_scale
-
-    from .program import custom_ops_refusal
+    from .program import Embedding4Bit, _embed_scale, custom_ops_refusal
 
     refusal = custom_ops_refusal(checkpoint.spec)
     if refusal:
         raise LoweringError(f"{checkpoint.spec.family}: the qualcomm graph attends causally over "
                             f"whole windows and cannot serve {refusal}")
-    model = load_quantized(checkpoint.path, checkpoint=checkpoint).eval()
-    _register_attention()
-    model.config._attn_implementation = _ATTENTION
+    model = use_bounded_mask(load_quantized(checkpoint.path, checkpoint=checkpoint).eval())
     for name, module in checkpoint.modules.items():
         entry = checkpoint.plan.modules[name]
         if entry.kind == "embedding":
