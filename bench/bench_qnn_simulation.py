@@ -32,6 +32,7 @@ Writes OUT.json and OUT.md (default bench/results/qnn-simulation).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -75,6 +76,7 @@ def main() -> None:
     from apq_sdk.calibration import (CALIB_FILE, data_dir, eval_text_path, eval_windows,
                                      load_calibration)
     from apq_sdk.checkpoint import read_checkpoint
+    from apq_sdk.errors import ApqError
     from apq_sdk.fsutil import cache_dir
     from apq_sdk.model_io import load_model
     from apq_sdk.plan_file import plan_sha256
@@ -122,10 +124,10 @@ def main() -> None:
         if plan_sha256(checkpoint.plan) != plan_sha256(plan):
             raise ValueError("another plan")
         log(f"quantize: kept ({where})")
-    except Exception:  # noqa: BLE001 - missing, unreadable or of another plan: made again
+    except (ApqError, OSError, ValueError):  # missing, unreadable or of another plan: made again
         log(f"quantize: GPTQ into {where}")
-        fresh, _, _ = load_model(args.model)
-        apq_sdk.quantize(args.model, plan, where, loaded=(fresh, tokenizer, info))
+        apq_sdk.quantize(args.model, plan, where,
+                         loaded=(copy.deepcopy(model), tokenizer, info))  # GPTQ edits it
         checkpoint = read_checkpoint(where)
 
     # 3. the graphs
@@ -133,16 +135,20 @@ def main() -> None:
     calib_text = data_dir() / CALIB_FILE if data_dir() else None
     calib = eval_windows(tokenizer, calib_text, args.window_len, args.calib_windows) \
         if calib_text and calib_text.is_file() else ids[:args.calib_windows, :args.window_len]
+    def calibrated(done: int, total: int) -> None:
+        if done == total or done % 4 == 0:
+            log(f"  calibration window {done}/{total}")
+
     log("APQ + QNN: export, annotate, calibrate, convert")
-    apq_graph = qnn.quantize_graph(checkpoint, calib, soc=args.soc)
+    apq_graph = qnn.quantize_graph(checkpoint, calib, soc=args.soc, progress=calibrated)
     reference = apq_sdk.load(checkpoint.path)
     log("QNN PTQ: export, annotate, calibrate, convert")
-    ptq_model = qnn.use_bounded_mask(load_model(args.model)[0].eval())
+    ptq_model = qnn.use_bounded_mask(copy.deepcopy(model))
     linears = {n: args.block for n, m in ptq_model.named_modules()
                if isinstance(m, torch.nn.Linear)}
-    ptq_graph = qnn.convert(ptq_model, calib, linears, soc=args.soc)
+    ptq_graph = qnn.convert(ptq_model, calib, linears, soc=args.soc, progress=calibrated)
     qnn.encode_blocks(ptq_graph)
-    ptq_weights = _weight_only(ptq_graph, load_model(args.model)[0])
+    ptq_weights = _weight_only(ptq_graph, copy.deepcopy(model))
 
     variants = {
         APQ: lambda row: reference(row).logits,

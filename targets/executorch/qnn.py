@@ -188,11 +188,10 @@ def _block_scales_observer():
 
 @dataclass
 class QnnGraph:
-    """The converted graph and what was fixed on the way."""
+    """The converted graph and where its quantized linears are."""
 
     module: torch.fx.GraphModule
     linears: dict[str, str]  # planned module name -> its linear node in the graph
-    calibration_windows: int
 
 
 def linear_names(graph: torch.fx.GraphModule, planned: set[str]) -> dict[str, str]:
@@ -214,17 +213,11 @@ def quantize_graph(checkpoint, calibration: torch.Tensor, *, soc: str = DEFAULT_
     with QnnQuantizer (16a4w_block, the checkpoint's block sizes and scales), calibrate the
     activation ranges on every window and convert. Raises LoweringError when a planned linear
     is missing from the graph or its weights would not be the checkpoint's."""
-    from ..onnx_graph import LoweringError
-
     planned = {n for n, m in checkpoint.plan.modules.items() if m.kind != "embedding"}
     blocks = {name: checkpoint.modules[name].group_size for name in planned}
     graph = convert(float_model(checkpoint), calibration, blocks, soc=soc, progress=progress,
                     observe=lambda prepared, linears: _fix_weight_observers(prepared, checkpoint,
                                                                             linears))
-    missing = sorted(planned - set(graph.linears))
-    if missing:
-        raise LoweringError(f"{len(missing)} planned layers are not linears of the exported "
-                            f"graph: {', '.join(missing[:8])}")
     check_weights(graph, checkpoint)
     return graph
 
@@ -251,7 +244,7 @@ def convert(model: nn.Module, calibration: torch.Tensor, blocks: dict[str, int],
             if progress is not None:
                 progress(i + 1, calibration.shape[0])
         converted = convert_pt2e(prepared)
-    return QnnGraph(converted, linears, int(calibration.shape[0]))
+    return QnnGraph(converted, linears)
 
 
 def block_encoding(scales: torch.Tensor) -> torch.Tensor:
@@ -276,8 +269,15 @@ def encode_blocks(graph: QnnGraph) -> None:
 
 
 def _fix_weight_observers(prepared, checkpoint, linears: dict[str, str]) -> None:
+    """Every planned linear's weight observer made the checkpoint's block scales (before any
+    calibration runs: a planned layer missing from the graph fails here)."""
     from ..onnx_graph import LoweringError
 
+    planned = {n for n, m in checkpoint.plan.modules.items() if m.kind != "embedding"}
+    missing = sorted(planned - set(linears))
+    if missing:
+        raise LoweringError(f"{len(missing)} planned layers are not linears of the exported "
+                            f"graph: {', '.join(missing[:8])}")
     observer_cls = _block_scales_observer()
     nodes = {node.name: node for node in prepared.graph.nodes}
     for name, node_name in linears.items():
