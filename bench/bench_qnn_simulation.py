@@ -53,6 +53,8 @@ FP32, APQ, APQ_QNN, PTQ_QNN, PTQ = ("FP32", "APQ, weight-only", "APQ + QNN stati
 
 
 def main() -> None:
+    from apq_sdk.targets.executorch.qnn import DEFAULT_SOC, QNN_SOCS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo")
     parser.add_argument("--block", type=int, default=64,
@@ -61,7 +63,7 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--window-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--soc", default="SM8650")
+    parser.add_argument("--soc", default=DEFAULT_SOC, choices=QNN_SOCS)
     parser.add_argument("--checkpoint", default=None,
                         help="where the qualcomm checkpoint is kept (made when missing or of "
                              "another plan); default: a folder in the cache")
@@ -93,6 +95,12 @@ def main() -> None:
     caps = QUALCOMM_CAPABILITIES
     model, tokenizer, info = load_model(args.model)
     model.eval()
+    widths = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    if args.block not in caps.group_sizes or any(k % args.block for k in widths):
+        fits = [g for g in caps.group_sizes if not any(k % g for k in widths)]
+        raise SystemExit(f"--block {args.block}: QNN's blocks must be one of the qualcomm "
+                         f"table's {list(caps.group_sizes)} and divide every linear's input "
+                         f"width ({widths}); this model takes {fits}")
 
     # 1. the profile (the build's cache), the PTQ's size and the plan at that size
     ids, calib_info = load_calibration(tokenizer, None, num_samples=128, seq_len=512, seed=0)
